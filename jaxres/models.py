@@ -1,0 +1,230 @@
+"""Flax Linen models for 32x32 images: the custom ResNet (ResNet-9) of fast CIFAR-10 training.
+
+Every model here is a plain Linen module, used purely:
+
+    variables = model.init(key, images, train=False)
+    logits = model.apply(variables, images, train=False)
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+`images` are float[N, H, W, 3] (already normalised); logits are float32[N, num_classes]
+whatever the compute dtype.
+
+The stages are submodules with fixed names (`STAGES`), and each stage's output (its
+residual add included) is marked with `Module.perturb` as `perturbations[stage]["output"]`,
+so that Grad-CAM can read the activation with `capture_intermediates`
+(`intermediates[stage]["__call__"]`) and its gradient with `jax.grad` over the
+`perturbations` collection. When no `perturbations` are passed,
+`perturb` is the identity and costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxres.errors import JaxresError
+
+NORMS = ("batch", "group", "layer")
+
+# PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)) is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance scaling 1/3 on fan_in, uniform.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default bias init for Linear."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, as a reshape and a max (its gradient is cheaper on CPU than
+    reduce_window's select-and-scatter).  T[N,H,W,C] -> T[N,H//2,W//2,C], H and W even."""
+    n, height, width, channels = x.shape
+    return x.reshape(n, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """Channel count `channels * width`, rounded, at least 1."""
+    return max(1, int(round(channels * width)))
+
+
+def make_norm(norm: str, dtype: Any, train: bool, name: str | None = None) -> nn.Module:
+    """The normalisation layer `norm` in {batch, group, layer}.
+
+    BatchNorm follows PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9, eps 1e-5);
+    its statistics and running averages stay float32 whatever `dtype` computes.
+    GroupNorm uses gcd(32, channels) groups; "layer" normalises over H, W and C
+    with a per-channel affine (GroupNorm with one group, as PyTorch's LayerNorm on CHW).
+    """
+    if norm == "batch":
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+        )
+    if norm == "group":
+        return _GroupNormAuto(num_groups_max=32, dtype=dtype, name=name)
+    if norm == "layer":
+        return _GroupNormAuto(num_groups_max=1, dtype=dtype, name=name)
+    raise JaxresError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+class _GroupNormAuto(nn.Module):
+    """GroupNorm whose group count is gcd(num_groups_max, channels)."""
+
+    num_groups_max: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        groups = math.gcd(self.num_groups_max, x.shape[-1])
+        return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, name="norm")(x)
+
+
+class ConvNormReLU(nn.Module):
+    """conv3x3 (no bias) -> [maxpool 2x2] -> norm -> ReLU.  float[N,H,W,C] -> float[N,H',W',features]."""
+
+    features: int
+    pool: bool = False
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(
+            self.features,
+            (3, 3),
+            padding=1,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=torch_default_kernel_init,
+            name="conv",
+        )(x)
+        if self.pool:
+            x = max_pool_2x2(x)
+        x = make_norm(self.norm, self.dtype, train, name="norm")(x)
+        return nn.relu(x)
+
+
+class ResidualStage(nn.Module):
+    """ConvNormReLU(pool) followed, optionally, by a residual block of two ConvNormReLU added to it."""
+
+    features: int
+    residual: bool
+    pool: bool = True
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        block = functools.partial(ConvNormReLU, self.features, norm=self.norm, dtype=self.dtype)
+        x = block(pool=self.pool, name="conv_block")(x, train)
+        if self.residual:
+            y = block(name="res1")(x, train)
+            y = block(name="res2")(y, train)
+            x = x + y
+        # Identity unless a `perturbations` collection is passed (see module docstring).
+        return self.perturb("output", x)
+
+
+class CustomResNet(nn.Module):
+    """The custom ResNet (ResNet-9) of fast CIFAR-10 training.
+
+    prep:   conv3x3(64) BN ReLU
+    layer1: conv3x3(128) maxpool2 BN ReLU, + residual [conv3x3 BN ReLU conv3x3 BN ReLU]
+    layer2: conv3x3(256) maxpool2 BN ReLU
+    layer3: conv3x3(512) maxpool2 BN ReLU, + residual (512)
+    head:   global max-pool (the 4x4 max-pool at 32x32) -> dense(num_classes) -> x 0.125
+
+    `width` scales every channel count; `norm` in {batch, group, layer}; `dtype` is the
+    compute dtype (parameters stay float32). At width 1.0 and 10 classes: 6,573,130
+    parameters. images: float[N, H, W, 3] -> logits: float32[N, num_classes].
+    """
+
+    num_classes: int = 10
+    width: float = 1.0
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+    logit_scale: float = 0.125
+
+    STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3")
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        if self.norm not in NORMS:
+            raise JaxresError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
+        stage = functools.partial(ResidualStage, norm=self.norm, dtype=self.dtype)
+        x = jnp.asarray(images, self.dtype)
+        x = stage(channels(64), residual=False, pool=False, name="prep")(x, train)
+        x = stage(channels(128), residual=True, name="layer1")(x, train)
+        x = stage(channels(256), residual=False, name="layer2")(x, train)
+        x = stage(channels(512), residual=True, name="layer3")(x, train)
+        return classifier_head(self, x)
+
+
+def classifier_head(module: nn.Module, features) -> jax.Array:
+    """Global max-pool -> dense(num_classes) -> x logit_scale, as float32 logits.
+
+    features: float[N, h, w, C] -> float32[N, num_classes]. Called inside `module`'s
+    compact `__call__`, so the dense layer is named `classifier` in its scope.
+    """
+    pooled = jnp.max(features, axis=(1, 2))
+    fan_in = features.shape[-1]
+    logits = nn.Dense(
+        module.num_classes,
+        dtype=module.dtype,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(fan_in),
+        name="classifier",
+    )(pooled)
+    return logits.astype(jnp.float32) * module.logit_scale
+
+
+MODELS = {"custom_resnet": CustomResNet}
+
+
+def create_model(
+    name: str = "custom_resnet",
+    *,
+    num_classes: int = 10,
+    width: float = 1.0,
+    norm: str = "batch",
+    dtype: Any = jnp.float32,
+) -> nn.Module:
+    """The model registered as `name` (see `MODELS`), built with the given options."""
+    if name not in MODELS:
+        raise JaxresError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    if norm not in NORMS:
+        raise JaxresError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if not width > 0:
+        raise JaxresError(f"width must be positive, got {width}")
+    return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype)
+
+
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's stages, in order (the layers Grad-CAM can explain)."""
+    return tuple(model.STAGES)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree (running statistics are not parameters)."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_shape=(32, 32, 3)) -> dict:
+    """Fresh `{"params", ["batch_stats"]}` for `model` on images of `image_shape` (H, W, C).
+
+    Only the collections a trained model keeps are returned (the `perturbations`
+    that `init` also creates are dropped: they depend on the batch size).
+    """
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return {name: value for name, value in variables.items() if name in ("params", "batch_stats")}

@@ -1,0 +1,105 @@
+"""The custom ResNet: structure, parameter count, dtypes, norms, named stages."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxres import models
+from jaxres.errors import JaxresError
+
+
+def test_custom_resnet_has_exactly_the_reference_parameter_count():
+    model = models.create_model()
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    assert models.count_params(variables["params"]) == 6_573_130
+    # running statistics are not parameters, but they exist: 2 x 2240 BN channels
+    assert models.count_params(variables["batch_stats"]) == 2 * 2240
+
+
+def test_width_scales_every_channel_count():
+    model = models.create_model(width=0.25)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    params = variables["params"]
+    assert params["prep"]["conv_block"]["conv"]["kernel"].shape == (3, 3, 3, 16)
+    assert params["layer1"]["res2"]["conv"]["kernel"].shape == (3, 3, 32, 32)
+    assert params["layer3"]["conv_block"]["conv"]["kernel"].shape == (3, 3, 64, 128)
+    assert params["classifier"]["kernel"].shape == (128, 10)
+
+
+@pytest.mark.parametrize("norm", models.NORMS)
+def test_forward_shapes_and_float32_logits(norm):
+    model = models.create_model(width=0.125, norm=norm, num_classes=7)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+    logits = model.apply(variables, images, train=False)
+    chex.assert_shape(logits, (3, 7))
+    chex.assert_type(logits, jnp.float32)
+    if norm == "batch":
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"], variables["batch_stats"])
+        assert all(jax.tree_util.tree_leaves(changed))
+    else:
+        assert "batch_stats" not in variables
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_computes_in_dtype_but_keeps_float32_params(dtype):
+    model = models.create_model(width=0.125, dtype=dtype)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    _, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+    assert state["intermediates"]["layer2"]["__call__"][0].dtype == dtype
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(updates))
+
+
+def test_stages_are_named_and_reachable_with_capture_intermediates():
+    model = models.create_model(width=0.125)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    _, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+    shapes = {name: state["intermediates"][name]["__call__"][0].shape for name in models.stage_names(model)}
+    assert shapes == {"prep": (2, 32, 32, 8), "layer1": (2, 16, 16, 16), "layer2": (2, 8, 8, 32), "layer3": (2, 4, 4, 64)}
+
+
+def test_layer3_output_includes_the_residual_add():
+    """layer3's captured output equals conv_block output + res2 output."""
+    model = models.create_model(width=0.125)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    _, state = model.apply(variables, images, capture_intermediates=lambda m, _: True, mutable=["intermediates"])
+    layer3 = state["intermediates"]["layer3"]
+    np.testing.assert_allclose(
+        layer3["__call__"][0], layer3["conv_block"]["__call__"][0] + layer3["res2"]["__call__"][0], rtol=1e-6
+    )
+
+
+def test_max_pool_2x2_matches_numpy():
+    x = np.random.default_rng(0).normal(size=(2, 6, 8, 3)).astype(np.float32)
+    expected = x.reshape(2, 3, 2, 4, 2, 3).max(axis=(2, 4))
+    np.testing.assert_array_equal(models.max_pool_2x2(jnp.asarray(x)), expected)
+
+
+def test_head_is_global_max_pool_dense_and_eighth():
+    """logits = 0.125 * (max over h,w of layer3) @ W + 0.125 * b, checked with NumPy."""
+    model = models.create_model(width=0.125)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    logits, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+    features = np.asarray(state["intermediates"]["layer3"]["__call__"][0])
+    dense = variables["params"]["classifier"]
+    expected = 0.125 * (features.max(axis=(1, 2)) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_names_raise_clear_errors():
+    with pytest.raises(JaxresError, match="unknown norm 'instance'.*batch, group, layer"):
+        models.create_model(norm="instance")
+    with pytest.raises(JaxresError, match="unknown model 'vgg'"):
+        models.create_model("vgg")
+    with pytest.raises(JaxresError, match="width must be positive"):
+        models.create_model(width=0)
