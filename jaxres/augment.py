@@ -10,8 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the [0, 1] scale
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # per channel, on the [0, 1] scale
 
 
 def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> jax.Array:

@@ -82,5 +82,5 @@ def load_for_inference(workdir: str | Path):
     model = train.build_model(float32_config, num_classes=len(info["class_names"]))
     template = train.initial_state_template(config, model, tuple(info["image_shape"]))
     state = restore_checkpoint(workdir, template)
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     return model, variables, config

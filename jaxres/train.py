@@ -447,12 +447,14 @@ def train_and_evaluate(
     log: Callable[[str], None] = print,
     stop_after_epoch: int | None = None,
     write_plots: bool = True,
+    mesh: Mesh | None = None,
 ) -> RunResult:
     """Run (or resume) the training described by `config`; write everything to its workdir.
 
     dataset: a `jaxres.data.Dataset` to use instead of loading `config.data` (tests).
     progress: show a progress bar per epoch; default: when stderr is a terminal.
     stop_after_epoch: end the run early after this many epochs (to simulate an interruption).
+    mesh: the devices to use (default: all of them, `make_mesh()`).
     """
     is_main = jax.process_index() == 0
     if progress is None:
@@ -484,7 +486,8 @@ def train_and_evaluate(
     train_labels = dataset.train.labels[train_indices].astype(np.int32)
     image_shape = train_images.shape[1:]
     num_classes = len(dataset.class_names)
-    devices = jax.device_count()
+    mesh = make_mesh() if mesh is None else mesh
+    devices = mesh.devices.size
     if config.batch_size % devices or config.eval_batch_size % devices:
         raise JaxresError(
             f"batch_size ({config.batch_size}) and eval_batch_size ({config.eval_batch_size}) must be "
@@ -495,7 +498,6 @@ def train_and_evaluate(
         raise JaxresError(
             f"the training set has {train_images.shape[0]} images, fewer than one batch of {config.batch_size}"
         )
-    mesh = make_mesh()
     train_images_device = replicate(mesh, train_images)
     train_labels_device = replicate(mesh, train_labels)
     test_images_device = replicate(mesh, dataset.test.images)

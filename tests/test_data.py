@@ -1,0 +1,680 @@
+"""Tests of jaxres.data: every source on small fixtures written here, the cache, the errors,
+the synthetic shapes, and one load of the real CIFAR-10 copy (slow)."""
+
+import io
+import os
+import pickle
+import struct
+import sys
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxres import data
+from jaxres.data import CIFAR10_CLASSES, SHAPES_CLASSES, Dataset, Split, load_dataset, make_shapes
+from jaxres.errors import JaxresError
+
+# ----------------------------------------------------------------------------------------------
+# Fixture writers
+
+
+def random_image(seed: int, size: int = 8) -> np.ndarray:
+    """uint8[size, size, 3] noise, a different one per seed."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def smooth_image(seed: int, size: int = 8) -> np.ndarray:
+    """uint8[size, size, 3] of one flat colour per seed: survives JPEG almost unchanged."""
+    colour = np.random.default_rng(seed).integers(40, 216, 3, dtype=np.uint8)
+    return np.broadcast_to(colour, (size, size, 3)).copy()
+
+
+# One tree: class -> file name -> (pixels uint8[8, 8, 3] as expected after decoding, writer).
+# PNGs must decode exactly; JPEGs approximately. Names are out of order on purpose.
+def tree_layout() -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    return {
+        "train": {
+            "dog": {"b.png": random_image(1), "a.PNG": random_image(2), "c.jpg": smooth_image(3)},
+            "cat": {"z.jpeg": smooth_image(4), "y.png": random_image(5)},
+            "emu": {"e.JPG": smooth_image(6), "gray.png": np.repeat(random_image(7)[..., :1], 3, axis=-1)},
+        },
+        "test": {
+            "cat": {"t1.png": random_image(8)},
+            "dog": {"t2.png": random_image(9)},
+            "emu": {"rgba.png": random_image(10)},
+        },
+    }
+
+
+def encode_image(name: str, pixels: np.ndarray) -> bytes:
+    """PNG or JPEG bytes for `pixels` by the file name; 'gray*' as mode L, 'rgba*' with alpha."""
+    if name.startswith("gray"):
+        image = Image.fromarray(pixels[..., 0], mode="L")
+    elif name.startswith("rgba"):
+        alpha = np.full(pixels.shape[:2] + (1,), 100, np.uint8)
+        image = Image.fromarray(np.concatenate([pixels, alpha], axis=-1), mode="RGBA")
+    else:
+        image = Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if name.lower().endswith(".png") else "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_tree(root: Path, layout=None) -> Path:
+    """Writes ROOT/<split>/<class>/<file> and a few files that must be ignored; returns root."""
+    for split, classes in (layout or tree_layout()).items():
+        for class_name, files in classes.items():
+            (root / split / class_name).mkdir(parents=True, exist_ok=True)
+            for name, pixels in files.items():
+                (root / split / class_name / name).write_bytes(encode_image(name, pixels))
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / ".hidden.png").write_bytes(b"garbage, but hidden")
+    (root / "README.md").write_text("ignored")
+    return root
+
+
+def expected_split(split: str, layout=None) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """(images uint8[N, 8, 8, 3], labels int32[N], is_png[N]) in the order load_dataset must give."""
+    classes = (layout or tree_layout())[split]
+    images, labels, is_png = [], [], []
+    for label, class_name in enumerate(sorted(classes)):
+        for name in sorted(classes[class_name]):
+            images.append(classes[class_name][name])
+            labels.append(label)
+            is_png.append(name.lower().endswith(".png"))
+    return np.stack(images), np.asarray(labels, np.int32), is_png
+
+
+def write_tar(path: Path, entries: list[tuple[str, bytes | None]], mode: str = "w:gz") -> Path:
+    """A tar of (member name, bytes) pairs, in the given order; bytes None = a folder."""
+    with tarfile.open(path, mode) as archive:
+        for name, payload in entries:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def tree_tar_entries(prefix: str, layout=None) -> list[tuple[str, bytes | None]]:
+    """Tar entries of a tree under `prefix` ('' or 'name/'), test split first and files reversed,
+    so that the loader has to sort them."""
+    entries = [(f"{prefix}README.md", b"ignored")]
+    for split, classes in reversed(list((layout or tree_layout()).items())):
+        for class_name, files in classes.items():
+            entries.append((f"{prefix}{split}/{class_name}/", None))
+            for name in sorted(files, reverse=True):
+                entries.append((f"{prefix}{split}/{class_name}/{name}", encode_image(name, files[name])))
+    return entries
+
+
+def check_tree_dataset(dataset: Dataset) -> None:
+    assert dataset.class_names == ("cat", "dog", "emu")
+    for split_name in ("train", "test"):
+        split = getattr(dataset, split_name)
+        images, labels, is_png = expected_split(split_name)
+        assert split.images.dtype == np.uint8 and split.images.shape == images.shape
+        assert split.labels.dtype == np.int32
+        np.testing.assert_array_equal(split.labels, labels)
+        for got, want, png in zip(split.images, images, is_png):
+            if png:
+                np.testing.assert_array_equal(got, want)
+            else:
+                assert np.abs(got.astype(int) - want).max() <= 3
+        assert split.masks is None
+
+
+CIFAR_TEST_CLASSES = [b"plane", b"car", b"bird"]
+
+
+def official_batches(images_per_batch: int = 4) -> dict[str, dict]:
+    """Fake official batches: file name -> dict with bytes keys like the real pickles."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    for index, name in enumerate([*data.OFFICIAL_TRAIN_FILES, "test_batch"]):
+        count = images_per_batch + index % 2
+        batches[name] = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            b"labels": [int(label) for label in rng.integers(0, 3, count)],
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(count)],
+        }
+    batches["batches.meta"] = {b"label_names": CIFAR_TEST_CLASSES, b"num_vis": 3072}
+    return batches
+
+
+def write_official_folder(folder: Path, batches: dict[str, dict]) -> Path:
+    folder.mkdir(parents=True)
+    for name, batch in batches.items():
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def chw_to_hwc(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def check_official_dataset(dataset: Dataset, batches: dict[str, dict]) -> None:
+    assert dataset.class_names == ("plane", "car", "bird")
+    train_files = data.OFFICIAL_TRAIN_FILES
+    want_train = np.concatenate([chw_to_hwc(batches[name][b"data"]) for name in train_files])
+    np.testing.assert_array_equal(dataset.train.images, want_train)
+    np.testing.assert_array_equal(dataset.train.labels, sum((batches[name][b"labels"] for name in train_files), []))
+    np.testing.assert_array_equal(dataset.test.images, chw_to_hwc(batches["test_batch"][b"data"]))
+    assert dataset.train.images.shape[1:] == (32, 32, 3) and dataset.test.labels.dtype == np.int32
+
+
+def python2_batch_pickle(images: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled the way Python 2 pickled the real archive: str (not bytes) opcodes and
+    numpy.core.multiarray._reconstruct. images: uint8[N, 3072] with N < 65536."""
+
+    def string(raw: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING, Python 2's str
+        return b"U" + bytes([len(raw)]) + raw if len(raw) < 256 else b"T" + struct.pack("<i", len(raw)) + raw
+
+    rows, columns = images.shape
+    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"
+    array += b"(K\x01M" + struct.pack("<H", rows) + b"M" + struct.pack("<H", columns) + b"\x86"
+    array += b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R"
+    array += b"(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    array += b"\x89" + string(images.tobytes()) + b"tb"
+    label_list = b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e"
+    return b"\x80\x02}(" + string(b"data") + array + string(b"labels") + label_list + b"u."
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders and tar archives of them
+
+
+def test_image_folder_tree(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    dataset = load_dataset(root, cache_dir=tmp_path / "cache", progress=False)
+    check_tree_dataset(dataset)
+    assert str(root) in dataset.source
+
+
+def test_image_folder_root_one_level_down(tmp_path):
+    write_tree(tmp_path / "outer" / "cifar-like")
+    check_tree_dataset(load_dataset(tmp_path / "outer", cache_dir=tmp_path / "cache", progress=False))
+
+
+@pytest.mark.parametrize(
+    "file_name, mode, prefix",
+    [
+        ("tree.tar.gz", "w:gz", "cifar10-jpeg/"),
+        ("tree.tgz", "w:gz", "./"),
+        ("tree.tar", "w", ""),
+        ("tree.tar.xz", "w:xz", ""),
+    ],
+)
+def test_tar_of_image_tree(tmp_path, file_name, mode, prefix):
+    archive = write_tar(tmp_path / file_name, tree_tar_entries(prefix), mode)
+    dataset = load_dataset(archive, cache_dir=tmp_path / "cache", progress=False)
+    check_tree_dataset(dataset)
+    assert str(archive) in dataset.source
+
+
+def test_tar_without_folder_members(tmp_path):
+    entries = [(name, payload) for name, payload in tree_tar_entries("root/") if payload is not None]
+    archive = write_tar(tmp_path / "t.tar.gz", entries)
+    check_tree_dataset(load_dataset(archive, cache_dir=tmp_path / "cache", progress=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# The official python archive
+
+
+def test_official_folder_and_parent(tmp_path):
+    batches = official_batches()
+    folder = write_official_folder(tmp_path / "cifar-10-batches-py", batches)
+    check_official_dataset(load_dataset(folder, cache_dir=tmp_path / "c1", progress=False), batches)
+    check_official_dataset(load_dataset(tmp_path, cache_dir=tmp_path / "c2", progress=False), batches)
+
+
+def test_official_tar_gz(tmp_path):
+    batches = official_batches()
+    entries = [("cifar-10-batches-py", None)]
+    entries += [(f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2)) for name, batch in batches.items()]
+    entries.insert(3, ("cifar-10-batches-py/readme.html", b"<html></html>"))
+    archive = write_tar(tmp_path / "cifar-10-python.tar.gz", entries)
+    dataset = load_dataset(archive, cache_dir=tmp_path / "cache", progress=False)
+    check_official_dataset(dataset, batches)
+    assert "official" in dataset.source
+
+
+def test_official_python2_pickles(tmp_path):
+    """The real archive was pickled by Python 2 with numpy.core paths; those must load too."""
+    batches = official_batches()
+    folder = write_official_folder(tmp_path / "cifar-10-batches-py", batches)
+    for name, batch in batches.items():
+        if name != "batches.meta":
+            (folder / name).write_bytes(python2_batch_pickle(batch[b"data"], batch[b"labels"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DeprecationWarning from importing numpy.core
+        check_official_dataset(load_dataset(folder, cache_dir=tmp_path / "cache", progress=False), batches)
+
+
+def test_official_pickle_may_not_run_code(tmp_path):
+    batches = official_batches()
+    folder = write_official_folder(tmp_path / "cifar-10-batches-py", batches)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo should-not-run",))
+
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
+    with pytest.raises(JaxresError, match=r"data_batch_2.*refusing to load (posix|nt)\.system"):
+        load_dataset(folder, cache_dir=tmp_path / "cache", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# tensorflow-datasets (offline: only the error paths and the record conversion)
+
+
+def test_tfds_not_prepared_without_tensorflow(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    with pytest.raises(JaxresError) as error:
+        load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
+    message = str(error.value)
+    assert str(tmp_path / "tfds") in message and "pip install tensorflow" in message
+    assert "file_format='array_record'" in message and "cifar10-jpeg.tar.gz" in message
+
+
+def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
+
+    def offline_data_source(name, *, download, **kwargs):
+        if download:
+            raise ConnectionError("Failed to resolve www.cs.toronto.edu")
+        return {}
+
+    monkeypatch.setattr(tfds, "data_source", offline_data_source)
+    with pytest.raises(JaxresError, match=r"could not download.*network"):
+        load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_tfds_records_to_arrays(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    records = [{"id": f"train_{i:05d}", "image": images[i], "label": np.int64(i % 10)} for i in range(5)]
+    calls = []
+
+    def fake_data_source(name, *, download, data_dir, builder_kwargs):
+        calls.append((name, download, data_dir, builder_kwargs))
+        return {"train": records, "test": records[:2]}
+
+    monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    dataset = load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
+    assert calls == [("cifar10", False, str(tmp_path / "tfds"), {"file_format": "array_record"})]
+    np.testing.assert_array_equal(dataset.train.images, images)
+    np.testing.assert_array_equal(dataset.train.labels, np.arange(5) % 10)
+    assert dataset.test.images.shape == (2, 32, 32, 3) and dataset.class_names == CIFAR10_CLASSES
+    monkeypatch.setattr(tfds, "data_source", None)  # a cache hit must not need tfds
+    np.testing.assert_array_equal(load_dataset("cifar10", cache_dir=tmp_path / "cache").train.images, images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+
+
+def forbid(monkeypatch, *names):
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    for name in names:
+        monkeypatch.setattr(data, name, fail)
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar", "official"])
+def test_second_load_reads_the_cache(tmp_path, monkeypatch, kind):
+    if kind == "official":
+        source = write_official_folder(tmp_path / "cifar-10-batches-py", official_batches())
+    elif kind == "tar":
+        source = write_tar(tmp_path / "tree.tar.gz", tree_tar_entries("root/"))
+    else:
+        source = write_tree(tmp_path / "tree")
+    cache_dir = tmp_path / "cache"
+    first = load_dataset(source, cache_dir=cache_dir, progress=False)
+    assert len(list(cache_dir.glob("*.npz"))) == 1 and not list(cache_dir.glob("*.tmp"))
+    forbid(monkeypatch, "_decode_images", "_unpickle_batch")
+    second = load_dataset(source, cache_dir=cache_dir, progress=False)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(first, split).images, getattr(second, split).images)
+        np.testing.assert_array_equal(getattr(first, split).labels, getattr(second, split).labels)
+    assert (first.class_names, first.source) == (second.class_names, second.source)
+
+
+def test_cache_is_rebuilt_when_the_source_changes(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    cache_dir = tmp_path / "cache"
+    load_dataset(root, cache_dir=cache_dir, progress=False)
+    new_pixels = random_image(99)
+    (root / "test" / "cat" / "t1.png").write_bytes(encode_image("t1.png", new_pixels))
+    os.utime(root / "test" / "cat" / "t1.png", ns=(1, 1))  # a different mtime even on coarse clocks
+    dataset = load_dataset(root, cache_dir=cache_dir, progress=False)
+    np.testing.assert_array_equal(dataset.test.images[0], new_pixels)
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a zip file at all", "truncate", "wrong arrays"])
+def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path, damage):
+    root = write_tree(tmp_path / "tree")
+    cache_dir = tmp_path / "cache"
+    load_dataset(root, cache_dir=cache_dir, progress=False)
+    (cache_file,) = cache_dir.glob("*.npz")
+    if damage == "truncate":
+        cache_file.write_bytes(cache_file.read_bytes()[:300])
+    elif damage == "wrong arrays":
+        np.savez(cache_file, train_images=np.zeros((2, 3), np.float32))
+    else:
+        cache_file.write_bytes(damage)
+    with pytest.warns(UserWarning, match="ignoring unreadable dataset cache"):
+        dataset = load_dataset(root, cache_dir=cache_dir, progress=False)
+    check_tree_dataset(dataset)
+    check_tree_dataset(load_dataset(root, cache_dir=cache_dir, progress=False))  # rewritten and valid
+
+
+def test_unwritable_cache_only_warns(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="could not write the dataset cache"):
+        check_tree_dataset(load_dataset(write_tree(tmp_path / "tree"), cache_dir=blocker, progress=False))
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXRES_CACHE", str(tmp_path / "here"))
+    assert data.default_cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("JAXRES_CACHE")
+    assert data.default_cache_dir() == Path("~/.cache/jaxres").expanduser()
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes a user can make: each raises JaxresError naming the culprit
+
+
+def load(source, tmp_path):
+    return load_dataset(source, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(JaxresError, match=r"no-such-dir.*not found.*Accepted: 'cifar10'"):
+        load(tmp_path / "no-such-dir", tmp_path)
+
+
+def test_unrecognised_file(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(JaxresError, match=r"unrecognised dataset source .*weights\.bin.*Accepted"):
+        load(tmp_path / "weights.bin", tmp_path)
+
+
+def test_folder_without_splits(tmp_path):
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    with pytest.raises(JaxresError, match=r"folder .*photos is not a dataset.*train/<class>"):
+        load(tmp_path / "photos", tmp_path)
+
+
+def test_corrupt_image_in_folder(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    with pytest.raises(JaxresError, match=r"cannot decode image .*train/dog/broken\.png"):
+        load(root, tmp_path)
+
+
+def test_truncated_jpeg_in_tar(tmp_path):
+    entries = tree_tar_entries("root/")
+    jpeg = encode_image("x.jpg", random_image(3, size=16))
+    entries.append(("root/train/cat/truncated.jpg", jpeg[: len(jpeg) // 2]))
+    with pytest.raises(JaxresError, match=r"cannot decode image root/train/cat/truncated\.jpg"):
+        load(write_tar(tmp_path / "t.tar.gz", entries), tmp_path)
+
+
+def test_damaged_gzip(tmp_path):
+    archive = write_tar(tmp_path / "t.tar.gz", tree_tar_entries("root/"))
+    archive.write_bytes(archive.read_bytes()[:-200])
+    with pytest.raises(JaxresError, match=r"cannot read archive .*t\.tar\.gz"):
+        load(archive, tmp_path)
+
+
+def test_train_and_test_classes_differ(tmp_path):
+    layout = tree_layout()
+    layout["test"]["fox"] = layout["test"].pop("emu")
+    difference = r"different class folders; only in train: \['emu'\], only in test: \['fox'\]"
+    with pytest.raises(JaxresError, match=difference):
+        load(write_tree(tmp_path / "tree", layout), tmp_path)
+    entries = tree_tar_entries("root/", layout)
+    with pytest.raises(JaxresError, match=r"only in train: \['emu'\], only in test: \['fox'\]"):
+        load(write_tar(tmp_path / "t.tar.gz", entries), tmp_path)
+
+
+def test_empty_class_folder(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    (root / "test" / "gnu").mkdir()
+    (root / "train" / "gnu").mkdir()
+    (root / "train" / "gnu" / "readme.txt").write_text("no images here")
+    with pytest.raises(JaxresError, match=r"class folder train/gnu in .* has no PNG or JPEG images"):
+        load(root, tmp_path)
+    entries = tree_tar_entries("") + [("train/gnu/", None), ("test/gnu/", None)]
+    with pytest.raises(JaxresError, match=r"class folder train/gnu in archive"):
+        load(write_tar(tmp_path / "t.tar", entries, "w"), tmp_path)
+
+
+def test_empty_split(tmp_path):
+    layout = tree_layout()
+    layout["test"] = {}
+    root = write_tree(tmp_path / "tree", layout)
+    (root / "test").mkdir()
+    with pytest.raises(JaxresError, match=r"has no test/<class>/ folders"):
+        load(root, tmp_path)
+    entries = [entry for entry in tree_tar_entries("r/") if "/test/" not in entry[0]]
+    with pytest.raises(JaxresError, match=r"archive .*t\.tar\.gz has no test/<class>/ folders"):
+        load(write_tar(tmp_path / "t.tar.gz", entries), tmp_path)
+
+
+def test_images_of_different_sizes(tmp_path):
+    layout = tree_layout()
+    layout["test"]["dog"]["t2.png"] = random_image(9, size=12)
+    with pytest.raises(JaxresError, match=r"image .*test/dog/t2\.png is 12x12 pixels but .* is 8x8"):
+        load(write_tree(tmp_path / "tree", layout), tmp_path)
+
+
+def test_image_outside_class_folder(tmp_path):
+    root = write_tree(tmp_path / "tree")
+    (root / "train" / "stray.png").write_bytes(encode_image("stray.png", random_image(0)))
+    with pytest.raises(JaxresError, match=r"stray\.png is not inside a class folder"):
+        load(root, tmp_path)
+    entries = tree_tar_entries("r/") + [("r/train/cat/deeper/x.png", encode_image("x.png", random_image(0)))]
+    with pytest.raises(JaxresError, match=r"image r/train/cat/deeper/x\.png .* not directly inside a class folder"):
+        load(write_tar(tmp_path / "t.tar.gz", entries), tmp_path)
+
+
+def test_several_roots_in_tar(tmp_path):
+    entries = tree_tar_entries("a/") + tree_tar_entries("b/")
+    with pytest.raises(JaxresError, match=r"several dataset roots: \['a/', 'b/'\]"):
+        load(write_tar(tmp_path / "t.tar.gz", entries), tmp_path)
+
+
+@pytest.mark.parametrize("culprit, payload", [("data_batch_3", b"\x80\x02}(truncated"), ("batches.meta", b"")])
+def test_corrupt_official_pickle(tmp_path, culprit, payload):
+    folder = write_official_folder(tmp_path / "cifar-10-batches-py", official_batches())
+    (folder / culprit).write_bytes(payload)
+    with pytest.raises(JaxresError, match=rf"cannot read CIFAR-10 batch .*{culprit}"):
+        load(folder, tmp_path)
+
+
+def test_official_batch_with_wrong_contents(tmp_path):
+    batches = official_batches()
+    batches["test_batch"][b"data"] = batches["test_batch"][b"data"][:, :100]
+    with pytest.raises(JaxresError, match=r"test_batch has data uint8\[5, 100\]"):
+        load(write_official_folder(tmp_path / "cifar-10-batches-py", batches), tmp_path)
+
+
+def test_official_archive_missing_batch(tmp_path):
+    entries = [(f"cifar-10-batches-py/{name}", pickle.dumps(batch)) for name, batch in official_batches().items()]
+    entries = [entry for entry in entries if not entry[0].endswith("data_batch_4")]
+    with pytest.raises(JaxresError, match=r"archive .* lacks cifar-10-batches-py/data_batch_4"):
+        load(write_tar(tmp_path / "cifar-10-python.tar.gz", entries), tmp_path)
+
+
+def test_non_rgb_images_become_rgb():
+    gray16 = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000
+    buffer = io.BytesIO()
+    Image.fromarray(gray16).save(buffer, format="PNG")
+    decoded = data._decode_image("gray16.png", buffer.getvalue())
+    assert decoded.dtype == np.uint8 and decoded.shape == (4, 4, 3)
+    np.testing.assert_array_equal(decoded, np.repeat((gray16 >> 8)[..., None], 3, axis=-1))
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 77, np.uint8)).convert("P").save(buffer, format="PNG")
+    np.testing.assert_array_equal(data._decode_image("palette.png", buffer.getvalue()), np.full((4, 4, 3), 77))
+
+
+def test_split_checks_its_arrays():
+    with pytest.raises(JaxresError, match=r"uint8\[N, H, W, 3\], got float32"):
+        Split(np.zeros((2, 4, 4, 3), np.float32), np.zeros(2, np.int32))
+    with pytest.raises(JaxresError, match=r"labels must be int32\[2\]"):
+        Split(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(3, np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding in worker processes
+
+
+def archive_of(images: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, tuple[int, int]]]]:
+    """Concatenated encoded images and their (name, (offset, size)) locations."""
+    locations, offset = [], 0
+    for name, encoded in images:
+        locations.append((name, (offset, len(encoded))))
+        offset += len(encoded)
+    return b"".join(encoded for _, encoded in images), locations
+
+
+@pytest.fixture
+def worker_pool_allowed(monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forked decoding workers are used on Linux")
+    if not data._fork_is_safe():
+        pytest.skip("JAX's runtime already started in this process; forking it is unsafe")
+    monkeypatch.setattr(data, "DECODE_CHUNK_SIZE", 7)  # many chunks from few images
+
+
+def test_worker_pool_decodes_like_one_process(tmp_path, worker_pool_allowed):
+    encoded = [(f"train/c/{i}.png", encode_image("x.png", random_image(i))) for i in range(60)]
+    archive_bytes, locations = archive_of(encoded)
+    serial = data._decode_images(
+        locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=1
+    )
+    pooled = data._decode_images(
+        iter(locations), archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2
+    )
+    np.testing.assert_array_equal(serial, pooled)
+    np.testing.assert_array_equal(pooled, np.stack([random_image(i) for i in range(60)]))
+    paths = []
+    for i in range(20):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Path(paths[-1]).write_bytes(encode_image("x.png", random_image(i)))
+    from_files = data._decode_images([(p, p) for p in paths], expected_count=20, show_progress=False, workers=2)
+    np.testing.assert_array_equal(from_files, serial[:20])
+
+
+@pytest.mark.parametrize("odd_index", [0, 21, 25])  # first image; first of a chunk; inside a chunk
+def test_worker_pool_names_the_culprit(worker_pool_allowed, odd_index):
+    encoded = [(f"train/c/{i}.png", encode_image("x.png", random_image(i))) for i in range(40)]
+    encoded[33] = ("train/c/broken.png", b"not an image")
+    archive_bytes, locations = archive_of(encoded)
+    with pytest.raises(JaxresError, match=r"cannot decode image train/c/broken\.png"):
+        data._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
+    encoded[33] = (f"train/c/{33}.png", encode_image("x.png", random_image(33)))
+    encoded[odd_index] = ("train/c/odd.png", encode_image("x.png", random_image(0, size=9)))
+    archive_bytes, locations = archive_of(encoded)
+    if odd_index == 0:  # the first image sets the size, so the next one is named, with the first
+        culprit = r"image train/c/1\.png is 8x8 pixels but train/c/odd\.png is 9x9"
+    else:
+        culprit = r"image train/c/odd\.png is 9x9 pixels but train/c/0\.png is 8x8"
+    with pytest.raises(JaxresError, match=culprit):
+        data._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+
+def test_shapes_arrays_and_balance():
+    dataset = make_shapes(num_train=503, num_test=100, image_size=32, seed=1)
+    assert dataset.class_names == SHAPES_CLASSES and "shapes" in dataset.source
+    for split, count in ((dataset.train, 503), (dataset.test, 100)):
+        assert split.images.shape == (count, 32, 32, 3) and split.images.dtype == np.uint8
+        assert split.labels.shape == (count,) and split.labels.dtype == np.int32
+        assert split.masks.shape == (count, 32, 32) and split.masks.dtype == np.bool_
+        counts = np.bincount(split.labels, minlength=len(SHAPES_CLASSES))
+        assert counts.max() - counts.min() <= 1
+
+
+def test_shapes_deterministic_per_seed():
+    first, again, other = make_shapes(200, 50, seed=3), make_shapes(200, 50, seed=3), make_shapes(200, 50, seed=4)
+    for name in ("images", "labels", "masks"):
+        np.testing.assert_array_equal(getattr(first.train, name), getattr(again.train, name))
+        np.testing.assert_array_equal(getattr(first.test, name), getattr(again.test, name))
+    assert not np.array_equal(first.train.images, other.train.images)
+    assert not np.array_equal(first.train.images, first.test.images[:50].repeat(4, axis=0))
+
+
+def test_shapes_masks_mark_one_flat_coloured_object():
+    dataset = make_shapes(num_train=1000, num_test=10, seed=0)
+    images, masks, labels = dataset.train.images.astype(float), dataset.train.masks, dataset.train.labels
+    area = masks.mean(axis=(1, 2))
+    assert area.min() >= 0.06 and area.max() <= 0.32  # 10-25% up to rasterisation
+    # Object size is no clue to the class: mean area per class within a few percent of each other.
+    per_class_area = np.array([area[labels == k].mean() for k in range(len(SHAPES_CLASSES))])
+    assert per_class_area.max() / per_class_area.min() < 1.1
+    for image, mask in zip(images[:50], masks[:50]):
+        inside, outside = image[mask], image[~mask]
+        exactly_object_colour = np.abs(inside - np.median(inside, axis=0)).max(axis=-1) <= 2
+        assert exactly_object_colour.mean() > 0.5  # one colour, but for anti-aliased edge pixels
+        assert outside.std(axis=0).max() > 5  # a textured, not uniform, background
+        assert np.linalg.norm(inside.mean(axis=0) - np.median(outside, axis=0)) > 40  # the object stands out
+    # Object colour is no clue to the class: mean object colour per class is alike.
+    object_colour = np.array([image[mask].mean(axis=0) for image, mask in zip(images, masks)])
+    per_class_colour = np.array([object_colour[labels == k].mean(axis=0) for k in range(len(SHAPES_CLASSES))])
+    assert np.ptp(per_class_colour, axis=0).max() < 25
+
+
+def test_shapes_via_load_dataset_and_speed():
+    import time
+
+    start = time.perf_counter()
+    dataset = load_dataset("shapes", progress=False)
+    assert time.perf_counter() - start < 15  # about 1-2 s unloaded; generous for busy CI
+    assert len(dataset.train) == 10000 and len(dataset.test) == 2000 and "seed 0" in dataset.source
+    np.testing.assert_array_equal(dataset.test.labels, make_shapes(num_train=1, num_test=2000).test.labels)
+
+
+def test_shapes_bad_arguments():
+    with pytest.raises(JaxresError, match="num_test=0"):
+        make_shapes(10, 0)
+    with pytest.raises(JaxresError, match="image_size >= 8"):
+        make_shapes(10, 10, image_size=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real CIFAR-10 copy
+
+
+@pytest.mark.slow
+def test_real_cifar10_jpeg_archive(cifar10_dataset):
+    dataset = cifar10_dataset
+    assert dataset.class_names == CIFAR10_CLASSES
+    assert dataset.train.images.shape == (50000, 32, 32, 3) and dataset.train.images.dtype == np.uint8
+    assert dataset.test.images.shape == (10000, 32, 32, 3) and dataset.test.images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(dataset.train.labels), [5000] * 10)
+    np.testing.assert_array_equal(np.bincount(dataset.test.labels), [1000] * 10)
+    mean = dataset.train.images.reshape(-1, 3).mean(axis=0) / 255
+    np.testing.assert_allclose(mean, data.CIFAR10_MEAN, atol=0.01)

@@ -1,0 +1,308 @@
+"""Training: schedule, loss, optimizer, loss scaling, determinism, resume, failure modes, CLI."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxres import checkpoint, precision, train
+from jaxres.config import TrainConfig
+from jaxres.data import Dataset, Split
+from jaxres.errors import JaxresError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_dataset(num_train=128, num_test=40, seed=0) -> Dataset:
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, n).astype(np.int32))
+
+    return Dataset(split(num_train), split(num_test), ("a", "b", "c", "d"), "random test images")
+
+
+def tiny_config(workdir, **overrides) -> TrainConfig:
+    values = dict(
+        width=0.0625, epochs=2, batch_size=32, eval_batch_size=20, peak_lr=0.2, workdir=str(workdir),
+        misclassified_to_plot=4,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet(_):
+    pass
+
+
+# ------------------------------------------------------------------ math against NumPy / by hand
+
+
+def test_one_cycle_lr_matches_numpy_interpolation():
+    schedule = train.one_cycle_lr(0.4, total_steps=240, peak_step=50)
+    steps = np.arange(0, 241)
+    expected = np.interp(steps, [0, 50, 240], [0.0, 0.4, 0.0])
+    np.testing.assert_allclose(np.asarray(schedule(steps)), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_default_recipe_peaks_at_epoch_five_of_twenty_four():
+    config = TrainConfig()
+    _, schedule = train.make_optimizer(config, steps_per_epoch=97)
+    rates = np.asarray(schedule(np.arange(24 * 97)))
+    assert rates.argmax() == 5 * 97
+    assert rates.max() == pytest.approx(0.4)
+    assert rates[0] == 0.0
+
+
+def test_label_smoothed_loss_matches_hand_computation():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 1])
+    smoothing = 0.2
+    # targets: 0.8 * onehot + 0.2 / 3
+    targets = np.array([[0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3], [0.2 / 3, 0.8 + 0.2 / 3, 0.2 / 3]])
+    log_softmax = np.asarray(logits) - np.log(np.exp(np.asarray(logits)).sum(-1, keepdims=True))
+    expected = -(targets * log_softmax).sum(-1).mean()
+    assert float(train.smoothed_cross_entropy(logits, labels, smoothing)) == pytest.approx(expected, rel=1e-6)
+    # and without smoothing, plain cross-entropy: -log p(label)
+    assert float(train.smoothed_cross_entropy(logits, labels, 0.0)) == pytest.approx(
+        -(log_softmax[0, 0] + log_softmax[1, 1]) / 2, rel=1e-6
+    )
+
+
+def test_optimizer_is_torch_style_nesterov_sgd_with_coupled_weight_decay():
+    """Three steps against a NumPy transcription of torch.optim.SGD(nesterov=True, weight_decay)."""
+    config = TrainConfig(epochs=1, peak_lr=0.3, peak_epoch=0.5, weight_decay=0.01, momentum=0.9)
+    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=4)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    grads = [np.array([0.1, 0.2, -0.3]), np.array([-0.5, 0.1, 0.0]), np.array([0.3, 0.3, 0.3])]
+    state = optimizer.init(params)
+    p, buffer = np.array([1.0, -2.0, 0.5]), None
+    for step, g in enumerate(grads):
+        updates, state = optimizer.update({"w": jnp.asarray(g)}, state, params)
+        params = jax.tree_util.tree_map(lambda a, b: a + b, params, updates)
+        d = g + 0.01 * p
+        buffer = d if buffer is None else 0.9 * buffer + d
+        p = p - float(schedule(step)) * (d + 0.9 * buffer)
+        np.testing.assert_allclose(params["w"], p, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_scale_backs_off_on_overflow_and_grows_after_interval():
+    state = precision.init_loss_scale(1024.0)
+    state = precision.update_loss_scale(state, jnp.array(False), growth_interval=2)
+    assert float(state.scale) == 512.0 and int(state.good_steps) == 0
+    state = precision.update_loss_scale(state, jnp.array(True), growth_interval=2)
+    assert float(state.scale) == 512.0 and int(state.good_steps) == 1
+    state = precision.update_loss_scale(state, jnp.array(True), growth_interval=2)
+    assert float(state.scale) == 1024.0 and int(state.good_steps) == 0
+
+
+# ------------------------------------------------------------------ fp16 dynamic loss scaling
+
+
+def test_fp16_step_with_overflowing_gradients_is_skipped_and_scale_backs_off():
+    config = TrainConfig(
+        width=0.0625, batch_size=8, precision="fp16", initial_loss_scale=2.0**60, epochs=1, peak_epoch=0
+    )
+    model = train.build_model(config, num_classes=4)
+    optimizer, _ = train.make_optimizer(config, steps_per_epoch=10)
+    state = train.init_train_state(config, model, optimizer, jax.random.PRNGKey(0), (32, 32, 3))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    labels = jnp.arange(8) % 4
+    step = jax.jit(lambda s, k: train.train_step(s, images, labels, k, model=model, optimizer=optimizer, config=config))
+
+    overflowed, metrics = step(state, jax.random.PRNGKey(1))
+    assert not bool(metrics["finite"]), "a loss scale of 2^60 must overflow float16 gradients"
+    chex.assert_trees_all_equal(overflowed.params, state.params)
+    chex.assert_trees_all_equal(overflowed.batch_stats, state.batch_stats)
+    chex.assert_trees_all_equal(overflowed.opt_state, state.opt_state)
+    assert float(overflowed.loss_scale.scale) == 2.0**59
+
+    recovered = overflowed.replace(loss_scale=precision.init_loss_scale(2.0**10))
+    stepped, metrics = step(recovered, jax.random.PRNGKey(1))
+    assert bool(metrics["finite"])
+    assert not np.array_equal(stepped.params["classifier"]["kernel"], state.params["classifier"]["kernel"])
+    assert float(stepped.loss_scale.scale) == 2.0**10
+
+
+# ------------------------------------------------------------------ runs: outputs, determinism, resume
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return random_dataset()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, dataset):
+    config = tiny_config(tmp_path_factory.mktemp("run") / "full")
+    return train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet)
+
+
+def test_run_writes_config_metrics_checkpoint_and_plots(finished_run):
+    workdir = Path(finished_run.config.workdir)
+    for name in ["config.json", "dataset.json", "metrics.jsonl", "checkpoint.msgpack", "curves.png", "lr_schedule.png", "misclassified.png"]:
+        assert (workdir / name).is_file(), name
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for key in ["lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds", "images_per_second", "loss_scale"]:
+        assert all(np.isfinite(row[key]) for row in rows), key
+    assert TrainConfig.load(workdir / "config.json") == finished_run.config
+
+
+def test_load_for_inference_restores_the_trained_variables(finished_run, dataset):
+    model, variables, config = checkpoint.load_for_inference(finished_run.config.workdir)
+    assert config == finished_run.config
+    chex.assert_trees_all_close(variables["params"], jax.device_get(finished_run.state.params))
+    logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
+    chex.assert_shape(logits, (2, 4))
+
+
+def test_same_seed_gives_the_same_parameters(finished_run, dataset, tmp_path):
+    again = train.train_and_evaluate(tiny_config(tmp_path / "again"), dataset=dataset, progress=False, log=quiet)
+    chex.assert_trees_all_equal(jax.device_get(again.state.params), jax.device_get(finished_run.state.params))
+    assert again.history[-1]["test_loss"] == finished_run.history[-1]["test_loss"]
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(finished_run, dataset, tmp_path):
+    config = tiny_config(tmp_path / "resumed")
+    first = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
+    assert len(first.history) == 1
+    resumed = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, resume=True)
+    chex.assert_trees_all_equal(jax.device_get(resumed.state), jax.device_get(finished_run.state))
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(finished_run, dataset):
+    before = Path(finished_run.config.workdir, "checkpoint.msgpack").read_bytes()
+    with pytest.raises(JaxresError, match="already holds a checkpoint; pass --resume"):
+        train.train_and_evaluate(finished_run.config, dataset=dataset, progress=False, log=quiet)
+    assert Path(finished_run.config.workdir, "checkpoint.msgpack").read_bytes() == before
+
+
+def test_resume_with_different_options_names_them(finished_run, dataset):
+    changed = dataclasses.replace(finished_run.config, peak_lr=0.9, epochs=3)
+    with pytest.raises(JaxresError, match="differs in epochs, peak_lr"):
+        train.train_and_evaluate(changed, dataset=dataset, progress=False, log=quiet, resume=True)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "nan")
+    train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
+    saved = (tmp_path / "nan" / "checkpoint.msgpack").read_bytes()
+    monkeypatch.setattr(train, "smoothed_cross_entropy", lambda logits, labels, smoothing: jnp.log(-jnp.mean(logits**2)))
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at epoch 2, step 1.*epoch 1\) in .* is intact"):
+        train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, resume=True)
+    assert (tmp_path / "nan" / "checkpoint.msgpack").read_bytes() == saved
+
+
+def test_corrupt_checkpoint_is_reported_by_path(tmp_path, dataset):
+    config = tiny_config(tmp_path / "corrupt")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "checkpoint.msgpack").write_bytes(b"not a checkpoint")
+    (tmp_path / "corrupt" / "config.json").write_text(config.to_json())
+    with pytest.raises(JaxresError, match="checkpoint.msgpack is corrupt"):
+        train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, resume=True)
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    checkpoint.atomic_write_bytes(target, b"old")
+
+    def failing_replace(source, destination):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        checkpoint.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"], "the temporary file must be cleaned up"
+
+
+# ------------------------------------------------------------------ data parallel
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    sys.path.insert(0, {tests!r})
+    from test_train import random_dataset, tiny_config, quiet
+    from jaxres import train
+    assert jax.device_count() == 4, jax.devices()
+    dataset = random_dataset()
+    results = {{}}
+    for devices in (1, 4):
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("batch",))
+        config = tiny_config(os.path.join({tmp!r}, f"devices{{devices}}"), epochs=1, epoch_loop={loop!r})
+        result = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, mesh=mesh, write_plots=False)
+        params = jax.device_get(result.state.params)
+        results[devices] = (params, result.history[-1])
+    flat1 = jax.tree_util.tree_leaves(results[1][0])
+    flat4 = jax.tree_util.tree_leaves(results[4][0])
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(flat1, flat4))
+    print(json.dumps({{"max_abs_param_diff": worst, "loss1": results[1][1]["train_loss"], "loss4": results[4][1]["train_loss"]}}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epoch_loop", ["steps", "scan"])
+def test_one_epoch_on_four_devices_matches_one_device(tmp_path, epoch_loop):
+    script = MULTI_DEVICE_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path), loop=epoch_loop)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["max_abs_param_diff"] < 1e-4, result
+    assert result["loss1"] == pytest.approx(result["loss4"], rel=1e-4)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxres.train", *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_cli_help_lists_every_config_flag():
+    completed = run_cli("--help")
+    assert completed.returncode == 0
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in completed.stdout
+    assert "--resume" in completed.stdout
+
+
+def test_cli_reports_a_missing_data_path_without_traceback(tmp_path):
+    completed = run_cli("--data", str(tmp_path / "nowhere.tar.gz"), "--workdir", str(tmp_path / "run"))
+    assert completed.returncode == 2
+    assert "error:" in completed.stderr and "nowhere.tar.gz" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_cli_rejects_impossible_values_by_name(tmp_path):
+    completed = run_cli("--data", "shapes", "--precision", "fp8", "--workdir", str(tmp_path / "run"))
+    assert completed.returncode == 2
+    assert "unknown precision 'fp8'" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_config_validation_names_the_knob():
+    with pytest.raises(JaxresError, match="batch_size must be at least 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(JaxresError, match="peak_epoch must lie in"):
+        TrainConfig(epochs=4, peak_epoch=5)
+    with pytest.raises(JaxresError, match="unknown config field"):
+        TrainConfig.from_dict({"learning_rate": 1})
