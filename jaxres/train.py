@@ -223,6 +223,7 @@ def make_train_epoch(
     steps); with "steps" it is a host loop over one jitted step; both compute the same.
     """
     batch_sharding = NamedSharding(mesh, P("batch"))
+    replicated = NamedSharding(mesh, P())  # every process can read every output (multi-host)
     step_fn = functools.partial(
         train_step, model=model, optimizer=optimizer, config=config, batch_sharding=batch_sharding
     )
@@ -263,11 +264,14 @@ def make_train_epoch(
             state, per_step = jax.lax.scan(body, state, (jnp.arange(steps_per_epoch), batches))
             return state, summarize(state, per_step)
 
-        return jax.jit(scanned_epoch, donate_argnums=(0,))
+        return jax.jit(scanned_epoch, donate_argnums=(0,), out_shardings=replicated)
 
-    shuffle = jax.jit(shuffled_batches, static_argnums=1)
-    step = jax.jit(one_step, donate_argnums=(0,))
-    finish = jax.jit(lambda state, per_step: summarize(state, jax.tree_util.tree_map(lambda *x: jnp.stack(x), *per_step)))
+    shuffle = jax.jit(shuffled_batches, static_argnums=1, out_shardings=replicated)
+    step = jax.jit(one_step, donate_argnums=(0,), out_shardings=replicated)
+    finish = jax.jit(
+        lambda state, per_step: summarize(state, jax.tree_util.tree_map(lambda *x: jnp.stack(x), *per_step)),
+        out_shardings=replicated,
+    )
 
     def stepped_epoch(state, images, labels, key):
         batches, augment_key = shuffle(key, images.shape[0])
@@ -317,7 +321,7 @@ def make_evaluate(model, config: TrainConfig, mesh: Mesh):
             "predictions": predictions.reshape(-1)[:n],
         }
 
-    return jax.jit(evaluate)
+    return jax.jit(evaluate, out_shardings=NamedSharding(mesh, P()))
 
 
 # --------------------------------------------------------------------------- devices
@@ -405,14 +409,50 @@ def format_row(row: dict) -> str:
     return (
         f"{row['epoch']:>5d} {row['lr']:>8.4f} {row['train_loss']:>10.4f} {100 * row['train_accuracy']:>9.2f}"
         f" {row['test_loss']:>9.4f} {100 * row['test_accuracy']:>8.2f} {row['seconds']:>8.1f}"
-        f" {row['images_per_second']:>9.0f} {row['loss_scale']:>10.0f}"
+        f" {row['images_per_second']:>9.0f} {row['loss_scale']:>10.0f} {row['compile_seconds']:>9.1f}"
     )
 
 
 TABLE_HEADER = (
     f"{'epoch':>5} {'lr':>8} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} {'test_acc':>8}"
-    f" {'seconds':>8} {'img/s':>9} {'loss_scale':>10}"
+    f" {'seconds':>8} {'img/s':>9} {'loss_scale':>10} {'compile_s':>9}"
 )
+
+
+class CompileClock:
+    """Seconds JAX spent tracing, lowering and compiling while `measuring`.
+
+    Reads `jax.monitoring`'s compile events, so the first epoch's time can be split into
+    compilation and training (throughput never includes compilation).
+    """
+
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
+    _active: list["CompileClock"] = []
+    _registered = False
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @classmethod
+    def _listen(cls, event: str, duration: float, **_) -> None:
+        if event in cls.EVENTS:
+            for clock in cls._active:
+                clock.seconds += duration
+
+    def __enter__(self) -> "CompileClock":
+        if not CompileClock._registered:
+            jax.monitoring.register_event_duration_secs_listener(CompileClock._listen)
+            CompileClock._registered = True
+        self.seconds = 0.0
+        CompileClock._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        CompileClock._active.remove(self)
 
 
 class EpochProgress:
@@ -550,9 +590,12 @@ def train_and_evaluate(
         if bar is not None:
             bar.start(epoch + 1)
         started = time.perf_counter()
-        state, metrics = train_epoch(state, train_images_device, train_labels_device, jax.random.fold_in(data_key, epoch))
-        metrics = jax.device_get(metrics)
-        seconds = time.perf_counter() - started
+        with CompileClock() as compile_clock:
+            state, metrics = train_epoch(
+                state, train_images_device, train_labels_device, jax.random.fold_in(data_key, epoch)
+            )
+            metrics = jax.device_get(metrics)
+        seconds = time.perf_counter() - started - compile_clock.seconds
         if bar is not None:
             bar.close()
         if config.precision != "fp16" and int(metrics["first_nonfinite_step"]) >= 0:
@@ -575,6 +618,7 @@ def train_and_evaluate(
             "images_per_second": steps_per_epoch * config.batch_size / seconds,
             "loss_scale": float(metrics["loss_scale"]),
             "skipped_steps": int(metrics["skipped_steps"]),
+            "compile_seconds": compile_clock.seconds,
         }
         history.append(row)
         log(format_row(row))
@@ -598,7 +642,9 @@ def _write_plots(workdir, config, history, schedule, steps_per_epoch, dataset, p
     plots.save_figure(
         plots.plot_lr_schedule(schedule, config.epochs * steps_per_epoch, steps_per_epoch), workdir / "lr_schedule.png"
     )
-    wrong = np.flatnonzero(predictions != dataset.test.labels)[: config.misclassified_to_plot]
+    wrong = np.flatnonzero(predictions != dataset.test.labels)
+    if wrong.size > config.misclassified_to_plot:  # a seeded sample, so every class can show up
+        wrong = np.sort(np.random.default_rng(config.seed).choice(wrong, config.misclassified_to_plot, replace=False))
     if wrong.size:
         figure = plots.plot_misclassified(
             dataset.test.images[wrong], dataset.test.labels[wrong], predictions[wrong], dataset.class_names

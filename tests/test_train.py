@@ -268,6 +268,64 @@ def test_one_epoch_on_four_devices_matches_one_device(tmp_path, epoch_loop):
     assert result["loss1"] == pytest.approx(result["loss4"], rel=1e-4)
 
 
+MULTI_HOST_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    sys.path.insert(0, {tests!r})
+    from jaxres import train
+    process_id, port = int(sys.argv[1]), sys.argv[2]
+    if process_id >= 0:
+        train.initialize_distributed(f"localhost:{{port}}", 2, process_id)
+    from test_train import random_dataset, tiny_config, quiet
+    name = f"process{{process_id}}" if process_id >= 0 else "single"
+    config = tiny_config(os.path.join({tmp!r}, name), epochs=1)
+    result = train.train_and_evaluate(config, dataset=random_dataset(), progress=False, log=quiet, write_plots=False)
+    print(json.dumps({{"devices": jax.device_count(), "local": jax.local_device_count(),
+                      "loss": result.history[-1]["train_loss"]}}))
+    """
+)
+
+
+def read_checkpoint_leaves(workdir):
+    import flax.serialization
+
+    raw = flax.serialization.msgpack_restore((Path(workdir) / "checkpoint.msgpack").read_bytes())
+    return jax.tree_util.tree_leaves(raw["params"])
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path):
+    """Multi-host through jax.distributed (CPU collectives over gloo): 2 processes x 1 device."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = str(probe.getsockname()[1])
+    script = MULTI_HOST_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, str(i), port], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    assert [(r["devices"], r["local"]) for r in reports] == [(2, 1), (2, 1)]
+    assert reports[0]["loss"] == reports[1]["loss"]
+    assert (tmp_path / "process0" / "checkpoint.msgpack").is_file()
+    assert not (tmp_path / "process1").exists(), "only process 0 writes logs and checkpoints"
+
+    single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    completed = subprocess.run([sys.executable, "-c", script, "-1", port], env=single_env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(completed.stdout.strip().splitlines()[-1])["devices"] == 2
+    for multi, single in zip(read_checkpoint_leaves(tmp_path / "process0"), read_checkpoint_leaves(tmp_path / "single")):
+        np.testing.assert_allclose(multi, single, atol=1e-5)
+
+
 # ------------------------------------------------------------------ command line
 
 
