@@ -19,7 +19,7 @@ def test_small_model_learns_real_cifar10_well_above_chance(cifar10_dataset, tmp_
     )
     result = train.train_and_evaluate(config, dataset=cifar10_dataset, progress=False, log=print)
     accuracies = [row["test_accuracy"] for row in result.history]
-    # chance is 10 %; this setting reaches about 45 % on the 10,000 test images
+    # chance is 10 %; this setting reached 56 % on the 10,000 test images here
     assert accuracies[-1] > 0.35, accuracies
     assert accuracies[-1] > accuracies[0], "accuracy should improve over training"
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
