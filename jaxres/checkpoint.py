@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import flax.serialization
+import jax
 
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
@@ -80,7 +81,8 @@ def load_for_inference(workdir: str | Path):
     info = train.read_dataset_info(workdir)
     float32_config = dataclasses.replace(config, precision="fp32")
     model = train.build_model(float32_config, num_classes=len(info["class_names"]))
-    template = train.initial_state_template(config, model, tuple(info["image_shape"]))
+    # Only the structure is needed: eval_shape skips the (slow to compile) random init.
+    template = jax.eval_shape(lambda: train.initial_state_template(config, model, tuple(info["image_shape"])))
     state = restore_checkpoint(workdir, template)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return model, variables, config

@@ -1,0 +1,1 @@
+"""Side-by-side runs against PyTorch. Never imported by jaxres itself."""

@@ -1,0 +1,612 @@
+"""Class activation maps (Grad-CAM and relatives) as pure JAX functions, and their plots.
+
+    cams = gradcam(model, variables, images)                 # float32[N, H, W] in [0, 1]
+    cams = gradcam(model, variables, images, targets=3, layer="layer2", method="layercam")
+    figure = plot_cams(images, cams, true_labels, pred_labels, class_names)
+
+How it works: one forward pass in inference mode (BatchNorm uses its running
+statistics) reads the chosen stage's output A (`capture_intermediates`) and the logits,
+and one backward pass gives dS/dA, the gradient of the target logits S (pre-softmax)
+with respect to that output, through the model's `perturbations` collection (a zero
+added to the stage's output: its gradient is the gradient of the output). The gradient
+of the *sum* over the batch of each image's target logit is every image's own gradient,
+since in inference mode the images do not interact. No hooks, no global state: the
+whole computation is one jitted function of (variables, images, targets), cached per
+(model, layer, method, flags), which runs under `jax.jit` and `jax.vmap` and is
+differentiable with respect to the images (a CAM can be part of a loss).
+
+Also here: `overlay` and `plot_cams` (the course library's image / heatmap / overlay
+view), localisation metrics (`energy_pointing_game`, `pointing_game_baseline`),
+faithfulness metrics (`deletion_insertion`, `confidence_change`) and the command line
+`python -m jaxres.gradcam --workdir RUN ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxres.augment import normalize as normalize_images
+from jaxres.errors import JaxresError
+
+METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
+SCORES = ("probability", "logit")
+_EPSILON = 1e-7  # as pytorch-grad-cam, in the Grad-CAM++ and XGrad-CAM denominators
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_layer(model, layer: str) -> None:
+    stages = tuple(getattr(model, "STAGES", ()))
+    if layer not in stages:
+        raise JaxresError(f"unknown layer {layer!r} for {type(model).__name__}; choose one of {', '.join(stages)}")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise JaxresError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _check_images(images) -> None:
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[-1] != 3:
+        raise JaxresError(f"images must be [N, H, W, 3] pixel values (uint8 or float in [0, 255]), got shape {shape}")
+
+
+def _is_concrete(value) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _prepare_targets(targets, count: int, num_classes: int):
+    """None | int | ints[N] -> None or int32[N], checked where the values are known."""
+    if targets is None:
+        return None
+    if _is_concrete(targets):
+        values = np.asarray(targets)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise JaxresError(f"targets must be class indices (integers), got dtype {values.dtype}")
+        if values.ndim == 0:
+            values = np.full((count,), int(values))
+        if values.shape != (count,):
+            raise JaxresError(f"targets must be None, an int or {count} ints (one per image), got shape {values.shape}")
+        bad = values[(values < 0) | (values >= num_classes)]
+        if bad.size:
+            raise JaxresError(f"target class {int(bad[0])} out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        return jnp.asarray(values, jnp.int32)
+    values = jnp.asarray(targets, jnp.int32)
+    if values.ndim == 0:
+        return jnp.full((count,), values)
+    if values.shape != (count,):
+        raise JaxresError(f"targets must be None, an int or {count} ints (one per image), got shape {values.shape}")
+    return values
+
+
+def _inference_variables(variables) -> dict:
+    """Only what inference needs: params and (if any) batch_stats."""
+    if "params" not in variables:
+        raise JaxresError("variables have no 'params' collection")
+    return {name: variables[name] for name in ("params", "batch_stats") if name in variables}
+
+
+# --------------------------------------------------------------------------- the two passes
+
+
+def stage_activation_and_gradient(model, variables, inputs: jax.Array, targets: jax.Array | None, layer: str):
+    """One forward and one backward pass, in inference mode.
+
+    inputs: float32[N, H, W, 3] (normalised); targets: int32[N] or None (the predicted
+    classes). Returns (logits float32[N, classes], targets int32[N], activation
+    float32[N, h, w, K], gradient float32[N, h, w, K]) where activation is the output
+    of stage `layer` and gradient is d logits[n, targets[n]] / d activation[n].
+    """
+    variables = _inference_variables(variables)
+    _, shapes = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"]), variables, inputs
+    )
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes["perturbations"]))
+
+    def forward(perturbation):
+        perturbations = {**zeros, layer: {"output": perturbation}}
+        logits, state = model.apply(
+            {**variables, "perturbations": perturbations},
+            inputs,
+            train=False,
+            capture_intermediates=lambda module, method: module.path == (layer,) and method == "__call__",
+            mutable=["intermediates"],
+        )
+        return logits, state["intermediates"][layer]["__call__"][0]
+
+    logits, backward, activation = jax.vjp(forward, zeros[layer]["output"], has_aux=True)
+    if targets is None:
+        targets = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    (gradient,) = backward(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
+    return logits, targets, activation.astype(jnp.float32), gradient.astype(jnp.float32)
+
+
+def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str = "gradcam") -> jax.Array:
+    """The raw map (before ReLU) of `method` from A and G = dS/dA.  float32[N,h,w,K] x2 -> [N,h,w].
+
+    With A_k the k-th channel of the stage's output, G_k its gradient, sums over the
+    positions (i, j) of the h x w map and Z = h * w:
+
+    gradcam   (Selvaraju et al. 2017):  w_k = (1/Z) sum_ij G_kij;        cam = sum_k w_k A_k
+    gradcam++ (Chattopadhay et al. 2018), the closed form for an exponential score
+              (as pytorch-grad-cam): alpha_kij = G^2 / (2 G^2 + (sum_ab A_kab) G^3 + eps),
+              0 where G = 0;  w_k = sum_ij alpha_kij ReLU(G_kij);       cam = sum_k w_k A_k
+    hirescam  (Draelos & Carin 2020):   cam = sum_k G_k * A_k  (elementwise, no averaging)
+    xgradcam  (Fu et al. 2020):         w_k = sum_ij G_kij A_kij / (sum_ab A_kab + eps);
+                                        cam = sum_k w_k A_k
+    layercam  (Jiang et al. 2021):      cam = sum_k ReLU(G_k) * A_k
+
+    eps = 1e-7. `gradcam` applies the final ReLU (all the papers do).
+    """
+    _check_method(method)
+    if method == "gradcam":
+        weights = jnp.mean(gradient, axis=(1, 2))
+        return jnp.einsum("nhwk,nk->nhw", activation, weights)
+    if method == "gradcam++":
+        squared = gradient**2
+        cubed = squared * gradient
+        activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
+        alpha = squared / (2 * squared + activation_sum * cubed + _EPSILON)
+        alpha = jnp.where(gradient != 0, alpha, 0.0)
+        weights = jnp.sum(alpha * jax.nn.relu(gradient), axis=(1, 2))
+        return jnp.einsum("nhwk,nk->nhw", activation, weights)
+    if method == "hirescam":
+        return jnp.sum(gradient * activation, axis=-1)
+    if method == "xgradcam":
+        activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
+        weights = jnp.sum(gradient * activation / (activation_sum + _EPSILON), axis=(1, 2))
+        return jnp.einsum("nhwk,nk->nhw", activation, weights)
+    return jnp.sum(jax.nn.relu(gradient) * activation, axis=-1)  # layercam
+
+
+def min_max_normalize(maps: jax.Array) -> jax.Array:
+    """Per map, (x - min) / (max - min).  float[N, H, W] -> float32[N, H, W] in [0, 1].
+
+    A flat map (max == min) gives zeros, never NaN, and so does its gradient.
+    """
+    maps = jnp.asarray(maps, jnp.float32)
+    low = jnp.min(maps, axis=(1, 2), keepdims=True)
+    span = jnp.max(maps, axis=(1, 2), keepdims=True) - low
+    flat = span <= 0
+    return jnp.where(flat, 0.0, (maps - low) / jnp.where(flat, 1.0, span))
+
+
+def upsample(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of float[N, h, w] maps to [N, H, W] with `jax.image.resize`.
+
+    Pixel centres sit at half-pixel offsets and the two-tap (triangle) weights that fall
+    outside the map are dropped and the rest renormalised, which is the same as
+    PyTorch's edge clamping: the result equals
+    `F.interpolate(mode="bilinear", align_corners=False)` to float rounding, for integer
+    and non-integer factors alike (tested; antialias is off, as PyTorch's default, so
+    this holds for downsampling too).
+    """
+    count = maps.shape[0]
+    return jax.image.resize(maps, (count, *size), method="bilinear", antialias=False)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layer", "method", "relu", "normalize", "upsample_to_input"))
+def _gradcam(model, variables, images, targets, *, layer, method, relu, normalize, upsample_to_input):
+    inputs = normalize_images(images)
+    _, _, activation, gradient = stage_activation_and_gradient(model, variables, inputs, targets, layer)
+    cam = cam_from_activation(activation, gradient, method)
+    if relu:
+        cam = jax.nn.relu(cam)
+    if upsample_to_input:
+        cam = upsample(cam, images.shape[1:3])
+    if normalize:
+        cam = min_max_normalize(cam)
+    return cam
+
+
+def gradcam(
+    model,
+    variables,
+    images,
+    targets=None,
+    layer: str = "layer3",
+    method: str = "gradcam",
+    relu: bool = True,
+    normalize: bool = True,
+    upsample: bool = True,
+) -> jax.Array:
+    """Class activation maps of `images` for `targets`, explained at stage `layer`.
+
+    model: a jaxres Flax model (`model.STAGES` names the layers); variables: its
+    {"params", "batch_stats"} (others ignored); images: uint8 or float[N, H, W, 3]
+    pixel values in [0, 255], normalised here as in training; targets: None (each
+    image's predicted class), an int (one class for all) or ints[N]. The class score is
+    the pre-softmax logit; BatchNorm runs in inference mode.
+
+    layer: one of `model.STAGES` (the stage's output, residual add included);
+    method: one of METHODS (formulas in `cam_from_activation`); relu: apply the final
+    ReLU; upsample: resize bilinearly to H x W (see `upsample`); normalize: min-max
+    per map to [0, 1] (after upsampling, as the course library; a flat map gives 0).
+
+    Returns float32[N, H, W] (or [N, h, w], the layer's resolution, when
+    upsample=False), on the device. Jitted and cached per (model, layer, method,
+    flags); usable under `jax.jit`, `jax.vmap` and `jax.grad` (w.r.t. images).
+    Raises JaxresError for a bad image shape, layer, method or target.
+    """
+    _check_layer(model, layer)
+    _check_method(method)
+    _check_images(images)
+    targets = _prepare_targets(targets, np.shape(images)[0], model.num_classes)
+    return _gradcam(
+        model,
+        variables,
+        images,
+        targets,
+        layer=layer,
+        method=method,
+        relu=bool(relu),
+        normalize=bool(normalize),
+        upsample_to_input=bool(upsample),
+    )
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def overlay(image, cam, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """`cam` coloured with `colormap` and blended over `image`.
+
+    image: uint8 or float[H, W, 3] in [0, 255]; cam: float[H, W] in [0, 1] (clipped);
+    alpha: weight of the heatmap. Returns uint8[H, W, 3] = (1 - alpha) image + alpha heat.
+    """
+    import matplotlib
+
+    image = np.asarray(image, np.float32)
+    cam = np.asarray(cam, np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise JaxresError(f"image must be [H, W, 3], got shape {image.shape}")
+    if cam.shape != image.shape[:2]:
+        raise JaxresError(f"cam shape {cam.shape} does not match the image's {image.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise JaxresError(f"alpha must be in [0, 1], got {alpha}")
+    try:
+        colour_map = matplotlib.colormaps[colormap]
+    except KeyError:
+        raise JaxresError(f"unknown matplotlib colormap {colormap!r}") from None
+    heat = colour_map(np.clip(cam, 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * image + alpha * heat
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def plot_cams(
+    images,
+    cams,
+    true_labels=None,
+    pred_labels=None,
+    class_names: Sequence[str] | None = None,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    title: str | None = None,
+):
+    """One row per image: the image, its heatmap and the overlay (the course library's view).
+
+    images: uint8[N, H, W, 3]; cams: float[N, H, W] in [0, 1]; labels: ints[N] or None,
+    shown as names when `class_names` is given. Returns a matplotlib Figure (built
+    without pyplot, so nothing is shown; save it with `figure.savefig(path)`).
+    """
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    cams = np.asarray(cams)
+    if images.ndim != 4 or cams.shape != images.shape[:3]:
+        raise JaxresError(f"images [N, H, W, 3] and cams [N, H, W] must match, got {images.shape} and {cams.shape}")
+    count = len(images)
+    if count == 0:
+        raise JaxresError("no images to plot")
+    name = (lambda label: class_names[int(label)]) if class_names is not None else (lambda label: str(int(label)))
+    figure = Figure(figsize=(6.6, 2.2 * count))
+    axes = np.asarray(figure.subplots(count, 3, squeeze=False))
+    for row in range(count):
+        image = images[row] if images.dtype == np.uint8 else np.clip(images[row], 0, 255).astype(np.uint8)
+        parts = []
+        if true_labels is not None:
+            parts.append(f"true: {name(true_labels[row])}")
+        if pred_labels is not None:
+            parts.append(f"pred: {name(pred_labels[row])}")
+        wrong = true_labels is not None and pred_labels is not None and int(true_labels[row]) != int(pred_labels[row])
+        axes[row, 0].imshow(image, interpolation="nearest")
+        axes[row, 0].set_title(", ".join(parts) or "image", fontsize=8, color="darkred" if wrong else "black")
+        axes[row, 1].imshow(cams[row], cmap=colormap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes[row, 1].set_title("heatmap", fontsize=8)
+        axes[row, 2].imshow(overlay(image, cams[row], colormap, alpha), interpolation="nearest")
+        axes[row, 2].set_title("overlay", fontsize=8)
+        for column in range(3):
+            axes[row, column].axis("off")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+# --------------------------------------------------------------------------- localisation
+
+
+def energy_pointing_game(cams, masks, per_image: bool = False) -> jax.Array:
+    """Energy-based pointing game (Wang et al., Score-CAM 2020).
+
+    Per image, the share of the map's energy that falls inside the object:
+    sum(cam * mask) / sum(cam). cams: float[N, H, W], non-negative (negative values are
+    clipped to 0); masks: bool[N, H, W]. A map with no energy (all zeros, e.g. a flat
+    map after min-max normalisation) carries no localisation and is scored like a
+    uniform map, i.e. the mask's area fraction. Returns the mean over images, a float32
+    scalar (or float32[N] with per_image=True).
+    """
+    cams = jnp.maximum(jnp.asarray(cams, jnp.float32), 0.0)
+    masks = jnp.asarray(masks, bool)
+    if cams.ndim != 3 or cams.shape != masks.shape:
+        raise JaxresError(f"cams [N, H, W] and masks [N, H, W] must match, got {cams.shape} and {masks.shape}")
+    inside = jnp.sum(jnp.where(masks, cams, 0.0), axis=(1, 2))
+    total = jnp.sum(cams, axis=(1, 2))
+    area = jnp.mean(masks.astype(jnp.float32), axis=(1, 2))
+    scores = jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), area)
+    return scores if per_image else jnp.mean(scores)
+
+
+def pointing_game_baseline(masks) -> jax.Array:
+    """What a uniform (or, in expectation, random) map scores: the mean mask area fraction.
+
+    masks: bool[N, H, W] -> float32 scalar.
+    """
+    masks = jnp.asarray(masks, bool)
+    if masks.ndim != 3:
+        raise JaxresError(f"masks must be [N, H, W], got shape {masks.shape}")
+    return jnp.mean(masks.astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+
+class DeletionInsertion(NamedTuple):
+    """Per-image areas under the curves and the curves themselves.
+
+    deletion, insertion: float32[N]; fractions: float32[steps + 1] (share of pixels
+    deleted / inserted at each step); deletion_curve, insertion_curve: float32[N, steps + 1].
+    """
+
+    deletion: jax.Array
+    insertion: jax.Array
+    fractions: jax.Array
+    deletion_curve: jax.Array
+    insertion_curve: jax.Array
+
+
+def _class_scores(model, variables, inputs, targets, score: str) -> jax.Array:
+    logits = model.apply(_inference_variables(variables), inputs, train=False)
+    if score == "probability":
+        logits = jax.nn.softmax(logits, axis=-1)
+    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+def gaussian_blur(inputs: jax.Array, size: int = 11, sigma: float = 5.0) -> jax.Array:
+    """Per-channel Gaussian blur with zero padding (RISE's insertion baseline).
+
+    inputs: float[N, H, W, C] -> float32[N, H, W, C]. On normalised images, the zero
+    padding is the dataset's mean colour.
+    """
+    offsets = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
+    weights = jnp.exp(-(offsets**2) / (2 * sigma**2))
+    weights = weights / jnp.sum(weights)
+    channels = inputs.shape[-1]
+    kernel = jnp.broadcast_to((weights[:, None] * weights[None, :])[:, :, None, None], (size, size, 1, channels))
+    return jax.lax.conv_general_dilated(
+        jnp.asarray(inputs, jnp.float32),
+        kernel,
+        window_strides=(1, 1),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+    )
+
+
+def _check_faithfulness_inputs(model, images, cams, score):
+    _check_images(images)
+    shape = tuple(np.shape(cams))
+    if shape != tuple(np.shape(images))[:3]:
+        raise JaxresError(f"cams must be [N, H, W] matching the images {tuple(np.shape(images))[:3]}, got {shape}")
+    if score not in SCORES:
+        raise JaxresError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "score", "insertion_baseline"))
+def _deletion_insertion(model, variables, images, cams, targets, *, steps, score, insertion_baseline):
+    inputs = normalize_images(images)
+    count, height, width, _ = inputs.shape
+    pixels = height * width
+    if targets is None:
+        targets = jnp.argmax(model.apply(_inference_variables(variables), inputs, train=False), axis=-1)
+    # rank[n, p]: position of pixel p in decreasing CAM order (ties: lower index first).
+    order = jnp.argsort(-jnp.reshape(cams, (count, pixels)), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1).reshape(count, height, width, 1)
+    deletion_baseline = jnp.zeros_like(inputs)  # zero in normalised space: the mean colour
+    if insertion_baseline == "blur":
+        start = gaussian_blur(inputs)
+    else:
+        start = jnp.zeros_like(inputs)
+    changed_counts = (jnp.arange(steps + 1) * pixels) // steps
+
+    def scores_at(changed):
+        selected = rank < changed
+        deleted = jnp.where(selected, deletion_baseline, inputs)
+        inserted = jnp.where(selected, inputs, start)
+        both = _class_scores(model, variables, jnp.concatenate([deleted, inserted]), jnp.concatenate([targets, targets]), score)
+        return both[:count], both[count:]
+
+    deletion_curve, insertion_curve = jax.lax.map(scores_at, changed_counts)
+    deletion_curve, insertion_curve = deletion_curve.T, insertion_curve.T  # [N, steps + 1]
+    fractions = changed_counts.astype(jnp.float32) / pixels
+
+    def area(curve):  # trapezoid rule over the fraction of pixels changed
+        return jnp.sum((curve[:, 1:] + curve[:, :-1]) * 0.5 * jnp.diff(fractions), axis=-1)
+
+    return DeletionInsertion(area(deletion_curve), area(insertion_curve), fractions, deletion_curve, insertion_curve)
+
+
+def deletion_insertion(
+    model,
+    variables,
+    images,
+    cams,
+    targets=None,
+    steps: int = 32,
+    score: str = "probability",
+    insertion_baseline: str = "blur",
+) -> DeletionInsertion:
+    """Deletion and insertion curves and their AUCs (Petsiuk et al., RISE 2018).
+
+    Pixels are ranked by `cams` (highest first). Deletion: starting from the image, the
+    top k pixels are replaced by the baseline, zero in normalised space (the dataset's
+    mean colour). Insertion: starting from the baseline (`"blur"`: the image blurred by
+    an 11x11 Gaussian of sigma 5, as RISE; `"mean"`: the mean colour), the top k pixels
+    of the image are put back. k goes from 0 to H*W in `steps` equal steps; the curve is
+    the target class's score, by default its softmax probability (`score="logit"` for
+    the pre-softmax logit), and the AUC is the trapezoid area over the fraction of
+    pixels changed (in [0, 1]). A faithful map has a low deletion AUC and a high
+    insertion AUC.
+
+    images: uint8 or float[N, H, W, 3] pixels; cams: float[N, H, W] at input resolution;
+    targets: None (predicted class of the unchanged image), int or ints[N].
+    Costs steps + 1 forward passes over 2N images (sequential, `lax.map`). Jitted.
+    """
+    _check_faithfulness_inputs(model, images, cams, score)
+    if not isinstance(steps, int) or steps < 1:
+        raise JaxresError(f"steps must be a positive int, got {steps!r}")
+    if insertion_baseline not in ("blur", "mean"):
+        raise JaxresError(f"unknown insertion_baseline {insertion_baseline!r}; choose blur or mean")
+    targets = _prepare_targets(targets, np.shape(images)[0], model.num_classes)
+    return _deletion_insertion(
+        model, variables, images, cams, targets, steps=steps, score=score, insertion_baseline=insertion_baseline
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("model", "score"))
+def _confidence_change(model, variables, images, cams, targets, *, score):
+    inputs = normalize_images(images)
+    if targets is None:
+        targets = jnp.argmax(model.apply(_inference_variables(variables), inputs, train=False), axis=-1)
+    masked = inputs * jnp.asarray(cams, jnp.float32)[..., None]
+    both = _class_scores(model, variables, jnp.concatenate([masked, inputs]), jnp.concatenate([targets, targets]), score)
+    count = inputs.shape[0]
+    return both[:count] - both[count:]
+
+
+def confidence_change(model, variables, images, cams, targets=None, score: str = "probability") -> jax.Array:
+    """Score of the CAM-masked image minus score of the image, per image.
+
+    As pytorch-grad-cam's `CamMultImageConfidenceChange`: the normalised image is
+    multiplied by the map (float[N, H, W] in [0, 1]), so the pixels the map ignores
+    become 0 (the mean colour). score: "probability" (softmax of the target class, as
+    `ClassifierOutputSoftmaxTarget`) or "logit". Higher (less negative) is better: the
+    map kept what the model needed. images: uint8 or float[N, H, W, 3] pixels; targets:
+    None (predicted class of the image), int or ints[N]. Returns float32[N]. Jitted.
+    (This is not ROAD, which imputes removed pixels from their neighbours.)
+    """
+    _check_faithfulness_inputs(model, images, cams, score)
+    targets = _prepare_targets(targets, np.shape(images)[0], model.num_classes)
+    return _confidence_change(model, variables, images, cams, targets, score=score)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxres.gradcam",
+        description="Grad-CAM heatmaps of a trained jaxres run: one row per image "
+        "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG.",
+    )
+    parser.add_argument("--workdir", required=True, help="run directory written by `python -m jaxres.train` (checkpoint + config)")
+    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
+    parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw images from (default: test)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--misclassified", type=int, default=None, metavar="K", help="explain the first K misclassified images (default: 16)")
+    which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I", help="explain these image indices of the split")
+    parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
+    parser.add_argument("--method", choices=METHODS, default="gradcam", help="CAM method (default: gradcam)")
+    parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
+    parser.add_argument("--out", default="cams.png", help="output image path (default: cams.png)")
+    return parser
+
+
+def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+    apply = jax.jit(lambda v, x: jnp.argmax(model.apply(_inference_variables(v), normalize_images(x), train=False), axis=-1))
+    return np.concatenate([np.asarray(apply(variables, images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def run(args: argparse.Namespace) -> str:
+    """The CLI's work; returns the path written. Raises JaxresError on user mistakes."""
+    from jaxres import checkpoint, data, plots
+
+    if args.batch_size < 1:
+        raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
+    model, variables, config = checkpoint.load_for_inference(args.workdir)
+    layer = args.layer or tuple(model.STAGES)[-1]
+    _check_layer(model, layer)
+    source = args.data or config.data
+    cache_dir = args.cache_dir or config.cache_dir
+    dataset = data.load_dataset(source, cache_dir=cache_dir)
+    split = getattr(dataset, args.split)
+    images, labels = np.asarray(split.images), np.asarray(split.labels)
+    if args.indices is not None:
+        indices = np.asarray(args.indices)
+        bad = indices[(indices < 0) | (indices >= len(images))]
+        if bad.size:
+            raise JaxresError(f"--indices {int(bad[0])} out of range: the {args.split} split has {len(images)} images")
+        predictions = _predict(model, variables, images[indices], args.batch_size)
+    else:
+        wanted = 16 if args.misclassified is None else args.misclassified
+        if wanted < 1:
+            raise JaxresError(f"--misclassified must be positive, got {wanted}")
+        all_predictions = _predict(model, variables, images, args.batch_size)
+        indices = np.flatnonzero(all_predictions != labels)[:wanted]
+        if indices.size == 0:
+            raise JaxresError(f"no misclassified images in the {args.split} split: use --indices instead")
+        predictions = all_predictions[indices]
+    chosen, truths = images[indices], labels[indices]
+    targets = predictions if args.target == "predicted" else truths
+    cams = np.concatenate(
+        [
+            np.asarray(gradcam(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size], layer=layer, method=args.method))
+            for i in range(0, len(chosen), args.batch_size)
+        ]
+    )
+    figure = plot_cams(
+        chosen,
+        cams,
+        true_labels=truths,
+        pred_labels=predictions,
+        class_names=list(dataset.class_names),
+        title=f"{args.method} at {layer} ({args.target} class), {args.split} images {', '.join(map(str, indices[:8]))}{' ...' if len(indices) > 8 else ''}",
+    )
+    return str(plots.save_figure(figure, args.out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path = run(args)
+    except JaxresError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""Grad-CAM and relatives (jaxres.gradcam): closed forms, properties, PyTorch parity, metrics, CLI."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxres import gradcam as cam_lib
+from jaxres.augment import CIFAR10_MEAN, normalize
+from jaxres.errors import JaxresError
+from jaxres.gradcam import (
+    METHODS,
+    confidence_change,
+    deletion_insertion,
+    energy_pointing_game,
+    gradcam,
+    min_max_normalize,
+    overlay,
+    plot_cams,
+    pointing_game_baseline,
+)
+from jaxres.models import CustomResNet, init_variables
+
+WIDTH = 0.25  # channels 16, 32, 64, 128
+
+
+def random_variables(model, seed: int) -> dict:
+    """Random weights, BatchNorm affines and running statistics, drawn with NumPy.
+
+    (Cheaper than `init_variables`, whose PRNG programs take long to compile on CPU.)
+    Kernels are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; nothing is trivial.
+    """
+    rng = np.random.default_rng(seed)
+    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    out = {}
+    for collection, tree in template.items():
+        new = {}
+        for path, leaf in traverse_util.flatten_dict(tree).items():
+            shape, name = leaf.shape, path[-1]
+            if name == "kernel":
+                array = rng.uniform(-1, 1, shape) / np.sqrt(np.prod(shape[:-1]))
+            elif name in ("var", "scale"):
+                array = rng.uniform(0.5, 1.5, shape)
+            else:  # mean, bias
+                array = rng.normal(0.0, 0.2, shape)
+            new[path] = jnp.asarray(array, jnp.float32)
+        out[collection] = traverse_util.unflatten_dict(new)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CustomResNet(width=WIDTH)
+
+
+@pytest.fixture(scope="module")
+def variables(model):
+    return random_variables(model, seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Six synthetic-shape images (structured, so maps are not degenerate)."""
+    from jaxres.data import make_shapes
+
+    return make_shapes(num_train=1, num_test=6, seed=0).test.images
+
+
+@pytest.fixture(scope="module")
+def layer3_and_logits(model, variables, images):
+    """(A float32[N,4,4,K] at layer3, logits float32[N,10]) from a plain forward pass."""
+    logits, state = jax.jit(
+        lambda v, x: model.apply(v, normalize(x), train=False, capture_intermediates=True, mutable=["intermediates"])
+    )(variables, images)
+    return np.asarray(state["intermediates"]["layer3"]["__call__"][0], np.float64), np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def image_gradient(model):
+    """d/d images of sum(weights * gradcam(images)): one compiled program for every test."""
+
+    def loss(variables, pixels, weights):
+        return jnp.sum(gradcam(model, variables, pixels) * weights)
+
+    return jax.jit(jax.grad(loss, argnums=1))
+
+
+def pearson(a, b) -> float:
+    """Mean Pearson correlation of two stacks of maps [N, H, W], over the pairs where
+    neither map is flat (a random network can give all-zero maps); at least 3 such pairs."""
+    values = []
+    for x, y in zip(np.asarray(a).reshape(len(a), -1), np.asarray(b).reshape(len(b), -1)):
+        if x.std() > 0 and y.std() > 0:
+            values.append(np.corrcoef(x, y)[0, 1])
+    assert len(values) >= 3, "too many flat maps to compare"
+    return float(np.mean(values))
+
+
+# --------------------------------------------------------------------------- closed forms at layer3
+
+
+def closed_form_gradient(activation, kernel, targets, logit_scale=0.125):
+    """dS_c/dA at the last stage: the global max-pool routes W[k, c] * 0.125 to the argmax.
+
+    Where several positions tie for a channel's maximum (dead channels after ReLU are
+    all 0), JAX's max splits the gradient equally among them; the Grad-CAM weight (the
+    mean over positions) is W[k, c] * 0.125 / (h * w) either way.
+    """
+    at_max = activation == activation.max(axis=(1, 2), keepdims=True)
+    share = at_max / at_max.sum(axis=(1, 2), keepdims=True)
+    weights = kernel[:, targets].T * logit_scale  # [N, K]
+    return share * weights[:, None, None, :]
+
+
+def numpy_cam(activation, gradient, method):
+    """pytorch-grad-cam's formulas, in NumPy (float64), before the ReLU."""
+    if method == "gradcam":
+        return np.einsum("nhwk,nk->nhw", activation, gradient.mean(axis=(1, 2)))
+    if method == "gradcam++":
+        g2, g3 = gradient**2, gradient**3
+        total = activation.sum(axis=(1, 2), keepdims=True)
+        alpha = np.where(gradient != 0, g2 / (2 * g2 + total * g3 + 1e-7), 0.0)
+        weights = (np.maximum(gradient, 0) * alpha).sum(axis=(1, 2))
+        return np.einsum("nhwk,nk->nhw", activation, weights)
+    if method == "hirescam":
+        return (gradient * activation).sum(-1)
+    if method == "xgradcam":
+        total = activation.sum(axis=(1, 2), keepdims=True)
+        weights = (gradient * activation / (total + 1e-7)).sum(axis=(1, 2))
+        return np.einsum("nhwk,nk->nhw", activation, weights)
+    return (np.maximum(gradient, 0) * activation).sum(-1)  # layercam
+
+
+MIXED_TARGETS = np.array([0, 3, 5, 7, 9, 2])
+
+
+def test_stage_activation_and_gradient_closed_form_at_layer3(model, variables, images, layer3_and_logits):
+    activation, logits = layer3_and_logits
+    kernel = np.asarray(variables["params"]["classifier"]["kernel"], np.float64)
+    passes = jax.jit(lambda v, x, t: cam_lib.stage_activation_and_gradient(model, v, normalize(x), t, "layer3"))
+    got_logits, got_targets, got_activation, got_gradient = passes(variables, images, MIXED_TARGETS)
+    np.testing.assert_allclose(np.asarray(got_logits), logits, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_targets), MIXED_TARGETS)
+    np.testing.assert_allclose(np.asarray(got_activation), activation, rtol=1e-6, atol=1e-6)
+    expected = closed_form_gradient(activation, kernel, MIXED_TARGETS)
+    np.testing.assert_allclose(np.asarray(got_gradient), expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cam_formulas_match_numpy(variables, layer3_and_logits, method):
+    """Each method's map from (A, dS/dA) against pytorch-grad-cam's formula in NumPy."""
+    activation, _ = layer3_and_logits
+    kernel = np.asarray(variables["params"]["classifier"]["kernel"], np.float64)
+    gradient = closed_form_gradient(activation, kernel, MIXED_TARGETS)
+    expected = numpy_cam(activation, gradient, method)
+    scale = np.abs(expected).max()
+    assert scale > 0 and (expected > 0).sum() > expected.size // 4  # not vacuous
+    got = cam_lib.cam_from_activation(jnp.asarray(activation, jnp.float32), jnp.asarray(gradient, jnp.float32), method)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam"])
+def test_end_to_end_closed_forms_at_layer3(model, variables, images, layer3_and_logits, method):
+    """Raw maps (no normalisation, no upsampling) from the model against closed forms.
+
+    At layer3 the head is max-pool then dense, so dS_c/dA_k = 0.125 W[k, c] at A_k's
+    argmax (split equally among ties, as JAX differentiates max) and 0 elsewhere:
+      Grad-CAM = sum_k 0.125 W[k, c] A_k / (h w)          (checked here before the ReLU)
+      HiResCAM = ReLU(sum_k 0.125 W[k, c] A_k [argmax_k])
+      LayerCAM = ReLU(sum_k ReLU(0.125 W[k, c]) A_k [argmax_k])
+    """
+    activation, _ = layer3_and_logits
+    kernel = np.asarray(variables["params"]["classifier"]["kernel"], np.float64)
+    weights = 0.125 * kernel[:, MIXED_TARGETS].T[:, None, None, :]  # [N, 1, 1, K]
+    at_max = activation == activation.max(axis=(1, 2), keepdims=True)
+    share = at_max / at_max.sum(axis=(1, 2), keepdims=True)
+    h, w = activation.shape[1:3]
+    if method == "gradcam":
+        expected = (weights * activation).sum(-1) / (h * w)
+        relu = False
+    elif method == "hirescam":
+        expected = np.maximum((weights * share * activation).sum(-1), 0)
+        relu = True
+    else:
+        expected = np.maximum((np.maximum(weights * share, 0) * activation).sum(-1), 0)
+        relu = True
+    scale = np.abs(expected).max()
+    assert scale > 0
+    raw = gradcam(model, variables, images, MIXED_TARGETS, method=method, relu=relu, normalize=False, upsample=False)
+    assert raw.shape == (len(images), h, w) and raw.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(raw), expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def test_output_shapes_range_and_dtype(model, variables, images):
+    cams = gradcam(model, variables, images)
+    assert isinstance(cams, jax.Array) and cams.shape == (6, 32, 32) and cams.dtype == jnp.float32
+    cams = np.asarray(cams)
+    peaks = cams.max(axis=(1, 2))
+    assert cams.min() == 0.0 and np.all(np.isclose(peaks, 1.0) | (peaks == 0)) and (peaks == 1).sum() >= 3
+    float_cams = np.asarray(gradcam(model, variables, images.astype(np.float32)))
+    np.testing.assert_allclose(float_cams, cams, atol=1e-6)
+
+
+def test_batch_invariance(model, variables, images):
+    together = np.asarray(gradcam(model, variables, images, layer="layer2"))
+    for i in (0, 3):
+        alone = np.asarray(gradcam(model, variables, images[i : i + 1], layer="layer2"))
+        np.testing.assert_allclose(alone[0], together[i], atol=1e-5)
+
+
+def test_targets(model, variables, images, layer3_and_logits):
+    _, logits = layer3_and_logits
+    predicted = logits.argmax(-1)
+    np.testing.assert_allclose(
+        np.asarray(gradcam(model, variables, images)), np.asarray(gradcam(model, variables, images, predicted)), atol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.asarray(gradcam(model, variables, images, 4)), np.asarray(gradcam(model, variables, images, np.full(6, 4))), atol=1e-7
+    )
+    first, second = (np.asarray(gradcam(model, variables, images, c)) for c in (1, 2))
+    assert np.abs(first - second).max() > 0.1
+    with pytest.raises(JaxresError, match="one per image"):
+        gradcam(model, variables, images, [1, 2, 3])
+    with pytest.raises(JaxresError, match="target class 10 out of range"):
+        gradcam(model, variables, images, 10)
+    with pytest.raises(JaxresError, match="target class -1 out of range"):
+        gradcam(model, variables, images, [0, 1, 2, 3, 4, -1])
+    with pytest.raises(JaxresError, match="integers"):
+        gradcam(model, variables, images, 1.5)
+
+
+def test_bad_layer_method_and_images(model, variables, images):
+    with pytest.raises(JaxresError, match="unknown layer 'layer4'.*prep, layer1, layer2, layer3"):
+        gradcam(model, variables, images, layer="layer4")
+    with pytest.raises(JaxresError, match="unknown CAM method 'scorecam'.*gradcam, gradcam\\+\\+, hirescam, xgradcam, layercam"):
+        gradcam(model, variables, images, method="scorecam")
+    with pytest.raises(JaxresError, match=r"\[N, H, W, 3\].*\(32, 32, 3\)"):
+        gradcam(model, variables, images[0])
+    with pytest.raises(JaxresError, match=r"\(6, 3, 32, 32\)"):
+        gradcam(model, variables, images.transpose(0, 3, 1, 2))
+
+
+def test_flat_map_gives_zeros_not_nan(model, variables, images, image_gradient):
+    assert np.array_equal(np.asarray(min_max_normalize(jnp.full((2, 3, 3), 5.0))), np.zeros((2, 3, 3)))
+    params = dict(variables["params"])
+    params["classifier"] = {**params["classifier"], "kernel": jnp.zeros_like(params["classifier"]["kernel"])}
+    blind = {**variables, "params": params}  # every gradient is zero, so is every map
+    for method in ("gradcam", "gradcam++"):
+        cams = np.asarray(gradcam(model, blind, images, method=method))
+        assert np.array_equal(cams, np.zeros_like(cams)), method
+    gradient = image_gradient(blind, images.astype(np.float32), jnp.ones((len(images), 32, 32)))
+    assert np.isfinite(np.asarray(gradient)).all()
+
+
+def test_jit_vmap_and_cache(model, variables, images):
+    eager = np.asarray(gradcam(model, variables, images, layer="layer2"))
+    predicted = np.asarray(jax.jit(lambda v, x: model.apply(v, normalize(x), train=False))(variables, images)).argmax(-1)
+    # traced variables, images and targets (the range check needs concrete targets and is skipped)
+    jitted = jax.jit(lambda v, x, t: gradcam(model, v, x, t, layer="layer2"))(variables, images, predicted)
+    np.testing.assert_allclose(np.asarray(jitted), eager, atol=1e-6)
+    per_image = jax.vmap(lambda x: gradcam(model, variables, x[None], layer="layer2")[0])(images)
+    np.testing.assert_allclose(np.asarray(per_image), eager, atol=1e-5)
+    # one compiled program per (model, layer, method, flags, shapes): a second call does not retrace
+    size = cam_lib._gradcam._cache_size()
+    gradcam(model, variables, images, layer="layer2")
+    assert cam_lib._gradcam._cache_size() == size
+
+
+def test_differentiable_with_respect_to_images(model, variables, images, image_gradient):
+    pixels = images.astype(np.float32)
+    rng = np.random.default_rng(1)
+    weights = jnp.asarray(rng.random((len(images), 32, 32)), jnp.float32)
+    gradient = image_gradient(variables, pixels, weights)
+    gradient = np.asarray(gradient)
+    assert gradient.shape == pixels.shape
+    assert np.isfinite(gradient).all() and np.abs(gradient).max() > 0
+
+
+def test_model_randomisation_changes_maps(model, variables, images):
+    """Adebayo et al. 2018: maps must depend on the weights (random vs re-initialised)."""
+    base = gradcam(model, variables, images)
+    other = random_variables(model, seed=1)
+    top_reset = {**variables, "params": {**variables["params"], "classifier": other["params"]["classifier"]}}
+    assert pearson(base, gradcam(model, random_variables(model, seed=0), images)) > 0.999
+    assert pearson(base, gradcam(model, top_reset, images)) < 0.5
+    assert pearson(base, gradcam(model, other, images)) < 0.5
+
+
+# --------------------------------------------------------------------------- PyTorch parity
+
+
+@pytest.fixture(scope="module")
+def torch_twin(model, variables):
+    """The PyTorch reference model (benchmarks/torch_reference.py) with the same weights."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_reference import CustomResNet as TorchResNet
+    from jaxres.convert import flax_to_torch
+
+    torch.use_deterministic_algorithms(True)
+    twin = TorchResNet(width=WIDTH).float().eval()
+    twin.load_state_dict(flax_to_torch(variables, model, tensors=True), strict=True)
+    return twin
+
+
+@pytest.mark.parametrize("layer, targets", [("layer3", None), ("layer3", MIXED_TARGETS), ("layer1", MIXED_TARGETS)])
+def test_parity_with_pytorch_hook_gradcam(model, variables, images, layer3_and_logits, torch_twin, layer, targets):
+    """Same weights (random, with random BatchNorm statistics), eval mode, float32:
+    logits within 1e-4, upsampled and normalised maps within 1e-4 of the hook-based Grad-CAM."""
+    import torch
+
+    from benchmarks.torch_reference import torch_gradcam
+
+    inputs = torch.from_numpy(np.asarray(normalize(images)).transpose(0, 3, 1, 2).copy())
+    assert inputs.dtype == torch.float32
+    with torch.no_grad():
+        expected_logits = torch_twin(inputs).numpy()
+    _, logits = layer3_and_logits
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+    expected = torch_gradcam(torch_twin, inputs, targets, layer)
+    cams = np.asarray(gradcam(model, variables, images, targets, layer=layer))
+    assert expected.shape == cams.shape == (len(images), 32, 32)
+    assert expected.max() == 1.0  # not a flat map
+    assert np.abs(cams - expected).max() < 1e-4
+
+
+def test_upsample_matches_torch_bilinear():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    for small, large in ((4, 32), (8, 32), (16, 32), (5, 32), (3, 10), (32, 12)):
+        maps = rng.normal(size=(2, small, small)).astype(np.float32)
+        expected = F.interpolate(torch.from_numpy(maps)[:, None], size=(large, large), mode="bilinear", align_corners=False)
+        np.testing.assert_allclose(np.asarray(cam_lib.upsample(jnp.asarray(maps), (large, large))), expected[:, 0].numpy(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def test_overlay_and_plot(tmp_path, images):
+    cam = np.zeros((32, 32), np.float32)
+    cam[8:16, 8:16] = 1.0
+    out = overlay(images[0], cam, alpha=0.0)
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+    np.testing.assert_array_equal(out, images[0])
+    heat = overlay(images[0], cam, colormap="gray", alpha=1.0)
+    assert (heat[8:16, 8:16] == 255).all() and (heat[:8] == 0).all()
+    with pytest.raises(JaxresError, match="does not match"):
+        overlay(images[0], cam[:16])
+    with pytest.raises(JaxresError, match="colormap"):
+        overlay(images[0], cam, colormap="no-such-map")
+    cams = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    figure = plot_cams(images[:3], cams, [0, 1, 2], [0, 2, 2], class_names=[f"class{i}" for i in range(10)])
+    assert len(figure.axes) == 9
+    assert figure.axes[0].get_title() == "true: class0, pred: class0"
+    assert figure.axes[3].get_title() == "true: class1, pred: class2"
+    path = tmp_path / "cams.png"
+    figure.savefig(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_energy_pointing_game_by_hand():
+    cams = np.array([[[1.0, 3.0], [0.0, 0.0]], [[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]]], np.float32)
+    masks = np.array([[[False, True], [False, False]], [[True, True], [True, False]], [[True, False], [False, False]]])
+    per_image = np.asarray(energy_pointing_game(cams, masks, per_image=True))
+    # 3 of 4; 6 of 8; an empty map scores like a uniform one (the mask's area, 1/4)
+    np.testing.assert_allclose(per_image, [0.75, 0.75, 0.25])
+    np.testing.assert_allclose(float(energy_pointing_game(cams, masks)), np.mean([0.75, 0.75, 0.25]), rtol=1e-6)
+    np.testing.assert_allclose(float(pointing_game_baseline(masks)), np.mean([1 / 4, 3 / 4, 1 / 4]), rtol=1e-6)
+    uniform = np.ones((3, 2, 2), np.float32)
+    np.testing.assert_allclose(float(energy_pointing_game(uniform, masks)), float(pointing_game_baseline(masks)), rtol=1e-6)
+    with pytest.raises(JaxresError, match="must match"):
+        energy_pointing_game(cams, masks[:, :1])
+
+
+class RedMean(nn.Module):
+    """Two logits: [scale * mean of the normalised red channel, 0]: scores known in closed form."""
+
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        red = jnp.mean(x[..., 0], axis=(1, 2)) * self.param("scale", nn.initializers.ones, ())
+        return jnp.stack([red, jnp.zeros_like(red)], axis=-1)
+
+
+def test_deletion_insertion_known_answer():
+    model, variables = RedMean(), {"params": {"scale": jnp.asarray(1.0)}}
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
+    red = np.asarray(normalize(pixels))[..., 0].reshape(2, 16).astype(np.float64)
+    cams = rng.random((2, 4, 4)).astype(np.float32)
+    steps = 8
+    result = deletion_insertion(model, variables, pixels, cams, 0, steps=steps, score="logit", insertion_baseline="mean")
+    order = np.argsort(-cams.reshape(2, 16), axis=1, kind="stable")
+    counts = np.arange(steps + 1) * 16 // steps
+    deletion = np.zeros((2, steps + 1))
+    insertion = np.zeros((2, steps + 1))
+    for n in range(2):
+        for s, k in enumerate(counts):
+            chosen = np.zeros(16, bool)
+            chosen[order[n, :k]] = True
+            deletion[n, s] = red[n][~chosen].sum() / 16  # deleted pixels become 0 (the mean colour)
+            insertion[n, s] = red[n][chosen].sum() / 16  # inserted into an all-zero (mean) image
+    np.testing.assert_allclose(np.asarray(result.fractions), counts / 16)
+    np.testing.assert_allclose(np.asarray(result.deletion_curve), deletion, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.insertion_curve), insertion, atol=1e-5)
+    trapezoid = lambda y: ((y[:, 1:] + y[:, :-1]) / 2).sum(1) / steps  # noqa: E731
+    np.testing.assert_allclose(np.asarray(result.deletion), trapezoid(deletion), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(result.insertion), trapezoid(insertion), atol=1e-5)
+
+    # An image of the mean colour is its own baseline: every step scores the same logit, 0.
+    mean_colour = np.broadcast_to(np.array(CIFAR10_MEAN, np.float32) * 255, pixels.shape)
+    constant = deletion_insertion(model, variables, mean_colour, cams, 0, steps=steps, score="logit", insertion_baseline="mean")
+    np.testing.assert_allclose(np.asarray(constant.deletion_curve), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(constant.insertion), 0.0, atol=1e-6)
+    # the blurred baseline and probabilities: insertion starts at the blurred image and ends
+    # at the image itself, the probability of class 0 being sigmoid(red mean)
+    blurred = deletion_insertion(model, variables, pixels, cams, None, steps=2)
+    expected_start = np.asarray(cam_lib.gaussian_blur(normalize(pixels)))[..., 0].mean((1, 2))
+    start_probability = 1 / (1 + np.exp(-expected_start))
+    np.testing.assert_allclose(np.asarray(blurred.insertion_curve[:, 0]), start_probability, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(blurred.insertion_curve[:, -1]), np.asarray(blurred.deletion_curve[:, 0]), atol=1e-6)
+    with pytest.raises(JaxresError, match="cams must be"):
+        deletion_insertion(model, variables, pixels, cams[:, :2], 0)
+
+
+def test_confidence_change_known_answer():
+    model, variables = RedMean(), {"params": {"scale": jnp.asarray(1.0)}}
+    rng = np.random.default_rng(1)
+    pixels = rng.uniform(0, 255, (3, 4, 4, 3)).astype(np.float32)
+    cams = rng.random((3, 4, 4)).astype(np.float32)
+    red = np.asarray(normalize(pixels))[..., 0]
+    change = np.asarray(confidence_change(model, variables, pixels, cams, 0, score="logit"))
+    np.testing.assert_allclose(change, (red * cams).mean((1, 2)) - red.mean((1, 2)), atol=1e-6)
+    ones = np.asarray(confidence_change(model, variables, pixels, np.ones_like(cams)))
+    np.testing.assert_allclose(ones, 0.0, atol=1e-7)
+    with pytest.raises(JaxresError, match="unknown score"):
+        confidence_change(model, variables, pixels, cams, score="margin")
+
+
+# --------------------------------------------------------------------------- trained model (slow)
+
+
+@pytest.mark.slow
+def test_trained_model_localises_shapes_and_fails_randomisation():
+    """A small model trained briefly on synthetic shapes: CAM energy falls on the object
+    more than chance, and re-initialising the model decorrelates the maps (Adebayo 2018)."""
+    import optax
+
+    from jaxres.data import make_shapes
+
+    dataset = make_shapes(num_train=2048, num_test=64, seed=0)
+    model = CustomResNet(width=WIDTH, num_classes=len(dataset.class_names))
+    variables = random_variables(model, seed=0)
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, x, y):
+        def loss(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, normalize(x), train=True, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
+
+        (_, batch_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = optimizer.init(params)
+    for i in range(80):
+        batch = slice(i * 64 % 2048, i * 64 % 2048 + 64)
+        params, batch_stats, opt_state = step(params, batch_stats, opt_state, dataset.train.images[batch], dataset.train.labels[batch])
+    trained = {"params": params, "batch_stats": batch_stats}
+    test = dataset.test
+    logits = jax.jit(lambda v, x: model.apply(v, normalize(x), train=False))(trained, test.images)
+    assert (np.asarray(logits).argmax(-1) == test.labels).mean() > 0.4  # chance is 0.2
+    cams = gradcam(model, trained, test.images, test.labels)
+    assert float(energy_pointing_game(cams, test.masks)) > 1.5 * float(pointing_game_baseline(test.masks))
+    assert pearson(cams, gradcam(model, random_variables(model, seed=9), test.images, test.labels)) < 0.5
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def fake_run(monkeypatch, model, variables, images):
+    """`load_for_inference` and `load_dataset` replaced by the test model and six images."""
+    from jaxres import checkpoint, data
+    from jaxres.config import TrainConfig
+
+    labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
+    split = data.Split(images=np.asarray(images), labels=labels)
+    dataset = data.Dataset(split, split, tuple(f"class{i}" for i in range(10)), "fake")
+    calls = {}
+
+    def load_for_inference(workdir):
+        calls["workdir"] = str(workdir)
+        return model, variables, TrainConfig(data="shapes", workdir=str(workdir))
+
+    def load_dataset(source, cache_dir=None, **kwargs):
+        calls["source"] = source
+        return dataset
+
+    monkeypatch.setattr(checkpoint, "load_for_inference", load_for_inference)
+    monkeypatch.setattr(data, "load_dataset", load_dataset)
+    return calls
+
+
+def test_cli_writes_the_grid(tmp_path, fake_run, capsys):
+    out = tmp_path / "cams.png"
+    assert cam_lib.main(["--workdir", "RUN", "--misclassified", "3", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert fake_run == {"workdir": "RUN", "source": "shapes"}
+    assert f"wrote {out}" in capsys.readouterr().out
+    out2 = tmp_path / "indices.png"
+    argv = ["--workdir", "RUN", "--data", "elsewhere", "--indices", "0", "5", "--layer", "layer2", "--method", "layercam", "--target", "true", "--out", str(out2)]
+    assert cam_lib.main(argv) == 0 and out2.is_file()
+    assert fake_run["source"] == "elsewhere"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--layer", "layer7", "--indices", "0"], "error: unknown layer 'layer7' for CustomResNet; choose one of prep, layer1, layer2, layer3"),
+        (["--indices", "6"], "error: --indices 6 out of range: the test split has 6 images"),
+        (["--misclassified", "0"], "error: --misclassified must be positive"),
+    ],
+)
+def test_cli_errors_exit_2_without_traceback(fake_run, capsys, argv, message):
+    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_argument_parsing():
+    parser = cam_lib.build_parser()
+    args = parser.parse_args(["--workdir", "RUN"])
+    assert (args.split, args.method, args.layer, args.misclassified, args.indices, args.out) == ("test", "gradcam", None, None, None, "cams.png")
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--workdir", "RUN", "--misclassified", "3", "--indices", "1"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--workdir", "RUN", "--method", "scorecam"])
+    assert "--misclassified K" in parser.format_help()
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_a_trained_run(tmp_path):
+    """Train a tiny model for one epoch with `python -m jaxres.train`, then explain it."""
+    from jaxres import train
+
+    workdir = tmp_path / "run"
+    argv = ["--data", "shapes", "--width", "0.125", "--epochs", "1", "--train-subset", "256", "--batch-size", "128", "--workdir", str(workdir)]
+    assert train.main(argv) == 0
+    out = tmp_path / "cams.png"
+    assert cam_lib.main(["--workdir", str(workdir), "--misclassified", "4", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
