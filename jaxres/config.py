@@ -20,6 +20,7 @@ from jaxres.errors import JaxresError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
+TTA_MODES = ("none", "flip", "flip_translate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout_size: int = 8  # 0 disables cutout
+    # Evaluation
+    tta: str = "none"  # none | flip | flip_translate: test-time augmentation (mean of logits)
     # Precision
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
     initial_loss_scale: float = 2.0**15
@@ -105,6 +108,8 @@ def validate(config: TrainConfig) -> None:
         raise JaxresError(
             f"unknown epoch_loop {config.epoch_loop!r}; choose one of {', '.join(EPOCH_LOOPS)}"
         )
+    if config.tta not in TTA_MODES:
+        raise JaxresError(f"unknown tta {config.tta!r}; choose one of {', '.join(TTA_MODES)}")
     if not config.width > 0:
         raise JaxresError(f"width must be positive, got {config.width}")
     if not config.peak_lr > 0:

@@ -284,44 +284,105 @@ def make_train_epoch(
     return stepped_epoch
 
 
-def make_evaluate(model, config: TrainConfig, mesh: Mesh):
-    """The jitted `evaluate(variables, images, labels) -> {loss, accuracy, predictions}`.
+def shift_images(inputs: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Translate by (dy, dx) pixels, filling with zeros (the mean colour once normalised).
+
+    inputs: float[N, H, W, C] -> float[N, H, W, C].
+    """
+    if dy == 0 and dx == 0:
+        return inputs
+    height, width = inputs.shape[1:3]
+    pad = max(abs(dy), abs(dx))
+    padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width, :]
+
+
+TTA_SHIFTS = {"none": [(0, 0)], "flip": [(0, 0)], "flip_translate": [(0, 0), (1, 1), (-1, -1)]}
+
+
+def predict_logits(model, variables, inputs: jax.Array, tta: str = "none") -> jax.Array:
+    """Inference-mode logits, averaged over test-time augmentations.
+
+    inputs: float32[N, H, W, 3] (normalised) -> float32[N, K]. tta: "none"; "flip" (the
+    image and its mirror); "flip_translate" (both, each also shifted by (1, 1) and
+    (-1, -1) pixels: 6 views). The mean is taken over logits.
+    """
+    views = []
+    for dy, dx in TTA_SHIFTS[tta]:
+        shifted = shift_images(inputs, dy, dx)
+        views.append(shifted)
+        if tta != "none":
+            views.append(shifted[:, :, ::-1, :])
+    logits = [model.apply(variables, view, train=False) for view in views]
+    return sum(logits) / len(logits)
+
+
+def make_evaluate(model, config: TrainConfig, mesh: Mesh, tta: str | None = None):
+    """`evaluate(variables, images, labels) -> {loss, accuracy, predictions}`, compiled.
 
     images: uint8[N, H, W, 3]; labels: int32[N]. Runs in batches of eval_batch_size
-    (the last one padded and masked) with BatchNorm in inference mode. loss is the
+    (the last one padded and masked) with BatchNorm in inference mode and the test-time
+    augmentation `tta` (default `config.tta`; see `predict_logits`). loss is the
     training criterion (label-smoothed cross-entropy) averaged over the N images;
-    predictions: int32[N].
+    predictions: int32[N]. Batches run in a `lax.scan` or a host loop, as
+    `config.epoch_loop` says (see `resolve_epoch_loop`).
     """
+    tta = config.tta if tta is None else tta
     batch_size = config.eval_batch_size
     batch_sharding = NamedSharding(mesh, P("batch"))
+    replicated = NamedSharding(mesh, P())
 
-    def evaluate(variables, images, labels):
+    def padded_batches(images, labels):
         n = images.shape[0]
         num_batches = -(-n // batch_size)
         pad = num_batches * batch_size - n
-        images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
-        labels = jnp.pad(labels, (0, pad))
-        valid = jnp.arange(num_batches * batch_size) < n
         shape = lambda x: x.reshape(num_batches, batch_size, *x.shape[1:])  # noqa: E731
+        valid = jnp.arange(num_batches * batch_size) < n
+        images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        return shape(images), shape(jnp.pad(labels, (0, pad))), shape(valid)
 
-        def body(_, batch):
-            batch_images, batch_labels, batch_valid = batch
-            inputs = jax.lax.with_sharding_constraint(augment.normalize(batch_images), batch_sharding)
-            logits = model.apply(variables, inputs, train=False)
-            targets = optax.smooth_labels(jax.nn.one_hot(batch_labels, logits.shape[-1]), config.label_smoothing)
-            losses = optax.softmax_cross_entropy(logits, targets)
-            predictions = jnp.argmax(logits, -1).astype(jnp.int32)
-            correct = (predictions == batch_labels) & batch_valid
-            return None, (jnp.where(batch_valid, losses, 0.0).sum(), correct.sum(), predictions)
+    def evaluate_batch(variables, batch_images, batch_labels, batch_valid):
+        inputs = jax.lax.with_sharding_constraint(augment.normalize(batch_images), batch_sharding)
+        logits = predict_logits(model, variables, inputs, tta)
+        targets = optax.smooth_labels(jax.nn.one_hot(batch_labels, logits.shape[-1]), config.label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+        predictions = jnp.argmax(logits, -1).astype(jnp.int32)
+        correct = (predictions == batch_labels) & batch_valid
+        return jnp.where(batch_valid, losses, 0.0).sum(), correct.sum(), predictions
 
-        _, (loss_sums, correct, predictions) = jax.lax.scan(body, None, (shape(images), shape(labels), shape(valid)))
+    def summarize(n, loss_sums, correct, predictions):
         return {
             "loss": loss_sums.sum() / n,
             "accuracy": correct.sum() / n,
             "predictions": predictions.reshape(-1)[:n],
         }
 
-    return jax.jit(evaluate, out_shardings=NamedSharding(mesh, P()))
+    if resolve_epoch_loop(config.epoch_loop) == "scan":
+
+        def scanned(variables, images, labels):
+            batches = padded_batches(images, labels)
+            _, outputs = jax.lax.scan(lambda _, batch: (None, evaluate_batch(variables, *batch)), None, batches)
+            return summarize(images.shape[0], *outputs)
+
+        return jax.jit(scanned, out_shardings=replicated)
+
+    pad = jax.jit(padded_batches, out_shardings=replicated)
+    run_batch = jax.jit(
+        lambda variables, batches, index: evaluate_batch(variables, *(x[index] for x in batches)),
+        out_shardings=replicated,
+    )
+    finish = jax.jit(
+        lambda n, outputs: summarize(n, *(jnp.stack(x) for x in zip(*outputs))),
+        static_argnums=0,
+        out_shardings=replicated,
+    )
+
+    def stepped(variables, images, labels):
+        batches = pad(images, labels)
+        outputs = [run_batch(variables, batches, index) for index in range(batches[0].shape[0])]
+        return finish(images.shape[0], outputs)
+
+    return stepped
 
 
 # --------------------------------------------------------------------------- devices
@@ -678,6 +739,8 @@ FLAG_HELP = {
     "loss_scale_growth_interval": "fp16 only: finite steps before the loss scale doubles",
     "epoch_loop": "how an epoch runs: one compiled lax.scan ('scan'), a host loop of the jitted step "
     "('steps'), or 'auto' (steps on CPU, where XLA runs convolutions in loops slowly; scan elsewhere)",
+    "tta": "test-time augmentation at evaluation: none, flip (mean logits of image and mirror), "
+    "or flip_translate (also shifted by 1 pixel diagonally both ways: 6 views)",
     "seed": "random seed (same seed, same result on CPU)",
     "eval_batch_size": "evaluation batch size",
     "workdir": "output directory: config.json, metrics.jsonl, checkpoint, plots",

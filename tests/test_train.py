@@ -364,3 +364,52 @@ def test_config_validation_names_the_knob():
         TrainConfig(epochs=4, peak_epoch=5)
     with pytest.raises(JaxresError, match="unknown config field"):
         TrainConfig.from_dict({"learning_rate": 1})
+
+
+# ------------------------------------------------------------------ test-time augmentation
+
+
+def test_shift_images_matches_numpy():
+    x = np.random.default_rng(0).normal(size=(2, 5, 6, 3)).astype(np.float32)
+    expected = np.zeros_like(x)
+    expected[:, 1:, 2:] = x[:, :-1, :-2]  # content moves down 1 and right 2
+    np.testing.assert_array_equal(train.shift_images(jnp.asarray(x), 1, 2), expected)
+    expected = np.zeros_like(x)
+    expected[:, :-1, :-1] = x[:, 1:, 1:]
+    np.testing.assert_array_equal(train.shift_images(jnp.asarray(x), -1, -1), expected)
+
+
+def test_flip_tta_is_the_mean_of_image_and_mirror_logits():
+    config = TrainConfig(width=0.0625)
+    model = train.build_model(config, num_classes=4)
+    variables = jax.device_get(
+        train.init_train_state(config, model, train.make_optimizer(config, 1)[0], jax.random.PRNGKey(0), (32, 32, 3))
+    )
+    variables = {"params": variables.params, "batch_stats": variables.batch_stats}
+    inputs = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+    plain = model.apply(variables, inputs)
+    mirrored = model.apply(variables, inputs[:, :, ::-1])
+    np.testing.assert_allclose(train.predict_logits(model, variables, inputs, "flip"), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    # mirror-invariant by construction
+    np.testing.assert_allclose(
+        train.predict_logits(model, variables, inputs, "flip"),
+        train.predict_logits(model, variables, inputs[:, :, ::-1], "flip"),
+        rtol=1e-5, atol=1e-6,
+    )
+    # six views: image and mirror, each unshifted and shifted by (1, 1) and (-1, -1)
+    views = [train.shift_images(inputs, dy, dx) for dy, dx in [(0, 0), (1, 1), (-1, -1)]]
+    expected = sum(model.apply(variables, v) + model.apply(variables, v[:, :, ::-1]) for v in views) / 6
+    np.testing.assert_allclose(train.predict_logits(model, variables, inputs, "flip_translate"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_in_steps_and_scan_modes_agree_and_count_every_image(finished_run, dataset):
+    model, variables, config = checkpoint.load_for_inference(finished_run.config.workdir)
+    mesh = train.make_mesh()
+    results = {}
+    for loop in ("steps", "scan"):
+        evaluate = train.make_evaluate(model, dataclasses.replace(config, epoch_loop=loop, eval_batch_size=16), mesh)
+        results[loop] = jax.device_get(evaluate(variables, dataset.test.images, dataset.test.labels))
+    assert results["steps"]["predictions"].shape == (40,)  # 40 images in batches of 16: the last is padded
+    np.testing.assert_array_equal(results["steps"]["predictions"], results["scan"]["predictions"])
+    assert results["steps"]["accuracy"] == pytest.approx(np.mean(results["steps"]["predictions"] == dataset.test.labels))
+    assert results["steps"]["loss"] == pytest.approx(results["scan"]["loss"], rel=1e-5)
