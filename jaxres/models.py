@@ -1,4 +1,5 @@
-"""Flax Linen models for 32x32 images: the custom ResNet (ResNet-9) of fast CIFAR-10 training.
+"""Flax Linen models for 32x32 images: the custom ResNet (ResNet-9) of fast CIFAR-10 training,
+and ResNet-18 / ResNet-34 in their usual CIFAR form.
 
 Every model here is a plain Linen module, used purely:
 
@@ -29,7 +30,8 @@ import jax.numpy as jnp
 
 from jaxres.errors import JaxresError
 
-NORMS = ("batch", "group", "layer")
+NORMS = ("batch", "group", "layer", "ghost_batch")
+GHOST_BATCH_SIZE = 32  # images per virtual batch of the "ghost_batch" norm
 
 # PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance scaling 1/3 on fan_in, uniform.
@@ -59,16 +61,22 @@ def scaled_channels(channels: int, width: float) -> int:
 
 
 def make_norm(norm: str, dtype: Any, train: bool, name: str | None = None) -> nn.Module:
-    """The normalisation layer `norm` in {batch, group, layer}.
+    """The normalisation layer `norm` in {batch, group, layer, ghost_batch}.
 
     BatchNorm follows PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9, eps 1e-5);
     its statistics and running averages stay float32 whatever `dtype` computes.
     GroupNorm uses gcd(32, channels) groups; "layer" normalises over H, W and C
     with a per-channel affine (GroupNorm with one group, as PyTorch's LayerNorm on CHW).
+    "ghost_batch" is BatchNorm over virtual batches of GHOST_BATCH_SIZE images
+    (`GhostBatchNorm`), with the same variables as "batch".
     """
     if norm == "batch":
         return nn.BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+        )
+    if norm == "ghost_batch":
+        return GhostBatchNorm(
+            use_running_average=not train, ghost_size=GHOST_BATCH_SIZE, dtype=dtype, name=name
         )
     if norm == "group":
         return _GroupNormAuto(num_groups_max=32, dtype=dtype, name=name)
@@ -87,6 +95,60 @@ class _GroupNormAuto(nn.Module):
     def __call__(self, x):
         groups = math.gcd(self.num_groups_max, x.shape[-1])
         return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, name="norm")(x)
+
+
+class GhostBatchNorm(nn.Module):
+    """BatchNorm whose training statistics come from virtual ("ghost") sub-batches.
+
+    Hoffer et al. 2017, "Train longer, generalize better". In training, the batch
+    x: float[N, H, W, C] is split in order into N / ghost_size consecutive groups of
+    `ghost_size` images (N <= ghost_size: one group, i.e. plain BatchNorm); each group is
+    normalised with its own mean and (biased) variance over (images, H, W). The running
+    averages move towards the mean over groups of those means and variances (momentum
+    as flax: new = momentum * old + (1 - momentum) * batch value; 0.9 is PyTorch's 0.1).
+    In inference, the running averages normalise, exactly as BatchNorm. The variables
+    are BatchNorm's (params scale, bias; batch_stats mean, var: float32[C]), so
+    checkpoints move between "batch" and "ghost_batch". Statistics are float32; the
+    output has `dtype`. N must be a multiple of ghost_size when larger than it.
+    """
+
+    use_running_average: bool
+    ghost_size: int = GHOST_BATCH_SIZE
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        x32 = jnp.asarray(x, jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            n = x.shape[0]
+            groups = 1 if n <= self.ghost_size else n // self.ghost_size
+            if n > self.ghost_size and n % self.ghost_size:
+                raise JaxresError(
+                    f"ghost_batch norm needs a batch size that is a multiple of {self.ghost_size} "
+                    f"(or at most {self.ghost_size}), got {n}"
+                )
+            grouped = x32.reshape(groups, n // groups, *x.shape[1:])
+            axes = tuple(range(1, grouped.ndim - 1))
+            group_mean = jnp.mean(grouped, axis=axes, keepdims=True)
+            group_var = jnp.mean(jnp.square(grouped - group_mean), axis=axes, keepdims=True)
+            normalized = (grouped - group_mean) * jax.lax.rsqrt(group_var + self.epsilon)
+            if not self.is_initializing():
+                batch_mean = group_mean.reshape(groups, channels).mean(axis=0)
+                batch_var = group_var.reshape(groups, channels).mean(axis=0)
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * batch_mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * batch_var
+            return (normalized.reshape(x.shape) * scale + bias).astype(self.dtype)
+        normalized = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (normalized * scale + bias).astype(self.dtype)
 
 
 class ConvNormReLU(nn.Module):
@@ -171,13 +233,14 @@ class CustomResNet(nn.Module):
         return classifier_head(self, x)
 
 
-def classifier_head(module: nn.Module, features) -> jax.Array:
-    """Global max-pool -> dense(num_classes) -> x logit_scale, as float32 logits.
+def classifier_head(module: nn.Module, features, pooling: str = "max") -> jax.Array:
+    """Global pool ("max" or "avg") -> dense(num_classes) -> x logit_scale, as float32 logits.
 
     features: float[N, h, w, C] -> float32[N, num_classes]. Called inside `module`'s
-    compact `__call__`, so the dense layer is named `classifier` in its scope.
+    compact `__call__` (which has `num_classes`, `dtype`, `logit_scale`), so the dense
+    layer is named `classifier` in its scope.
     """
-    pooled = jnp.max(features, axis=(1, 2))
+    pooled = jnp.max(features, axis=(1, 2)) if pooling == "max" else jnp.mean(features, axis=(1, 2))
     fan_in = features.shape[-1]
     logits = nn.Dense(
         module.num_classes,
@@ -189,7 +252,117 @@ def classifier_head(module: nn.Module, features) -> jax.Array:
     return logits.astype(jnp.float32) * module.logit_scale
 
 
-MODELS = {"custom_resnet": CustomResNet}
+class BasicBlock(nn.Module):
+    """The ResNet basic block (He et al. 2016), in the CIFAR form of kuangliu/pytorch-cifar.
+
+    conv3x3(stride) norm ReLU conv3x3 norm, plus the shortcut, then ReLU. The shortcut is
+    the identity, or conv1x1(stride) + norm (`shortcut_conv`, `shortcut_norm`) when the
+    stride or the channel count changes. Convolutions have no bias.
+    float[N, H, W, C] -> float[N, H / stride, W / stride, features].
+    """
+
+    features: int
+    stride: int = 1
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = functools.partial(
+            nn.Conv, self.features, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init
+        )
+        strides = (self.stride, self.stride)
+        y = conv((3, 3), strides=strides, padding=1, name="conv1")(x)
+        y = nn.relu(make_norm(self.norm, self.dtype, train, name="norm1")(y))
+        y = conv((3, 3), padding=1, name="conv2")(y)
+        y = make_norm(self.norm, self.dtype, train, name="norm2")(y)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            shortcut = conv((1, 1), strides=strides, padding=0, name="shortcut_conv")(x)
+            shortcut = make_norm(self.norm, self.dtype, train, name="shortcut_norm")(shortcut)
+        return nn.relu(y + shortcut)
+
+
+class ResNetStage(nn.Module):
+    """`blocks` BasicBlocks (`block1`, `block2`, ...); the first has `stride`.
+
+    The stage's output is marked `perturb("output", ...)` as in `ResidualStage`, for Grad-CAM.
+    """
+
+    features: int
+    blocks: int
+    stride: int = 1
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for index in range(self.blocks):
+            stride = self.stride if index == 0 else 1
+            x = BasicBlock(self.features, stride, self.norm, self.dtype, name=f"block{index + 1}")(x, train)
+        return self.perturb("output", x)
+
+
+class ResNet(nn.Module):
+    """ResNet with basic blocks for 32x32 images: the usual CIFAR variant (kuangliu/pytorch-cifar).
+
+    prep:   conv3x3(64) norm ReLU  (no 7x7 stem, no max-pool)
+    layer1: blocks x BasicBlock(64)
+    layer2: blocks x BasicBlock(128), the first with stride 2 (and a 1x1 projection shortcut)
+    layer3: blocks x BasicBlock(256), stride 2
+    layer4: blocks x BasicBlock(512), stride 2
+    head:   global average pool -> dense(num_classes) (`classifier`), logits unscaled
+
+    `stage_sizes` gives the blocks per stage: (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3)
+    ResNet-34. `width` scales every channel count; `norm` in NORMS; `dtype` is the
+    compute dtype (parameters stay float32). images: float[N, H, W, 3] -> logits
+    float32[N, num_classes]. At 32x32 the stage outputs are 32, 32, 16, 8, 4 pixels wide.
+    """
+
+    num_classes: int = 10
+    width: float = 1.0
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+    stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+    logit_scale: float = 1.0
+
+    STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3", "layer4")
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        if self.norm not in NORMS:
+            raise JaxresError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
+        x = jnp.asarray(images, self.dtype)
+        # prep is ResNet-9's stem too: conv3x3 norm ReLU, output perturbed for Grad-CAM
+        x = ResidualStage(channels(64), residual=False, pool=False, norm=self.norm, dtype=self.dtype, name="prep")(
+            x, train
+        )
+        for index, (blocks, features) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
+            x = ResNetStage(
+                channels(features),
+                blocks,
+                stride=1 if index == 0 else 2,
+                norm=self.norm,
+                dtype=self.dtype,
+                name=f"layer{index + 1}",
+            )(x, train)
+        return classifier_head(self, x, pooling="avg")
+
+
+class ResNet18(ResNet):
+    """ResNet-18 for 32x32 images: 11,173,962 parameters for 10 classes at width 1."""
+
+    stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+
+
+class ResNet34(ResNet):
+    """ResNet-34 for 32x32 images: 21,282,122 parameters for 10 classes at width 1."""
+
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+
+
+MODELS = {"custom_resnet": CustomResNet, "resnet18": ResNet18, "resnet34": ResNet34}
 
 
 def create_model(
