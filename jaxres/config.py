@@ -21,6 +21,7 @@ from jaxres.errors import JaxresError
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
 TTA_MODES = ("none", "flip", "flip_translate")
+MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TrainConfig:
     # Model
     model: str = "custom_resnet"
     width: float = 1.0  # scales every channel count
-    norm: str = "batch"  # batch | group | layer
+    norm: str = "batch"  # batch | group | layer | ghost_batch
     # Optimisation
     epochs: int = 24
     batch_size: int = 512
@@ -48,6 +49,8 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout_size: int = 8  # 0 disables cutout
+    mix: str = "none"  # none | ricap | mixup | cutmix: label-mixing augmentation
+    mix_alpha: float | None = None  # RICAP's beta / mixup's and CutMix's alpha; None: the method's default
     # Evaluation
     tta: str = "none"  # none | flip | flip_translate: test-time augmentation (mean of logits)
     # Precision
@@ -108,6 +111,10 @@ def validate(config: TrainConfig) -> None:
         raise JaxresError(
             f"unknown epoch_loop {config.epoch_loop!r}; choose one of {', '.join(EPOCH_LOOPS)}"
         )
+    if config.mix not in MIX_METHODS:
+        raise JaxresError(f"unknown mix {config.mix!r}; choose one of {', '.join(MIX_METHODS)}")
+    if config.mix_alpha is not None and not config.mix_alpha > 0:
+        raise JaxresError(f"mix_alpha must be positive, got {config.mix_alpha}")
     if config.tta not in TTA_MODES:
         raise JaxresError(f"unknown tta {config.tta!r}; choose one of {', '.join(TTA_MODES)}")
     if not config.width > 0:

@@ -153,6 +153,12 @@ def train_step(
     and BatchNorm statistics as they were, and backs the loss scale off.
     """
     images = augment.augment_batch(key, images, config.crop_padding, config.flip, config.cutout_size)
+    targets = None
+    if config.mix != "none":  # soft labels mixed by area (RICAP, CutMix) or weight (mixup)
+        num_classes = model.num_classes
+        images, targets = augment.mix_batch(
+            jax.random.fold_in(key, 1), images, jax.nn.one_hot(labels, num_classes), config.mix, config.mix_alpha
+        )
     inputs = augment.normalize(images)
     if batch_sharding is not None:
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
@@ -165,7 +171,11 @@ def train_step(
             train=True,
             mutable=["batch_stats"],
         )
-        loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
+        if targets is None:
+            loss = smoothed_cross_entropy(logits, labels, config.label_smoothing)
+        else:
+            smoothed = optax.smooth_labels(targets, config.label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, smoothed).mean()
         return loss * scale, (loss, logits, updates["batch_stats"])
 
     grads, (loss, logits, batch_stats) = jax.grad(scaled_loss, has_aux=True)(state.params)
@@ -185,7 +195,9 @@ def train_step(
         loss_scale = state.loss_scale
 
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state, loss_scale)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    # with mixing, a prediction is right when it names the label with the largest share
+    reference = labels if targets is None else jnp.argmax(targets, -1)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == reference)
     return new_state, {"loss": loss, "accuracy": accuracy, "finite": finite}
 
 
@@ -734,6 +746,8 @@ FLAG_HELP = {
     "crop_padding": "pad-and-random-crop padding in pixels (0 disables)",
     "flip": "random horizontal flips",
     "cutout_size": "side of the cutout square in pixels (0 disables)",
+    "mix": "label-mixing augmentation: none, ricap (Takahashi et al. 2018), mixup or cutmix",
+    "mix_alpha": "RICAP's beta, or mixup's / CutMix's alpha (default: 0.3 for ricap, 1.0 otherwise)",
     "precision": "compute precision: fp32, bf16, or fp16 with dynamic loss scaling",
     "initial_loss_scale": "fp16 only: the initial dynamic loss scale",
     "loss_scale_growth_interval": "fp16 only: finite steps before the loss scale doubles",

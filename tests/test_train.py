@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxres import checkpoint, precision, train
@@ -413,3 +414,25 @@ def test_evaluate_in_steps_and_scan_modes_agree_and_count_every_image(finished_r
     np.testing.assert_array_equal(results["steps"]["predictions"], results["scan"]["predictions"])
     assert results["steps"]["accuracy"] == pytest.approx(np.mean(results["steps"]["predictions"] == dataset.test.labels))
     assert results["steps"]["loss"] == pytest.approx(results["scan"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mix", ["ricap", "cutmix"])
+def test_mixing_step_trains_on_mixed_soft_labels(mix):
+    """A step with label mixing runs, is finite, and its loss is the cross-entropy against
+    the mixed soft labels (not the hard ones)."""
+    config = TrainConfig(width=0.0625, batch_size=8, epochs=1, peak_epoch=0, mix=mix, crop_padding=0, flip=False, cutout_size=0)
+    model = train.build_model(config, num_classes=4)
+    optimizer, _ = train.make_optimizer(config, steps_per_epoch=10)
+    state = train.init_train_state(config, model, optimizer, jax.random.PRNGKey(0), (32, 32, 3))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    labels = jnp.arange(8) % 4
+    key = jax.random.PRNGKey(3)
+    new_state, metrics = train.train_step(state, images, labels, key, model=model, optimizer=optimizer, config=config)
+    assert bool(metrics["finite"])
+    from jaxres import augment
+
+    mixed, targets = augment.mix_batch(jax.random.fold_in(key, 1), images, jax.nn.one_hot(labels, 4), mix)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, _ = model.apply(variables, augment.normalize(mixed), train=True, mutable=["batch_stats"])
+    expected = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, 0.2)).mean()
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
