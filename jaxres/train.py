@@ -737,7 +737,8 @@ FLAG_HELP = {
     "norm": f"normalisation layer: {', '.join(models.NORMS)}",
     "epochs": "number of epochs",
     "batch_size": "training batch size (a multiple of the device count)",
-    "peak_lr": "peak learning rate of the one-cycle schedule",
+    "peak_lr": "peak learning rate of the one-cycle schedule (also --max-lr); 'auto' runs the LR range "
+    "test (jaxres.lr_find) on a fresh model first and uses its suggestion",
     "peak_epoch": "epoch at which the LR peaks (default: 5/24 of the run, i.e. 5 of 24)",
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum",
@@ -770,6 +771,14 @@ def _optional(kind):
     return parse
 
 
+def _float_or_auto(text: str):
+    return AUTO if text.lower() == AUTO else float(text)
+
+
+_float_or_auto.__name__ = "float or 'auto'"
+AUTO = "auto"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jaxres.train",
@@ -786,7 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=FLAG_HELP[field.name])
             continue
         parse = _optional(kind) if type(None) in typing.get_args(hint) else kind
-        parser.add_argument(flag, type=parse, default=None, metavar=field.name.upper(), help=FLAG_HELP[field.name])
+        flags = [flag]
+        if field.name == "peak_lr":  # the one-cycle schedule's maximum: --max-lr is the same flag
+            flags.append("--max-lr")
+            parse = _float_or_auto
+        parser.add_argument(*flags, type=parse, default=None, metavar=field.name.upper(), help=FLAG_HELP[field.name])
     for field in dataclasses.fields(TrainConfig):  # show the recipe's defaults in --help
         action = next(a for a in parser._actions if a.dest == field.name)
         action.help = f"{action.help} (default: {field.default})"
@@ -805,15 +818,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The config the flags ask for: flags given, else the saved config when resuming, else defaults."""
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The config the flags ask for: flags given, else the saved config when resuming, else defaults.
+
+    Also says whether the peak LR is still to be found by the range test (`--peak-lr auto`);
+    when resuming, the saved run's peak LR stands (it was found, or given, when the run began).
+    """
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    auto_lr = given.get("peak_lr") == AUTO
+    if auto_lr:
+        del given["peak_lr"]
     workdir = given.get("workdir", TrainConfig.workdir)
     saved_path = Path(workdir) / checkpoint.CONFIG_NAME
     if args.resume and saved_path.is_file():
         saved = dataclasses.asdict(TrainConfig.load(saved_path))
-        return TrainConfig.from_dict({**saved, **given, "workdir": workdir})
-    return TrainConfig.from_dict(given)
+        return TrainConfig.from_dict({**saved, **given, "workdir": workdir}), False
+    return TrainConfig.from_dict(given), auto_lr
+
+
+def find_peak_lr(config: TrainConfig, dataset, log: Callable[[str], None] = print) -> TrainConfig:
+    """`config` with the peak LR the LR range test suggests for it (`--peak-lr auto`).
+
+    The sweep (jaxres.lr_find.range_test_for_config, its default range and steps) starts
+    from the same initial model as the run; its plot is written to WORKDIR/lr_find.png.
+    """
+    from jaxres import lr_find
+    from jaxres.plots import save_figure
+
+    result = lr_find.range_test_for_config(config, dataset)
+    if jax.process_index() == 0:
+        workdir = Path(config.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_figure(lr_find.plot_lr_range(result), workdir / "lr_find.png")
+    log(
+        f"LR range test: lowest smoothed loss at LR {result.min_loss_lr:.3g}; "
+        f"peak LR set to {result.suggested_lr:.4g} (plot: {Path(config.workdir) / 'lr_find.png'})"
+    )
+    return dataclasses.replace(config, peak_lr=float(result.suggested_lr))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -821,11 +862,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-        config = config_from_args(args)
+        config, auto_lr = config_from_args(args)
         is_main = jax.process_index() == 0
-        result = train_and_evaluate(
-            config, resume=args.resume, progress=args.progress, log=print if is_main else (lambda _: None)
-        )
+        log = print if is_main else (lambda _: None)
+        dataset = None
+        if auto_lr:
+            if not args.resume and checkpoint.checkpoint_path(Path(config.workdir)).is_file():
+                raise JaxresError(
+                    f"{config.workdir} already holds a checkpoint; pass --resume to continue it "
+                    "(with its saved peak LR), or choose another --workdir"
+                )
+            progress = sys.stderr.isatty() if args.progress is None else args.progress
+            dataset = load_data(config, progress=progress and is_main)
+            config = find_peak_lr(config, dataset, log)
+        result = train_and_evaluate(config, resume=args.resume, dataset=dataset, progress=args.progress, log=log)
     except JaxresError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,412 @@
+"""The LR range test (Smith 2017, "Cyclical learning rates"): a peak LR for the one-cycle schedule.
+
+    result = lr_range_test(model, variables, images, labels, key=key)
+    result.suggested_lr                 # the peak LR to train with
+    figure = plot_lr_range(result)      # smoothed loss against LR (log x), suggestion marked
+
+From a fresh model, train for up to `steps` steps with the training optimizer (SGD with
+Nesterov momentum and coupled weight decay, label-smoothed cross-entropy, BatchNorm in
+training mode) while the LR grows exponentially from `min_lr` to `max_lr`; record the loss
+of every step, smooth it with a bias-corrected exponential moving average, and stop once
+the smoothed loss exceeds `divergence_factor` times its best value (or is not finite).
+
+The suggestion: the LR at the minimum of the smoothed loss, divided by
+`suggestion_divisor` (10), clipped to the swept range. Why this rule: at the minimum the
+steps are already large enough to start undoing progress, and the moving average lags
+(with smoothing 0.98 it averages about 50 steps, a quarter of a 200-step sweep, i.e. more
+than a decade of LR), so the minimum is recorded at a larger LR than where the loss
+actually turned; one order of magnitude below it is the LR that still descends fast and
+stays stable, which is what a one-cycle peak wants (the fastai `lr_min` rule and
+Gugger's one-cycle advice). The steepest-slope rule is the usual alternative, but it
+differentiates a noisy curve and, on short sweeps, jumps between distant LRs from seed
+to seed; the minimum is robust. If the loss is still falling at `max_lr`
+(`still_falling_at_the_end`), the minimum only reflects `max_lr`: sweep wider. The data
+are not augmented (normalised images only).
+
+No `lax.scan` over the steps: XLA:CPU runs convolutions inside loops many times slower
+(jax-ml/jax#12868), and the host must watch for divergence anyway, so this is a host
+loop of one jitted step (one device; the data stay on it).
+
+Command line: `python -m jaxres.lr_find --data cifar10 --model custom_resnet --out lr_find.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxres import augment, models
+from jaxres.config import TrainConfig
+from jaxres.errors import JaxresError
+
+
+class LRFindResult(NamedTuple):
+    """The outcome of `lr_range_test`, on the host.
+
+    lrs: float64[S], the LR of each step taken (S <= steps); losses: float64[S], each
+    step's training loss (before its update); smoothed_losses: float64[S], their
+    bias-corrected EMA (`smooth_losses`); suggested_lr: the peak LR to use
+    (`suggest_lr`); min_loss_lr: the LR where the smoothed loss was lowest;
+    stopped_early: the sweep stopped before `steps` (diverged or not finite).
+    """
+
+    lrs: np.ndarray
+    losses: np.ndarray
+    smoothed_losses: np.ndarray
+    suggested_lr: float
+    min_loss_lr: float
+    stopped_early: bool
+
+    def to_dict(self) -> dict:
+        """JSON-ready: lists of floats and scalars."""
+        return {
+            "lrs": [float(x) for x in self.lrs],
+            "losses": [float(x) for x in self.losses],
+            "smoothed_losses": [float(x) for x in self.smoothed_losses],
+            "suggested_lr": float(self.suggested_lr),
+            "min_loss_lr": float(self.min_loss_lr),
+            "stopped_early": bool(self.stopped_early),
+        }
+
+
+def exponential_lrs(min_lr: float, max_lr: float, steps: int) -> np.ndarray:
+    """float64[steps]: min_lr * (max_lr / min_lr) ** (i / (steps - 1)), from min_lr to max_lr."""
+    return min_lr * (max_lr / min_lr) ** (np.arange(steps) / max(steps - 1, 1))
+
+
+def smooth_losses(losses, smoothing: float = 0.98) -> np.ndarray:
+    """Bias-corrected exponential moving average.  float[S] -> float64[S].
+
+    average_i = smoothing * average_{i-1} + (1 - smoothing) * loss_i (average_{-1} = 0);
+    smoothed_i = average_i / (1 - smoothing ** (i + 1)), so smoothed_0 = loss_0.
+    """
+    losses = np.asarray(losses, np.float64)
+    smoothed = np.empty_like(losses)
+    average = 0.0
+    for i, loss in enumerate(losses):
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed[i] = average / (1 - smoothing ** (i + 1))
+    return smoothed
+
+
+def suggest_lr(lrs, smoothed_losses, divisor: float = 10.0) -> float:
+    """The LR of the lowest smoothed loss divided by `divisor`, clipped to [lrs[0], lrs[-1]]
+    (the rule and its reasons: see the module docstring)."""
+    lrs = np.asarray(lrs, np.float64)
+    best = int(np.argmin(smoothed_losses))
+    return float(np.clip(lrs[best] / divisor, lrs[0], lrs[-1]))
+
+
+def still_falling_at_the_end(result: LRFindResult) -> bool:
+    """True when the sweep ended without the loss turning up: its minimum is in the last 5%
+    of the steps and it did not stop early. Then the minimum (and the suggestion) only
+    reflect `max_lr`, and a wider sweep is needed."""
+    count = len(result.smoothed_losses)
+    return not result.stopped_early and int(np.argmin(result.smoothed_losses)) >= count - max(1, count // 20)
+
+
+def _check_arguments(images, labels, min_lr, max_lr, steps, batch_size, smoothing, divergence_factor, divisor):
+    if not 0 < min_lr < max_lr:
+        raise JaxresError(f"the LR range needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if steps < 2:
+        raise JaxresError(f"the LR range test needs at least 2 steps, got {steps}")
+    if not 0 <= smoothing < 1:
+        raise JaxresError(f"smoothing must lie in [0, 1), got {smoothing}")
+    if not divergence_factor > 1:
+        raise JaxresError(f"divergence_factor must be greater than 1, got {divergence_factor}")
+    if not divisor >= 1:
+        raise JaxresError(f"suggestion_divisor must be at least 1, got {divisor}")
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[-1] != 3:
+        raise JaxresError(f"images must be [N, H, W, 3] pixel values, got shape {shape}")
+    if tuple(np.shape(labels)) != shape[:1]:
+        raise JaxresError(f"labels must be [{shape[0]}] class indices, got shape {tuple(np.shape(labels))}")
+    if not 1 <= batch_size <= shape[0]:
+        raise JaxresError(f"batch_size must lie in [1, {shape[0]}] (the number of images), got {batch_size}")
+
+
+def lr_range_test(
+    model,
+    variables,
+    images,
+    labels,
+    *,
+    key: jax.Array,
+    min_lr: float = 1e-4,
+    max_lr: float = 10.0,
+    steps: int = 200,
+    batch_size: int = 512,
+    smoothing: float = 0.98,
+    divergence_factor: float = 4.0,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.2,
+    suggestion_divisor: float = 10.0,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> LRFindResult:
+    """Run the LR range test on `model` from `variables` (left unchanged) and suggest a peak LR.
+
+    images: uint8 (or float in [0, 255])[N, H, W, 3] pixel values, normalised here as in
+    training, not augmented; labels: int[N]. Each step takes `batch_size` images (random
+    order, reshuffled every pass, from `key`) and one SGD step at LR
+    `exponential_lrs(min_lr, max_lr, steps)[i]`, with the training optimizer
+    (`momentum`, `nesterov`, coupled `weight_decay`) and loss (`label_smoothing`).
+    Stops early once the smoothed loss exceeds `divergence_factor` x its minimum or the
+    loss is not finite (that step is not recorded). `progress(step, lr, loss)`, if given,
+    is called on the host after each recorded step. Returns an `LRFindResult`.
+    Raises JaxresError for impossible arguments.
+    """
+    _check_arguments(images, labels, min_lr, max_lr, steps, batch_size, smoothing, divergence_factor, suggestion_divisor)
+    lrs = exponential_lrs(min_lr, max_lr, steps)
+    step = functools.partial(
+        _range_test_step,
+        model=model,
+        momentum=float(momentum),
+        nesterov=bool(nesterov),
+        weight_decay=float(weight_decay),
+        label_smoothing=float(label_smoothing),
+    )
+    images = jnp.asarray(images)
+    labels = jnp.asarray(labels, jnp.int32)
+    # copies, so that the step can donate them and the caller's variables stay intact
+    params = jax.tree_util.tree_map(jnp.array, variables["params"])
+    batch_stats = jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {}))
+    opt_state = _optimizer(momentum, nesterov, weight_decay).init(params)
+
+    num_images = images.shape[0]
+    batches_per_pass = num_images // batch_size
+    recorded, order = [], None
+    average, best, stopped_early = 0.0, math.inf, False
+    for i in range(steps):
+        position = i % batches_per_pass
+        if position == 0:
+            order = jax.random.permutation(jax.random.fold_in(key, i // batches_per_pass), num_images)
+        indices = order[position * batch_size : (position + 1) * batch_size]
+        params, batch_stats, opt_state, loss = step(
+            params, batch_stats, opt_state, images[indices], labels[indices], jnp.float32(lrs[i])
+        )
+        loss = float(loss)
+        if not math.isfinite(loss):
+            stopped_early = True
+            break
+        recorded.append(loss)
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (i + 1))
+        if progress is not None:
+            progress(i, float(lrs[i]), loss)
+        if smoothed > divergence_factor * best:
+            stopped_early = i < steps - 1
+            break
+        best = min(best, smoothed)
+
+    if not recorded:
+        raise JaxresError(f"the loss was not finite at the first step (LR {min_lr:g}); lower --min-lr")
+    losses = np.asarray(recorded, np.float64)
+    smoothed_losses = smooth_losses(losses, smoothing)
+    taken = lrs[: len(losses)]
+    return LRFindResult(
+        lrs=taken,
+        losses=losses,
+        smoothed_losses=smoothed_losses,
+        suggested_lr=suggest_lr(taken, smoothed_losses, suggestion_divisor),
+        min_loss_lr=float(taken[int(np.argmin(smoothed_losses))]),
+        stopped_early=stopped_early,
+    )
+
+
+def _optimizer(momentum: float, nesterov: bool, weight_decay: float) -> optax.GradientTransformation:
+    """The training optimizer (train.make_optimizer) without its LR: coupled weight decay, then
+    (Nesterov) momentum; the step multiplies by -lr, as optax.sgd's last stage does."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=nesterov))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "momentum", "nesterov", "weight_decay", "label_smoothing"),
+    donate_argnums=(0, 1, 2),
+)
+def _range_test_step(
+    params, batch_stats, opt_state, images, labels, lr, *, model, momentum, nesterov, weight_decay, label_smoothing
+):
+    """One SGD step at LR `lr` on a batch; returns the new (params, batch_stats, opt_state) and
+    the batch's loss before the step.  images: uint8[B, H, W, 3]; labels: int32[B]; lr: float32[].
+    Compiled once per (model, hyperparameters, batch shape), shared by every sweep."""
+    inputs = augment.normalize(images)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, model.num_classes), label_smoothing)
+
+    def loss_fn(params):
+        collections = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+        logits, updates = model.apply(collections, inputs, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, updates.get("batch_stats", batch_stats)
+
+    (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = _optimizer(momentum, nesterov, weight_decay).update(grads, opt_state, params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+    return params, new_batch_stats, opt_state, loss
+
+
+# --------------------------------------------------------------------------- from a training config
+
+
+def range_test_for_config(
+    config: TrainConfig,
+    dataset,
+    *,
+    min_lr: float = 1e-4,
+    max_lr: float = 10.0,
+    steps: int = 200,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> LRFindResult:
+    """The LR range test for the run `config` describes, on `dataset` (a jaxres.data.Dataset).
+
+    Uses the config's model, width, norm, batch size, train subset, momentum, Nesterov,
+    weight decay and label smoothing, and the model the run would start from (the same
+    init key from `config.seed`); images are normalised, not augmented. Precision: bf16
+    runs in bf16, fp16 in fp32 (no loss scaling here), fp32 in fp32.
+    """
+    from jaxres import train  # the trainer imports this module lazily too
+
+    if config.precision == "fp16":
+        config = dataclasses.replace(config, precision="fp32")
+    indices = train.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
+    images, labels = dataset.train.images[indices], dataset.train.labels[indices].astype(np.int32)
+    model = train.build_model(config, len(dataset.class_names))
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
+    variables = models.init_variables(model, init_key, images.shape[1:])
+    return lr_range_test(
+        model,
+        variables,
+        images,
+        labels,
+        key=jax.random.fold_in(data_key, 0x1F),
+        min_lr=min_lr,
+        max_lr=max_lr,
+        steps=steps,
+        batch_size=config.batch_size,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        progress=progress,
+    )
+
+
+def suggest_peak_lr(config: TrainConfig, dataset, **options: Any) -> float:
+    """The peak LR suggested by the range test for `config` on `dataset` (for `--peak-lr auto`).
+    `options` go to `range_test_for_config` (min_lr, max_lr, steps, progress)."""
+    return range_test_for_config(config, dataset, **options).suggested_lr
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot_lr_range(result: LRFindResult):
+    """Loss (raw and smoothed) against LR on a log axis, the minimum and the suggestion marked."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    axes.plot(result.lrs, result.losses, color="0.7", linewidth=0.8, label="loss per step")
+    axes.plot(result.lrs, result.smoothed_losses, color="C0", linewidth=2, label="smoothed loss")
+    best = int(np.argmin(result.smoothed_losses))
+    axes.plot([result.lrs[best]], [result.smoothed_losses[best]], "o", color="C1", label=f"minimum at LR {result.min_loss_lr:.3g}")
+    axes.axvline(result.suggested_lr, color="C3", linestyle="--", label=f"suggested peak LR {result.suggested_lr:.3g}")
+    axes.set_xscale("log")
+    # from the lowest loss to a little above the start: spikes of the diverging end are cut
+    low = min(np.min(result.losses), np.min(result.smoothed_losses))
+    high = max(np.max(result.smoothed_losses[: best + 1]), result.losses[0])
+    margin = 0.05 * (high - low) + 1e-6
+    axes.set_ylim(low - margin, high + 3 * margin)
+    title = "LR range test" + (" (stopped: loss diverged)" if result.stopped_early else "")
+    axes.set(xlabel="learning rate (log scale)", ylabel="training loss", title=title)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxres.lr_find",
+        description="LR range test: train briefly with an exponentially growing LR and suggest the "
+        "peak LR of the one-cycle schedule (the LR of the lowest smoothed loss / 10).",
+    )
+    parser.add_argument("--data", default=defaults.data, help="dataset, as for jaxres.train (default: %(default)s)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-array cache (as for jaxres.train)")
+    parser.add_argument("--train-subset", type=int, default=None, help="use this many training images only")
+    parser.add_argument("--model", default=defaults.model, help=f"{', '.join(sorted(models.MODELS))} (default: %(default)s)")
+    parser.add_argument("--width", type=float, default=defaults.width, help="channel width multiplier (default: %(default)s)")
+    parser.add_argument("--norm", default=defaults.norm, help=f"{', '.join(models.NORMS)} (default: %(default)s)")
+    parser.add_argument("--precision", default=defaults.precision, help="fp32 | bf16 (fp16 runs as fp32) (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="(default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default: %(default)s)")
+    parser.add_argument("--min-lr", type=float, default=1e-4, help="first LR (default: %(default)s)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    parser.add_argument("--out", default="lr_find.png", help="the plot (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from jaxres import data
+        from jaxres.plots import save_figure
+
+        if args.norm not in models.NORMS:
+            raise JaxresError(f"unknown norm {args.norm!r}; choose one of {', '.join(models.NORMS)}")
+        if args.model not in models.MODELS:
+            raise JaxresError(f"unknown model {args.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
+        config = TrainConfig(
+            data=args.data,
+            cache_dir=args.cache_dir,
+            train_subset=args.train_subset,
+            model=args.model,
+            width=args.width,
+            norm=args.norm,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            label_smoothing=args.label_smoothing,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+        )
+        dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=sys.stderr.isatty())
+        result = range_test_for_config(config, dataset, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
+        path = save_figure(plot_lr_range(result), args.out)
+    except JaxresError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ending = "stopped when the loss diverged" if result.stopped_early else "ran all steps"
+    print(
+        f"swept LR {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} in {len(result.lrs)} steps ({ending}); "
+        f"lowest smoothed loss {result.smoothed_losses.min():.4f} at LR {result.min_loss_lr:.3g}"
+    )
+    print(f"suggested peak LR: {result.suggested_lr:.4g}  (plot: {path})")
+    if still_falling_at_the_end(result):
+        print(
+            "warning: the smoothed loss was still falling at the largest LR; the suggestion may be too low "
+            "(try a larger --max-lr)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
