@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import jaxres  # noqa: F401  (first, so its XLA:CPU default applies before any JAX computation)
+
 CIFAR10_JPEG_PATH = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
 
 
