@@ -1,0 +1,219 @@
+"""What both sides of the benchmarks share: statistics, the worker protocol, the machine record.
+
+Nothing here imports jax or torch (the orchestrator stays light, and each worker imports
+only its own framework).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+RESULTS_DIR = REPO_ROOT / "results"
+SCRATCH_DIR = RESULTS_DIR / "tmp"  # git-ignored: worker logs, shared weights, profiles
+MARKER = "@@bench "  # prefix of the protocol lines a worker writes to its stdout
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "jax-cuda12-plugin", "jax-cuda13-plugin", "psutil")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """{median, min, max, n, values} of a non-empty list of numbers."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("summarize needs at least one value")
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
+
+
+def pairwise_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """[a_i / b_i]: the ratio of each pair of alternating runs (repeat i of A against repeat i of B)."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"pairwise ratios need as many runs on each side, got {len(numerators)} and {len(denominators)}")
+    if any(b <= 0 for b in denominators):
+        raise ValueError("pairwise ratios need positive denominators")
+    return [float(a) / float(b) for a, b in zip(numerators, denominators)]
+
+
+def ratio_summary(numerators: Sequence[float], denominators: Sequence[float]) -> dict:
+    """Median and min-max of the pair-by-pair ratios (not the ratio of the medians)."""
+    return summarize(pairwise_ratios(numerators, denominators))
+
+
+def throughputs(measurements: Sequence[dict]) -> list[float]:
+    """images / seconds of each measurement ({images, seconds})."""
+    return [m["images"] / m["seconds"] for m in measurements]
+
+
+def train_subset_indices(count: int, subset: int | None, seed: int) -> "list[int] | Any":
+    """Indices of the training images to use: all, or `subset` of them drawn with `seed`, sorted.
+
+    The same rule as `jaxres.train.select_train_subset` (NumPy only, so the PyTorch
+    worker needs no jax): returns a NumPy int array.
+    """
+    import numpy as np
+
+    if subset is None or subset >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).permutation(count)[:subset])
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- worker protocol
+
+
+def protocol_stream() -> TextIO:
+    """The worker's channel to the orchestrator: the original stdout. Everything else that
+    writes to fd 1 afterwards (libraries, C code) is sent to stderr instead."""
+    sys.stdout.flush()
+    stream = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return stream
+
+
+def emit(stream: TextIO, message: dict) -> None:
+    stream.write(MARKER + json.dumps(message) + "\n")
+    stream.flush()
+
+
+def parse_message(line: str) -> dict | None:
+    """The message on a protocol line, or None for any other line."""
+    if not line.startswith(MARKER):
+        return None
+    return json.loads(line[len(MARKER) :])
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def thread_environment(threads: int, base: dict | None = None) -> dict:
+    """Environment giving a worker `threads` compute threads in either framework.
+
+    OpenMP/MKL (PyTorch's CPU kernels) read OMP_NUM_THREADS / MKL_NUM_THREADS; XLA:CPU's
+    intra-op pool reads `intra_op_parallelism_threads` in XLA_FLAGS. The worker also pins
+    itself to `threads` cores and calls torch.set_num_threads.
+    """
+    env = dict(os.environ if base is None else base)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(("intra_op_parallelism_threads", "--xla_cpu_multi_thread_eigen"))]
+    flags += ["--xla_cpu_multi_thread_eigen=true", f"intra_op_parallelism_threads={threads}"]
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def pin_to_cores(threads: int) -> list[int]:
+    """Restrict this process to the first `threads` of its allowed cores; returns them."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return []
+    chosen = allowed[: max(1, threads)]
+    if len(chosen) < len(allowed):
+        os.sched_setaffinity(0, chosen)
+    return chosen
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- machine record
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> list[dict]:
+    """[{name, memory_total, driver}] from nvidia-smi, or [] without an NVIDIA GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            gpus.append({"name": parts[0], "memory_total": parts[1], "driver": parts[2]})
+    return gpus
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(root: Path = REPO_ROOT) -> dict:
+    """{commit, dirty} of the working tree (None when git is unavailable)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout
+        return {"commit": commit, "dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def memory_total_gib() -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        return None
+
+
+def machine_record() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cores_available": available_cores(),
+        "memory_gib": memory_total_gib(),
+        "gpus": gpu_info(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
