@@ -1,0 +1,365 @@
+"""The benchmark suite's own tests (small sizes): same model and recipe on both sides, the
+weights round trip, the statistics and ratio arithmetic, the report rendering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from benchmarks import common, report, run, torch_train  # noqa: E402
+from benchmarks.torch_reference import CustomResNet as TorchResNet  # noqa: E402
+
+WIDTH = 0.0625
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torch_model_with_random_statistics(seed: int = 0, width: float = WIDTH):
+    """A PyTorch CustomResNet with non-trivial BatchNorm affines and running statistics."""
+    torch.manual_seed(seed)
+    model = TorchResNet(width=width)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var") or (name.endswith("norm.weight")):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean") or name.endswith("norm.bias"):
+                tensor.normal_(0.0, 0.2)
+    return model
+
+
+def images_uint8(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- same model, same recipe
+
+
+def test_both_sides_build_the_same_model():
+    import jax
+
+    from jaxres import augment, convert, train
+    from jaxres.config import TrainConfig
+    from jaxres.models import count_params
+
+    torch_model = torch_model_with_random_statistics().eval()
+    config = TrainConfig(width=WIDTH)
+    flax_model = train.build_model(config, num_classes=10)
+    variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
+    assert count_params(variables["params"]) == sum(p.numel() for p in torch_model.parameters())
+
+    images = images_uint8(16)
+    recipe = torch_train.Recipe(width=WIDTH, channels_last=True)
+    torch_model = torch_model.to(memory_format=torch.channels_last)
+    inputs = torch_train.to_model_input(torch_train.normalize(torch.from_numpy(images).permute(0, 3, 1, 2)), recipe)
+    with torch.no_grad():
+        expected = torch_model(inputs).numpy()
+    got = np.asarray(jax.jit(lambda v, x: flax_model.apply(v, augment.normalize(x), train=False))(variables, images))
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+    # the two normalisations agree too
+    np.testing.assert_allclose(
+        inputs.permute(0, 2, 3, 1).numpy(), np.asarray(augment.normalize(images)), atol=1e-5
+    )
+
+
+def test_weights_round_trip_through_the_shared_npz(tmp_path):
+    from jaxres import convert, train
+    from jaxres.config import TrainConfig
+
+    from benchmarks import worker_torch
+
+    arrays = {"train_images": images_uint8(1024)}
+    args = SimpleNamespace(seed=3, width=WIDTH, norm="batch", weights=str(tmp_path / "w.npz"))
+    state = worker_torch.make_weights(args, arrays)
+    loaded = worker_torch.load_weights(args.weights)
+    assert set(loaded) == set(state)
+    assert float(np.abs(loaded["prep.conv_block.norm.running_mean"]).max()) > 0  # calibrated, not the fresh zeros
+    model = train.build_model(TrainConfig(width=WIDTH), num_classes=10)
+    back = convert.flax_to_torch(convert.torch_to_flax(loaded, model), model)
+    assert set(back) == set(loaded)
+    for name, array in loaded.items():
+        if name.endswith("num_batches_tracked"):
+            continue  # exported as 0 by design
+        np.testing.assert_array_equal(back[name], array, err_msg=name)
+    fresh = TorchResNet(width=WIDTH)
+    fresh.load_state_dict({k: torch.as_tensor(v) for k, v in back.items()}, strict=True)
+
+
+@pytest.mark.slow
+def test_two_training_steps_match_jaxres():
+    """Same weights, same batch, no augmentation: the PyTorch recipe (SGD Nesterov, coupled
+    weight decay, label smoothing, one-cycle LR per step, BatchNorm momentum) and
+    jaxres.train.train_step give the same parameters and running statistics."""
+    import jax
+
+    from jaxres import augment, convert, train
+    from jaxres.config import TrainConfig
+
+    steps_per_epoch, epochs = 2, 2  # peak at step round(5/24 * 2 * 2) = 1: the 2nd step has LR peak_lr
+    torch_model = torch_model_with_random_statistics(seed=1)
+    config = TrainConfig(width=WIDTH, epochs=epochs, batch_size=32, crop_padding=0, flip=False, cutout_size=0)
+    flax_model = train.build_model(config, num_classes=10)
+    variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
+    optimizer, _ = train.make_optimizer(config, steps_per_epoch)
+    from benchmarks.worker_jax import state_from_weights
+
+    state = state_from_weights(config, optimizer, variables)
+    step = jax.jit(lambda s, x, y: train.train_step(s, x, y, jax.random.PRNGKey(0), model=flax_model, optimizer=optimizer, config=config))
+
+    recipe = torch_train.Recipe(width=WIDTH, epochs=epochs, batch_size=32, channels_last=False)
+    trainer = torch_train.Trainer(torch_model, recipe, steps_per_epoch, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        images = images_uint8(32, seed=10 + index)
+        labels = rng.integers(0, 10, 32).astype(np.int32)
+        state, metrics = step(state, images, labels)
+        inputs = torch_train.normalize(torch.from_numpy(images).permute(0, 3, 1, 2)).contiguous()
+        loss, _ = trainer.step(inputs, torch.from_numpy(labels.astype(np.int64)))
+        np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    assert trainer.step_count == 2
+    got = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats}, flax_model)
+    expected = torch_model.state_dict()
+    moved = 0
+    for name, array in got.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        reference = expected[name].numpy()
+        if name.endswith("running_var"):
+            # PyTorch updates running_var with the unbiased batch variance (x n/(n-1)), Flax with
+            # the biased one: n = 32 x 4 x 4 = 512 values per channel at layer3 here, a 0.2%
+            # difference in the update, ~1e-4 after two steps of momentum 0.1.
+            np.testing.assert_allclose(array, reference, rtol=1e-3, err_msg=name)
+            continue
+        np.testing.assert_allclose(array, reference, atol=2e-5 * max(1.0, np.abs(reference).max()), err_msg=name)
+        moved += not np.allclose(reference, convert.flax_to_torch(variables, flax_model)[name])
+    assert moved > 0  # the second step (LR > 0) changed the weights on both sides
+
+
+def test_one_cycle_schedule_matches_jaxres():
+    from jaxres import train
+
+    for total, peak in [(24, 5), (100, 21), (10, 0), (7, 7)]:
+        schedule = train.one_cycle_lr(0.4, total, peak)
+        for step in range(total + 3):
+            assert torch_train.one_cycle_lr(step, 0.4, total, peak) == pytest.approx(float(schedule(step)), abs=1e-7), (total, peak, step)
+    recipe = torch_train.Recipe(epochs=24)
+    schedule = torch_train.make_schedule(recipe, steps_per_epoch=10)
+    assert schedule(0) == 0.0 and schedule(50) == pytest.approx(0.4) and schedule(240) == 0.0
+
+
+def test_train_subset_matches_jaxres():
+    from jaxres.train import select_train_subset
+
+    labels = np.zeros(1000, np.int32)
+    for subset in (None, 10, 999, 5000):
+        np.testing.assert_array_equal(common.train_subset_indices(1000, subset, seed=4), select_train_subset(labels, subset, 4))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_run(precision):
+    """The AMP code paths (autocast; GradScaler for fp16) that the GPU suite uses, on the CPU."""
+    recipe = torch_train.Recipe(width=WIDTH, batch_size=16, precision=precision, channels_last=True)
+    model = torch_train.build_model(recipe, torch.device("cpu"))
+    trainer = torch_train.Trainer(model, recipe, steps_per_epoch=4, device=torch.device("cpu"), allow_cpu_amp=True)
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    images = torch.from_numpy(images_uint8(64))
+    batches = torch_train.device_batches(images, torch.arange(64) % 10, recipe, torch.Generator().manual_seed(0))
+    metrics = torch_train.train_steps(trainer, batches, 3)
+    assert np.isfinite(metrics["loss"]) and trainer.step_count == 3
+    result = torch_train.evaluate(model, images, torch.arange(64) % 10, recipe)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="GPU only"):
+        torch_train.Trainer(model, recipe, 4, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_device_and_per_sample_augmentations_keep_the_image_and_cut_one_square():
+    images = np.full((64, 32, 32, 3), 255, np.uint8)
+    generator = torch.Generator().manual_seed(0)
+    out = torch_train.augment_batch(torch.from_numpy(images), generator, padding=0, flip=True, cutout=8).numpy()
+    assert out.shape == images.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal((out == 0).all(-1).sum((1, 2)), np.full(64, 64))  # exactly one 8x8 square
+    rng = np.random.default_rng(0)
+    for image in images[:8]:
+        one = torch_train.augment_one(image, rng, padding=0, cutout=8)
+        assert (one == 0).all(-1).sum() == 64
+    # crops shift the content: with padding only, every zero pixel lies in a border band of width <= 4
+    gradient = np.broadcast_to(np.arange(1, 33, dtype=np.uint8)[None, :, None], (32, 32, 3)).copy()
+    shifted = torch_train.augment_batch(torch.from_numpy(np.stack([gradient] * 32)), generator, padding=4, flip=False, cutout=0).numpy()
+    offsets = {int(row[0, 16, 0]) - 17 for row in shifted if row[0, 16, 0] > 0}
+    assert offsets <= set(range(-4, 5)) and len(offsets) > 1
+    flipped = torch_train.augment_batch(torch.from_numpy(np.stack([gradient] * 64)), generator, padding=0, flip=True, cutout=0).numpy()
+    firsts = set(flipped[:, 0, 0, 0].tolist())
+    assert firsts == {1, 32}  # some mirrored, some not
+
+
+def test_loader_batches_are_normalised_chw():
+    images = images_uint8(256)
+    labels = np.arange(256, dtype=np.int32) % 10
+    recipe = torch_train.Recipe(width=WIDTH, batch_size=64, channels_last=True)
+    loader = torch_train.make_loader(images, labels, recipe, num_workers=0, device=torch.device("cpu"))
+    inputs, targets = next(torch_train.loader_batches(loader, recipe, torch.device("cpu")))
+    assert inputs.shape == (64, 3, 32, 32) and inputs.dtype == torch.float32
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    assert targets.dtype == torch.int64
+    assert -2.5 < float(inputs.min()) < -1.5 and 1.5 < float(inputs.max()) < 2.5  # (0 - mean)/std and (255 - mean)/std
+
+
+# --------------------------------------------------------------------------- statistics and ratios
+
+
+def test_summary_and_pairwise_ratio_arithmetic():
+    s = common.summarize([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert common.summarize([1.0, 2.0, 3.0, 10.0])["median"] == 2.5
+    assert common.pairwise_ratios([2, 4, 6], [1, 2, 4]) == [2.0, 2.0, 1.5]
+    r = common.ratio_summary([2, 4, 6], [1, 2, 4])
+    assert (r["median"], r["min"], r["max"], r["n"]) == (2.0, 1.5, 2.0, 3)
+    # the median of pairwise ratios is not the ratio of medians
+    a, b = [10.0, 10.0, 30.0], [5.0, 20.0, 10.0]
+    assert common.ratio_summary(a, b)["median"] == 2.0
+    assert common.summarize(a)["median"] / common.summarize(b)["median"] == 1.0
+    assert common.throughputs([{"images": 512, "seconds": 2.0}, {"images": 100, "seconds": 0.5}]) == [256.0, 200.0]
+    with pytest.raises(ValueError):
+        common.pairwise_ratios([1, 2], [1])
+    with pytest.raises(ValueError):
+        common.pairwise_ratios([1], [0])
+    with pytest.raises(ValueError):
+        common.summarize([])
+
+
+def fake_raw() -> dict:
+    def worker(seconds, first, memory):
+        return {
+            "ready": {"event": "ready", "first_call_seconds": first, "compile_seconds": first - 1},
+            "measurements": [{"event": "measurement", "images": 100, "seconds": s} for s in seconds],
+            "memory": {"event": "finished", "peak_rss_mib": memory},
+        }
+
+    return {"jax": worker([1.0, 2.0, 1.0], 11.0, 300.0), "torch-device": worker([2.0, 2.0, 4.0], 3.0, 200.0)}
+
+
+def test_summarize_workers_ratios_pair_by_pair():
+    workers, ratios, memory = run.summarize_workers(fake_raw(), device="cpu")
+    assert workers["jax"]["throughput"]["values"] == [100.0, 50.0, 100.0]
+    ratio = ratios["jax/torch-device"]
+    assert ratio["values"] == [2.0, 1.0, 4.0] and ratio["median"] == 2.0  # (100/50, 50/50, 100/25)
+    assert memory["jax/torch-device"] == 1.5
+    assert workers["jax"]["first_call_overhead_seconds"] == 10.0  # 11 - median(1, 2, 1)
+    assert workers["torch-device"]["first_call_overhead_seconds"] == 1.0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fake_results() -> dict:
+    workers, ratios, memory = run.summarize_workers(fake_raw(), device="cpu")
+    return {
+        "name": "test",
+        "created": "2026-01-01T00:00:00+00:00",
+        "suite": "cpu",
+        "mode": "quick",
+        "device": "cpu",
+        "plan": {"repeats": 3, "warmup": 2},
+        "machine": {"cpu_model": "Test CPU", "cpu_cores": 2, "cores_available": 2, "memory_gib": 8, "gpus": [],
+                    "python": "3.11", "load_average_at_start": [0.5, 0, 0], "load_average_at_end": [1.5, 0, 0]},
+        "packages": {"jax": "0.1", "torch": "2.0"},
+        "git": {"commit": "0123456789abcdef", "dirty": False},
+        "threads": {"per_worker": 2},
+        "parity": [{"width": 0.25, "images": 64, "max_abs_logit": 1.0, "max_abs_difference": 1e-7, "relative_difference": 1e-7,
+                    "argmax_agreement": 1.0, "cam_max_abs_difference": 2e-6, "passed": True}],
+        "rows": [
+            {"task": "train", "name": "train w0.25 b128 fp32", "setting": {"width": 0.25, "batch": 128, "precision": "fp32", "steps": 6},
+             "workers": workers, "ratios": ratios, "memory_ratios": memory},
+            {"task": "accuracy", "name": "time to accuracy w0.25 2 epochs",
+             "setting": {"width": 0.25, "epochs": 2, "train_subset": 8192, "batch": 512, "precision": "fp32", "target": None},
+             "workers": {f: {"final_accuracy": common.summarize([acc]), "wall_seconds": common.summarize([wall]), "seconds_to_target": [None],
+                             "memory_mib": 100.0, "compile_seconds": 5.0}
+                         for f, acc, wall in (("jax", 0.5, 30.0), ("torch", 0.45, 20.0))},
+             "ratios": {"wall_seconds jax/torch": common.ratio_summary([30.0], [20.0])}},
+            {"task": "gradcam", "name": "gradcam w1", "setting": {"width": 1.0, "gradcam_images": 8, "gradcam_batch": 8}, "skipped": "time budget used up"},
+        ],
+        "notes": ["a note"],
+    }
+
+
+def test_markdown_report_states_ratios_and_machine(tmp_path):
+    results = fake_results()
+    text = report.markdown(results)
+    assert "| train | width 0.25, batch 128, fp32, 6 steps/run | 100 (50.0–100) | 50.0 (25.0–50.0) | tensors on device | **2.00** (1.00–4.00) | – |" in text
+    assert "| width 0.25, 8192 train images, 2 epochs, batch 512, fp32 | 50.00% | 45.00% | 30.0 | 20.0 | 1.50 | – |" in text
+    assert "Test CPU (2 cores" in text and "commit 0123456789ab" in text
+    assert "gradcam w1: time budget used up" in text
+    assert "| train w0.25 b128 fp32 | 300 | tensors on device | 200 | 1.50 |" in text
+    lines = report.ratio_lines(results)
+    assert "- train w0.25 b128 fp32, throughput jax/torch-device: 2.000 (min 1.000, max 4.000, n=3)" in lines
+    assert any(line.startswith("- time to accuracy w0.25 2 epochs, wall_seconds jax/torch: 1.500") for line in lines)
+    section = report.readme_section(results)
+    assert section.startswith("## Results\n") and "python -m benchmarks.run --quick" in section and "Test CPU" in section
+    path = tmp_path / "ratios.png"
+    assert report.plot_ratios(results, path) and path.stat().st_size > 1000
+    assert [e[0] for e in report.chart_entries(results)] == ["train w0.25 b128 fp32 vs device", "time to accuracy w0.25 2 epochs (1 / wall ratio)"]
+    assert report.chart_entries(results)[1][1] == pytest.approx(20.0 / 30.0)
+
+
+def test_report_command_writes_the_readme_section(tmp_path):
+    source = tmp_path / "latest.json"
+    source.write_text(json.dumps(fake_results()))
+    out = tmp_path / "README_results.md"
+    assert report.main([str(source), "--out", str(out)]) == 0
+    assert out.read_text().startswith("## Results")
+    assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+# --------------------------------------------------------------------------- plan and protocol
+
+
+def test_plans():
+    parser = run.build_parser()
+    quick = run.make_plan(parser.parse_args(["--quick", "--suite", "cpu"]))
+    assert (quick.widths, quick.batches, quick.precisions, quick.repeats) == ([0.25], [128], ["fp32"], 5)
+    assert quick.repeats >= 5 and quick.accuracy_subset and quick.accuracy_width == 0.25
+    full = run.make_plan(parser.parse_args(["--suite", "cpu"]))
+    assert (full.widths, full.batches, full.accuracy_subset) == ([0.25, 1.0], [128, 512], None)
+    gpu = run.make_plan(parser.parse_args(["--suite", "gpu"]))
+    assert gpu.precisions == ["fp16", "bf16", "fp32"] and gpu.accuracy_epochs == 24 and gpu.accuracy_target == 0.94
+    assert gpu.budget_seconds and gpu.budget_seconds < 600
+    smoke_on_cpu = run.make_plan(parser.parse_args(["--suite", "gpu", "--device", "cpu", "--smoke"]))
+    assert smoke_on_cpu.precisions == ["fp32"] and smoke_on_cpu.accuracy_precision == "fp32"
+
+
+def test_protocol_lines_round_trip():
+    line = common.MARKER + json.dumps({"event": "ready", "x": 1})
+    assert common.parse_message(line) == {"event": "ready", "x": 1}
+    assert common.parse_message("some library chatter\n") is None
+    env = common.thread_environment(3, {"XLA_FLAGS": "--xla_foo=1 intra_op_parallelism_threads=9"})
+    assert env["OMP_NUM_THREADS"] == "3" and env["XLA_FLAGS"].split() == [
+        "--xla_foo=1", "--xla_cpu_multi_thread_eigen=true", "intra_op_parallelism_threads=3"]
+
+
+def test_gpu_script_dry_run():
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout[out.stdout.index("{"):])
+    assert plan["suite"] == "gpu" and plan["accuracy_epochs"] == 24
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke(tmp_path):
+    """Orchestrator, workers of both frameworks, parity check and outputs, on toy sizes."""
+    code = run.main(["--quick", "--smoke", "--tasks", "parity", "gradcam", "--data", "synthetic", "--out", str(tmp_path), "--no-chart"])
+    assert code == 0
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert results["parity"][0]["passed"]
+    row = results["rows"][0]
+    assert row["task"] == "gradcam" and row["ratios"]["jax/torch"]["n"] == 2
+    assert "other_cpu_cores" in row["workers"]["jax"]  # the contention probe ran
+    assert (tmp_path / "README_results.md").read_text().startswith("## Results")
