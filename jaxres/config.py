@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxres.errors import JaxresError
+from jaxres.models import MODELS, NORMS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
@@ -111,6 +112,10 @@ def validate(config: TrainConfig) -> None:
         raise JaxresError(
             f"unknown epoch_loop {config.epoch_loop!r}; choose one of {', '.join(EPOCH_LOOPS)}"
         )
+    if config.model not in MODELS:
+        raise JaxresError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(MODELS))}")
+    if config.norm not in NORMS:
+        raise JaxresError(f"unknown norm {config.norm!r}; choose one of {', '.join(NORMS)}")
     if config.mix not in MIX_METHODS:
         raise JaxresError(f"unknown mix {config.mix!r}; choose one of {', '.join(MIX_METHODS)}")
     if config.mix_alpha is not None and not config.mix_alpha > 0:

@@ -370,10 +370,6 @@ def main(argv: list[str] | None = None) -> int:
         from jaxres import data
         from jaxres.plots import save_figure
 
-        if args.norm not in models.NORMS:
-            raise JaxresError(f"unknown norm {args.norm!r}; choose one of {', '.join(models.NORMS)}")
-        if args.model not in models.MODELS:
-            raise JaxresError(f"unknown model {args.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
         config = TrainConfig(
             data=args.data,
             cache_dir=args.cache_dir,

@@ -103,3 +103,12 @@ def test_unknown_names_raise_clear_errors():
         models.create_model("vgg")
     with pytest.raises(JaxresError, match="width must be positive"):
         models.create_model(width=0)
+
+
+def test_config_names_an_unknown_model_or_norm_before_anything_runs():
+    from jaxres.config import TrainConfig
+
+    with pytest.raises(JaxresError, match="unknown model 'vgg'.*custom_resnet, resnet18, resnet34"):
+        TrainConfig(model="vgg")
+    with pytest.raises(JaxresError, match="unknown norm 'instance'.*ghost_batch"):
+        TrainConfig(norm="instance")
