@@ -1,9 +1,11 @@
-"""Fixture writers shared by several test files: fake official CIFAR-10 archives and tars."""
+"""Fixture writers shared by several test files: fake official CIFAR-10 archives, tars, and a
+loopback address where nothing listens."""
 
 from __future__ import annotations
 
 import io
 import pickle
+import socket
 import tarfile
 from pathlib import Path
 
@@ -80,3 +82,10 @@ def write_official_tar(path: Path, batches: dict[str, dict]) -> Path:
     """A fake cifar-10-python.tar.gz at `path` holding `batches` (see `official_batches`)."""
     return write_tar(path, official_tar_entries(batches))
 
+
+def unused_loopback_url(path: str = "/cifar-10-python.tar.gz") -> str:
+    """An http://127.0.0.1 address on a port nothing listens on (connections are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"

@@ -19,6 +19,7 @@ from jaxres.errors import JaxresError
 from tests.helpers import (
     check_official_dataset,
     official_batches,
+    unused_loopback_url,
     write_official_folder,
     write_official_tar,
     write_tar,
@@ -226,20 +227,37 @@ def test_official_pickle_may_not_run_code(tmp_path):
 # tensorflow-datasets (offline: only the error paths and the record conversion)
 
 
+def assert_names_tfds_and_download_failure(message: str, tfds_dir: Path, url: str) -> None:
+    """The 'cifar10' error must say how to prepare TFDS, that the fallback download failed and
+    why, and which local copies work instead."""
+    assert str(tfds_dir) in message and "pip install tensorflow" in message
+    assert "file_format='array_record'" in message
+    assert f"download of {url} failed: " in message and "Connection refused" in message
+    assert "--data PATH" in message and "path/to/cifar-10-python.tar.gz" in message
+    assert "cifar10-jpeg.tar.gz" in message and "'shapes'" in message
+
+
 def test_tfds_not_prepared_without_tensorflow(tmp_path, monkeypatch):
-    pytest.importorskip("tensorflow_datasets")
+    """Not prepared, no TensorFlow: the official archive is tried; when its server is down, the
+    error names both ways."""
+    url = unused_loopback_url()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("JAXRES_CIFAR10_URL", url)
     monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
     with pytest.raises(JaxresError) as error:
         load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
     message = str(error.value)
-    assert str(tmp_path / "tfds") in message and "pip install tensorflow" in message
-    assert "file_format='array_record'" in message and "cifar10-jpeg.tar.gz" in message
+    assert f"CIFAR-10 is not prepared for tensorflow-datasets in {tmp_path / 'tfds'}" in message
+    assert_names_tfds_and_download_failure(message, tmp_path / "tfds", url)
+    assert list((tmp_path / "cache" / "downloads").iterdir()) == []
 
 
 def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):
+    """TensorFlow present but tfds cannot download: the official archive is tried next."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    url = unused_loopback_url()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("JAXRES_CIFAR10_URL", url)
     monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
 
     def offline_data_source(name, *, download, **kwargs):
@@ -248,8 +266,12 @@ def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr(tfds, "data_source", offline_data_source)
-    with pytest.raises(JaxresError, match=r"could not download.*network"):
+    with pytest.raises(JaxresError) as error:
         load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
+    message = str(error.value)
+    assert "could not download and prepare CIFAR-10" in message and "Failed to resolve www.cs.toronto.edu" in message
+    assert "is the network reachable?" in message
+    assert_names_tfds_and_download_failure(message, tmp_path / "tfds", url)
 
 
 def test_tfds_records_to_arrays(tmp_path, monkeypatch):
@@ -264,6 +286,9 @@ def test_tfds_records_to_arrays(tmp_path, monkeypatch):
         return {"train": records, "test": records[:2]}
 
     monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    prepared = tmp_path / "tfds" / "cifar10" / "3.0.2"  # the fake stands for a prepared copy: its files exist
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
     dataset = load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
     assert calls == [("cifar10", False, str(tmp_path / "tfds"), {"file_format": "array_record"})]
     np.testing.assert_array_equal(dataset.train.images, images)
