@@ -89,3 +89,8 @@ def unused_loopback_url(path: str = "/cifar-10-python.tar.gz") -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}{path}"
+
+
+def files_under(folder: Path) -> list[str]:
+    """The paths of the files below `folder`, relative to it, sorted ([] when it does not exist)."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())

@@ -18,6 +18,7 @@ from jaxres.data import CIFAR10_CLASSES, SHAPES_CLASSES, Dataset, Split, load_da
 from jaxres.errors import JaxresError
 from tests.helpers import (
     check_official_dataset,
+    files_under,
     official_batches,
     unused_loopback_url,
     write_official_folder,
@@ -249,7 +250,7 @@ def test_tfds_not_prepared_without_tensorflow(tmp_path, monkeypatch):
     message = str(error.value)
     assert f"CIFAR-10 is not prepared for tensorflow-datasets in {tmp_path / 'tfds'}" in message
     assert_names_tfds_and_download_failure(message, tmp_path / "tfds", url)
-    assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+    assert files_under(tmp_path / "cache") == []
 
 
 def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):

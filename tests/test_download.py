@@ -6,15 +6,15 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
-from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxres import data
 from jaxres.data import load_dataset
 from jaxres.download import download_file
 from jaxres.errors import JaxresError
-from tests.helpers import check_official_dataset, official_batches, write_official_tar
+from tests.helpers import check_official_dataset, files_under, official_batches, write_official_tar
 
 
 class ArchiveServer(http.server.ThreadingHTTPServer):
@@ -95,10 +95,6 @@ def cifar10_from_server(server, archive_bytes, tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def files_under(folder: Path) -> list[str]:
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
-
-
 def test_cifar10_downloads_verifies_and_decodes_once(cifar10_from_server, server, archive_bytes, batches):
     cache_dir = cifar10_from_server
     dataset = load_dataset("cifar10", cache_dir=cache_dir, progress=False)
@@ -159,3 +155,16 @@ def test_download_file_replaces_atomically_and_shows_progress(server, archive_by
     assert download_file(server.url, destination, md5, progress=True) == destination
     assert destination.read_bytes() == archive_bytes and files_under(tmp_path / "out") == ["file.tar.gz"]
     assert "downloading file.tar.gz" in capsys.readouterr().err
+
+
+def test_prepared_tfds_copy_comes_first(cifar10_from_server, server, tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    prepared = tmp_path / "tfds" / "cifar10" / "3.0.2"
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
+    image = np.zeros((32, 32, 3), np.uint8)
+    records = {split: [{"image": image, "label": 7}] for split in ("train", "test")}
+    monkeypatch.setattr(tfds, "data_source", lambda name, *, download, **kwargs: records)
+    dataset = load_dataset("cifar10", cache_dir=cifar10_from_server, progress=False)
+    assert dataset.source.startswith("tensorflow-datasets cifar10") and dataset.class_names == data.CIFAR10_CLASSES
+    assert server.requests == 0 and files_under(cifar10_from_server / "downloads") == []
