@@ -3,7 +3,10 @@
 `load_dataset(source)` accepts
 
 * ``"cifar10"``: tensorflow-datasets' copy, read with ``tfds.data_source`` (array_record, no
-  TensorFlow needed to read; preparing it once needs TensorFlow and the network).
+  TensorFlow needed to read; preparing it once needs TensorFlow and the network). When it is
+  not prepared and TensorFlow is absent (or preparing fails), the official python archive is
+  downloaded instead from `CIFAR10_ARCHIVE_URL` ($JAXRES_CIFAR10_URL overrides it, e.g. for a
+  mirror), MD5-verified, into ``<cache folder>/downloads/`` once, and read as below.
 * a path to the official CIFAR-10 python archive: ``cifar-10-python.tar.gz`` or the extracted
   ``cifar-10-batches-py/`` folder (or the folder holding it).
 * an image-folder tree ``ROOT/train/<class>/*.png|jpg`` and ``ROOT/test/<class>/*``, or a folder
@@ -50,6 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from jaxres.download import download_file
 from jaxres.errors import JaxresError
 
 CIFAR10_CLASSES: tuple[str, ...] = (
@@ -75,6 +79,11 @@ OFFICIAL_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 OFFICIAL_TEST_FILE = "test_batch"
 OFFICIAL_META_FILE = "batches.meta"
 OFFICIAL_FOLDER = "cifar-10-batches-py"
+# The official archive where its authors publish it (torchvision and TFDS fetch the same file).
+CIFAR10_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_URL_VARIABLE = "JAXRES_CIFAR10_URL"  # environment variable overriding the address
+DOWNLOADS_FOLDER = "downloads"  # inside the cache folder
 
 CACHE_FORMAT_VERSION = 1
 DECODE_CHUNK_SIZE = 500  # images per task sent to a decoding worker
@@ -83,7 +92,7 @@ MIN_ARCHIVE_BYTES_FOR_WORKERS = 4 << 20  # the same for tar archives, whose imag
 MAX_DECODE_WORKERS = 8
 
 ACCEPTED_SOURCES = (
-    "'cifar10' (tensorflow-datasets), 'shapes' (synthetic), or a path to: the official "
+    "'cifar10' (tensorflow-datasets, else the official archive downloaded once), 'shapes' (synthetic), or a path to: the official "
     "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ folder; an image folder "
     "ROOT/train/<class>/*.png|jpg + ROOT/test/<class>/*; a .tar/.tar.gz/.tgz holding such folders"
 )
@@ -153,7 +162,7 @@ def load_dataset(source: str, cache_dir: str | os.PathLike | None = None, *, pro
     if source == "shapes":
         return make_shapes()
     if source == "cifar10":
-        return _load_tfds_cifar10(cache_dir, show_progress)
+        return _load_cifar10(cache_dir, show_progress)
     path = pathlib.Path(source).expanduser()
     if not path.exists():
         raise JaxresError(f"dataset source {source!r} not found: no such file or folder. Accepted: {ACCEPTED_SOURCES}")
@@ -170,8 +179,7 @@ def load_dataset(source: str, cache_dir: str | os.PathLike | None = None, *, pro
         loader = functools.partial(_load_image_tree, root, entries, show_progress)
         return _cached(cache_dir, "folder-" + path.name, fingerprint, loader)
     if path.is_file() and tarfile.is_tarfile(path):
-        loader = functools.partial(_load_tar, path, show_progress)
-        return _cached(cache_dir, "tar-" + path.name, _files_fingerprint([path]), loader)
+        return _load_cached_tar(path, cache_dir, show_progress)
     raise JaxresError(
         f"unrecognised dataset source {source!r} (not a folder or a tar archive). Accepted: {ACCEPTED_SOURCES}"
     )
@@ -522,6 +530,12 @@ def _member_parts(name: str) -> tuple[str, ...]:
     return tuple(part for part in name.split("/") if part not in ("", "."))
 
 
+def _load_cached_tar(path: pathlib.Path, cache_dir: pathlib.Path, show_progress: bool) -> Dataset:
+    """A tar archive's Dataset through the decoded-array cache (keyed by the archive's size and mtime)."""
+    loader = functools.partial(_load_tar, path, show_progress)
+    return _cached(cache_dir, "tar-" + path.name, _files_fingerprint([path]), loader)
+
+
 def _load_tar(path: pathlib.Path, show_progress: bool) -> Dataset:
     """Loads a tar archive holding an image tree or the official CIFAR-10 python batches."""
     contents = _read_archive_bytes(path)
@@ -724,12 +738,12 @@ def _tfds_data_dir() -> pathlib.Path:
 
 def _tfds_prepare_instructions(data_dir: pathlib.Path) -> str:
     return (
-        "Preparing it needs TensorFlow and the network, once:\n"
+        "To use tensorflow-datasets instead, prepare it once (needs TensorFlow and the network):\n"
         "    pip install tensorflow importlib_resources\n"
         '    python -c "import tensorflow_datasets as tfds; '
         f"tfds.builder('cifar10', data_dir='{data_dir}', file_format='array_record').download_and_prepare()\"\n"
-        "(or just load_dataset('cifar10') again once TensorFlow is installed). Without network, use a local copy: "
-        "a path to cifar-10-python.tar.gz, to an image folder or a .tar.gz of one "
+        "(or just load_dataset('cifar10') again once TensorFlow is installed). Without network, use a local copy "
+        "(--data PATH, or load_dataset(PATH)): path/to/cifar-10-python.tar.gz, an image folder or a .tar.gz of one "
         "(e.g. ../shared/data/cifar10-jpeg.tar.gz), "
         "or 'shapes'"
     )
@@ -739,39 +753,94 @@ def _tensorflow_installed() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
+class _TfdsUnavailable(JaxresError):
+    """tensorflow-datasets cannot give CIFAR-10 here (not installed, not prepared, not preparable)."""
+
+
 def _tfds_cifar10_sources(data_dir: pathlib.Path) -> dict:
     """{'train': records, 'test': records} from `tfds.data_source`, preparing the dataset when
-    TensorFlow is available. Raises JaxresError with instructions when it cannot."""
+    TensorFlow is available. Raises _TfdsUnavailable saying why when it cannot."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        message = f"source 'cifar10' needs tensorflow-datasets ({err}): pip install tensorflow-datasets"
-        raise JaxresError(message) from None
+        message = f"source 'cifar10' needs tensorflow-datasets ({err}): pip install tensorflow-datasets."
+        raise _TfdsUnavailable(message) from None
     arguments = dict(data_dir=str(data_dir), builder_kwargs={"file_format": "array_record"})
     try:
         sources = tfds.data_source("cifar10", download=False, **arguments)
     except NotImplementedError as err:  # prepared, but as TFRecord: no random access
-        raise JaxresError(
+        raise _TfdsUnavailable(
             f"CIFAR-10 in {data_dir} is prepared in a format tfds.data_source cannot read ({err}). "
-            "Prepare it again in array_record format (in another folder, e.g. via $TFDS_DATA_DIR). "
-            + _tfds_prepare_instructions(data_dir)
+            "Prepare it again in array_record format (in another folder, e.g. via $TFDS_DATA_DIR)."
         ) from None
     if all(split in sources for split in SPLIT_NAMES):
         return sources
     if not _tensorflow_installed():
-        raise JaxresError(
-            f"CIFAR-10 is not prepared for tensorflow-datasets in {data_dir} "
-            "(set $TFDS_DATA_DIR to use another folder). "
-            + _tfds_prepare_instructions(data_dir)
-        )
+        raise _TfdsUnavailable(_tfds_not_prepared_reason(data_dir))
     try:
         sources = tfds.data_source("cifar10", download=True, **arguments)
     except (OSError, ImportError) as err:  # requests' ConnectionError is an OSError
-        raise JaxresError(
-            f"could not download and prepare CIFAR-10 into {data_dir} ({type(err).__name__}: {err}); "
-            "is the network reachable? " + _tfds_prepare_instructions(data_dir)
+        raise _TfdsUnavailable(
+            f"tensorflow-datasets could not download and prepare CIFAR-10 into {data_dir} "
+            f"({type(err).__name__}: {err}); is the network reachable?"
         ) from err
     return sources
+
+
+def _tfds_not_prepared_reason(data_dir: pathlib.Path) -> str:
+    return (
+        f"CIFAR-10 is not prepared for tensorflow-datasets in {data_dir} (set $TFDS_DATA_DIR to use another "
+        "folder) and TensorFlow, needed to prepare it, is not installed."
+    )
+
+
+def _tfds_prepared_files(data_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files under `data_dir`/cifar10, sorted (empty when nothing is prepared there)."""
+    prepared_dir = data_dir / "cifar10"
+    return sorted(path for path in prepared_dir.rglob("*") if path.is_file()) if prepared_dir.is_dir() else []
+
+
+def cifar10_archive_url() -> str:
+    """Where the `cifar10` fallback downloads the official archive: $JAXRES_CIFAR10_URL, else
+    `CIFAR10_ARCHIVE_URL`. The file there must be the official one (its MD5 is checked)."""
+    return os.environ.get(CIFAR10_URL_VARIABLE) or CIFAR10_ARCHIVE_URL
+
+
+def _downloaded_cifar10_archive(cache_dir: pathlib.Path, show_progress: bool) -> pathlib.Path:
+    """The official archive in `cache_dir`/downloads/, downloaded and MD5-verified when absent.
+
+    A file there was verified before it was put in place (`download_file` is atomic), so an
+    existing one is used as it is.
+    """
+    archive = cache_dir / DOWNLOADS_FOLDER / "cifar-10-python.tar.gz"
+    if not archive.is_file():
+        download_file(cifar10_archive_url(), archive, CIFAR10_ARCHIVE_MD5, progress=show_progress)
+    return archive
+
+
+def _load_cifar10(cache_dir: pathlib.Path, show_progress: bool) -> Dataset:
+    """CIFAR-10 for source 'cifar10': tensorflow-datasets when it is prepared or TensorFlow can
+    prepare it, else (or when that fails) the official archive, downloaded once into the cache.
+
+    Raises JaxresError saying why neither worked, how to prepare TFDS and which local copies work.
+    """
+    data_dir = _tfds_data_dir()
+    prepared = _tfds_prepared_files(data_dir)
+    if prepared or _tensorflow_installed():
+        try:
+            return _load_tfds_cifar10(cache_dir, data_dir, prepared, show_progress)
+        except _TfdsUnavailable as err:
+            tfds_reason = str(err)
+    else:  # decided without importing tensorflow_datasets, which takes seconds
+        tfds_reason = _tfds_not_prepared_reason(data_dir)
+    try:
+        archive = _downloaded_cifar10_archive(cache_dir, show_progress)
+    except JaxresError as err:
+        raise JaxresError(
+            f"cannot load source 'cifar10'. {tfds_reason} Falling back to the official archive failed too: {err}.\n"
+            + _tfds_prepare_instructions(data_dir)
+        ) from None
+    return _load_cached_tar(archive, cache_dir, show_progress)
 
 
 def _split_from_records(records: Sequence[dict], split: str, show_progress: bool) -> Split:
@@ -797,19 +866,18 @@ def _split_from_records(records: Sequence[dict], split: str, show_progress: bool
     return Split(images, labels)
 
 
-def _load_tfds_cifar10(cache_dir: pathlib.Path, show_progress: bool) -> Dataset:
-    """CIFAR-10 through tensorflow-datasets; the cache key covers the prepared files, so a cache
-    hit needs no tfds import."""
-    data_dir = _tfds_data_dir()
-    prepared_dir = data_dir / "cifar10"
-    prepared = sorted(path for path in prepared_dir.rglob("*") if path.is_file()) if prepared_dir.is_dir() else []
+def _load_tfds_cifar10(
+    cache_dir: pathlib.Path, data_dir: pathlib.Path, prepared: Sequence[pathlib.Path], show_progress: bool
+) -> Dataset:
+    """CIFAR-10 through tensorflow-datasets in `data_dir` (`prepared`: its files); the cache key
+    covers the prepared files, so a cache hit needs no tfds import."""
 
     def read() -> Dataset:
         sources = _tfds_cifar10_sources(data_dir)
         train, test = (_split_from_records(sources[split], split, show_progress) for split in SPLIT_NAMES)
         return Dataset(train, test, CIFAR10_CLASSES, f"tensorflow-datasets cifar10 in {data_dir}")
 
-    return _cached(cache_dir, "tfds-cifar10", _files_fingerprint([prepared_dir, *prepared]), read)
+    return _cached(cache_dir, "tfds-cifar10", _files_fingerprint([data_dir / "cifar10", *prepared]), read)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import os
 import pickle
 import struct
 import sys
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,15 @@ from PIL import Image
 from jaxres import data
 from jaxres.data import CIFAR10_CLASSES, SHAPES_CLASSES, Dataset, Split, load_dataset, make_shapes
 from jaxres.errors import JaxresError
+from tests.helpers import (
+    check_official_dataset,
+    files_under,
+    official_batches,
+    unused_loopback_url,
+    write_official_folder,
+    write_official_tar,
+    write_tar,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Fixture writers
@@ -89,20 +97,6 @@ def expected_split(split: str, layout=None) -> tuple[np.ndarray, np.ndarray, lis
     return np.stack(images), np.asarray(labels, np.int32), is_png
 
 
-def write_tar(path: Path, entries: list[tuple[str, bytes | None]], mode: str = "w:gz") -> Path:
-    """A tar of (member name, bytes) pairs, in the given order; bytes None = a folder."""
-    with tarfile.open(path, mode) as archive:
-        for name, payload in entries:
-            info = tarfile.TarInfo(name)
-            if payload is None:
-                info.type = tarfile.DIRTYPE
-                archive.addfile(info)
-            else:
-                info.size = len(payload)
-                archive.addfile(info, io.BytesIO(payload))
-    return path
-
-
 def tree_tar_entries(prefix: str, layout=None) -> list[tuple[str, bytes | None]]:
     """Tar entries of a tree under `prefix` ('' or 'name/'), test split first and files reversed,
     so that the loader has to sort them."""
@@ -129,46 +123,6 @@ def check_tree_dataset(dataset: Dataset) -> None:
             else:
                 assert np.abs(got.astype(int) - want).max() <= 3
         assert split.masks is None
-
-
-CIFAR_TEST_CLASSES = [b"plane", b"car", b"bird"]
-
-
-def official_batches(images_per_batch: int = 4) -> dict[str, dict]:
-    """Fake official batches: file name -> dict with bytes keys like the real pickles."""
-    rng = np.random.default_rng(0)
-    batches = {}
-    for index, name in enumerate([*data.OFFICIAL_TRAIN_FILES, "test_batch"]):
-        count = images_per_batch + index % 2
-        batches[name] = {
-            b"batch_label": name.encode(),
-            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-            b"labels": [int(label) for label in rng.integers(0, 3, count)],
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(count)],
-        }
-    batches["batches.meta"] = {b"label_names": CIFAR_TEST_CLASSES, b"num_vis": 3072}
-    return batches
-
-
-def write_official_folder(folder: Path, batches: dict[str, dict]) -> Path:
-    folder.mkdir(parents=True)
-    for name, batch in batches.items():
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    return folder
-
-
-def chw_to_hwc(rows: np.ndarray) -> np.ndarray:
-    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-def check_official_dataset(dataset: Dataset, batches: dict[str, dict]) -> None:
-    assert dataset.class_names == ("plane", "car", "bird")
-    train_files = data.OFFICIAL_TRAIN_FILES
-    want_train = np.concatenate([chw_to_hwc(batches[name][b"data"]) for name in train_files])
-    np.testing.assert_array_equal(dataset.train.images, want_train)
-    np.testing.assert_array_equal(dataset.train.labels, sum((batches[name][b"labels"] for name in train_files), []))
-    np.testing.assert_array_equal(dataset.test.images, chw_to_hwc(batches["test_batch"][b"data"]))
-    assert dataset.train.images.shape[1:] == (32, 32, 3) and dataset.test.labels.dtype == np.int32
 
 
 def python2_batch_pickle(images: np.ndarray, labels: list[int]) -> bytes:
@@ -239,10 +193,7 @@ def test_official_folder_and_parent(tmp_path):
 
 def test_official_tar_gz(tmp_path):
     batches = official_batches()
-    entries = [("cifar-10-batches-py", None)]
-    entries += [(f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2)) for name, batch in batches.items()]
-    entries.insert(3, ("cifar-10-batches-py/readme.html", b"<html></html>"))
-    archive = write_tar(tmp_path / "cifar-10-python.tar.gz", entries)
+    archive = write_official_tar(tmp_path / "cifar-10-python.tar.gz", batches)
     dataset = load_dataset(archive, cache_dir=tmp_path / "cache", progress=False)
     check_official_dataset(dataset, batches)
     assert "official" in dataset.source
@@ -277,20 +228,37 @@ def test_official_pickle_may_not_run_code(tmp_path):
 # tensorflow-datasets (offline: only the error paths and the record conversion)
 
 
+def assert_names_tfds_and_download_failure(message: str, tfds_dir: Path, url: str) -> None:
+    """The 'cifar10' error must say how to prepare TFDS, that the fallback download failed and
+    why, and which local copies work instead."""
+    assert str(tfds_dir) in message and "pip install tensorflow" in message
+    assert "file_format='array_record'" in message
+    assert f"download of {url} failed: " in message and "Connection refused" in message
+    assert "--data PATH" in message and "path/to/cifar-10-python.tar.gz" in message
+    assert "cifar10-jpeg.tar.gz" in message and "'shapes'" in message
+
+
 def test_tfds_not_prepared_without_tensorflow(tmp_path, monkeypatch):
-    pytest.importorskip("tensorflow_datasets")
+    """Not prepared, no TensorFlow: the official archive is tried; when its server is down, the
+    error names both ways."""
+    url = unused_loopback_url()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("JAXRES_CIFAR10_URL", url)
     monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
     with pytest.raises(JaxresError) as error:
         load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
     message = str(error.value)
-    assert str(tmp_path / "tfds") in message and "pip install tensorflow" in message
-    assert "file_format='array_record'" in message and "cifar10-jpeg.tar.gz" in message
+    assert f"CIFAR-10 is not prepared for tensorflow-datasets in {tmp_path / 'tfds'}" in message
+    assert_names_tfds_and_download_failure(message, tmp_path / "tfds", url)
+    assert files_under(tmp_path / "cache") == []
 
 
 def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):
+    """TensorFlow present but tfds cannot download: the official archive is tried next."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    url = unused_loopback_url()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("JAXRES_CIFAR10_URL", url)
     monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
 
     def offline_data_source(name, *, download, **kwargs):
@@ -299,8 +267,12 @@ def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr(tfds, "data_source", offline_data_source)
-    with pytest.raises(JaxresError, match=r"could not download.*network"):
+    with pytest.raises(JaxresError) as error:
         load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
+    message = str(error.value)
+    assert "could not download and prepare CIFAR-10" in message and "Failed to resolve www.cs.toronto.edu" in message
+    assert "is the network reachable?" in message
+    assert_names_tfds_and_download_failure(message, tmp_path / "tfds", url)
 
 
 def test_tfds_records_to_arrays(tmp_path, monkeypatch):
@@ -315,6 +287,9 @@ def test_tfds_records_to_arrays(tmp_path, monkeypatch):
         return {"train": records, "test": records[:2]}
 
     monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    prepared = tmp_path / "tfds" / "cifar10" / "3.0.2"  # the fake stands for a prepared copy: its files exist
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
     dataset = load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
     assert calls == [("cifar10", False, str(tmp_path / "tfds"), {"file_format": "array_record"})]
     np.testing.assert_array_equal(dataset.train.images, images)

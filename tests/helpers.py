@@ -1,0 +1,96 @@
+"""Fixture writers shared by several test files: fake official CIFAR-10 archives, tars, and a
+loopback address where nothing listens."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from jaxres import data
+from jaxres.data import Dataset
+
+
+def write_tar(path: Path, entries: list[tuple[str, bytes | None]], mode: str = "w:gz") -> Path:
+    """A tar of (member name, bytes) pairs, in the given order; bytes None = a folder."""
+    with tarfile.open(path, mode) as archive:
+        for name, payload in entries:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+CIFAR_TEST_CLASSES = [b"plane", b"car", b"bird"]
+
+
+def official_batches(images_per_batch: int = 4) -> dict[str, dict]:
+    """Fake official batches: file name -> dict with bytes keys like the real pickles."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    for index, name in enumerate([*data.OFFICIAL_TRAIN_FILES, "test_batch"]):
+        count = images_per_batch + index % 2
+        batches[name] = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            b"labels": [int(label) for label in rng.integers(0, 3, count)],
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(count)],
+        }
+    batches["batches.meta"] = {b"label_names": CIFAR_TEST_CLASSES, b"num_vis": 3072}
+    return batches
+
+
+def write_official_folder(folder: Path, batches: dict[str, dict]) -> Path:
+    folder.mkdir(parents=True)
+    for name, batch in batches.items():
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def chw_to_hwc(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def check_official_dataset(dataset: Dataset, batches: dict[str, dict]) -> None:
+    assert dataset.class_names == ("plane", "car", "bird")
+    train_files = data.OFFICIAL_TRAIN_FILES
+    want_train = np.concatenate([chw_to_hwc(batches[name][b"data"]) for name in train_files])
+    np.testing.assert_array_equal(dataset.train.images, want_train)
+    np.testing.assert_array_equal(dataset.train.labels, sum((batches[name][b"labels"] for name in train_files), []))
+    np.testing.assert_array_equal(dataset.test.images, chw_to_hwc(batches["test_batch"][b"data"]))
+    assert dataset.train.images.shape[1:] == (32, 32, 3) and dataset.test.labels.dtype == np.int32
+
+
+def official_tar_entries(batches: dict[str, dict]) -> list[tuple[str, bytes | None]]:
+    """`write_tar` entries laid out like the real cifar-10-python.tar.gz: the folder, its
+    pickled batches, and a readme.html among them (which the reader must skip)."""
+    entries = [(data.OFFICIAL_FOLDER, None)]
+    entries += [(f"{data.OFFICIAL_FOLDER}/{name}", pickle.dumps(batch, protocol=2)) for name, batch in batches.items()]
+    entries.insert(3, (f"{data.OFFICIAL_FOLDER}/readme.html", b"<html></html>"))
+    return entries
+
+
+def write_official_tar(path: Path, batches: dict[str, dict]) -> Path:
+    """A fake cifar-10-python.tar.gz at `path` holding `batches` (see `official_batches`)."""
+    return write_tar(path, official_tar_entries(batches))
+
+
+def unused_loopback_url(path: str = "/cifar-10-python.tar.gz") -> str:
+    """An http://127.0.0.1 address on a port nothing listens on (connections are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def files_under(folder: Path) -> list[str]:
+    """The paths of the files below `folder`, relative to it, sorted ([] when it does not exist)."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
