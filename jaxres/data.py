@@ -53,6 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from jaxres import runtime
 from jaxres.download import download_file
 from jaxres.errors import JaxresError
 
@@ -146,7 +147,7 @@ class Dataset:
 
 def default_cache_dir() -> pathlib.Path:
     """The folder for decoded-array caches: $JAXRES_CACHE, else ~/.cache/jaxres."""
-    return pathlib.Path(os.environ.get("JAXRES_CACHE") or "~/.cache/jaxres").expanduser()
+    return runtime.cache_root()
 
 
 def load_dataset(source: str, cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Dataset:

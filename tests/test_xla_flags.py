@@ -1,37 +1,71 @@
-"""JAXRES_FAST_CPU=1 switches XLA:CPU's YNNPACK fusions off (see jaxres/__init__.py), without
-overriding a user's own setting; without it XLA_FLAGS is left as it was."""
+"""The XLA/JAX defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions off on CPU and
+the persistent compilation cache on; a user's own setting wins; JAXRES_XLA_DEFAULTS=0 turns
+both off."""
 
+import json
 import os
 import subprocess
 import sys
 
-import jaxres
+from jaxres import runtime
 
-SHOW_FLAGS = "import jaxres, os; print(os.environ.get('XLA_FLAGS', ''))"
-
-
-def flags_after_import(**env_changes) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXRES_FAST_CPU")}
-    env.update(env_changes)
-    done = subprocess.run([sys.executable, "-c", SHOW_FLAGS], env=env, capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+SHOW = (
+    "import jaxres, os, json, jax; "
+    "print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''), 'cache': jax.config.jax_compilation_cache_dir}))"
+)
+OWN_VARIABLES = ("XLA_FLAGS", "JAXRES_XLA_DEFAULTS", "JAXRES_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def test_by_default_importing_jaxres_leaves_xla_flags_alone():
-    assert flags_after_import() == ""
-    assert flags_after_import(XLA_FLAGS="--xla_force_host_platform_device_count=2") == (
-        "--xla_force_host_platform_device_count=2"
+def after_import(tmp_path, code=SHOW, **env_changes) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in OWN_VARIABLES}
+    env.update({"JAXRES_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu", **env_changes})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_by_default_the_ynn_fusions_are_off_and_the_users_flags_kept(tmp_path):
+    assert after_import(tmp_path)["flags"] == YNN_OFF
+    flags = after_import(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")["flags"]
+    assert flags.split() == ["--xla_force_host_platform_device_count=2", YNN_OFF]
+
+
+def test_a_users_own_ynn_setting_is_left_alone(tmp_path):
+    own = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"
+    assert after_import(tmp_path, XLA_FLAGS=own)["flags"] == own
+    assert runtime.with_cpu_flags("--xla_cpu_experimental_ynn_fusion_type") == "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_the_compilation_cache_lives_in_the_jaxres_cache_unless_told_otherwise(tmp_path):
+    cache = after_import(tmp_path)["cache"]
+    assert cache.startswith(str(tmp_path / "cache" / "compiled" / "jaxlib-"))
+    assert after_import(tmp_path, JAXRES_COMPILATION_CACHE="0")["cache"] in (None, "")
+    assert after_import(tmp_path, JAXRES_COMPILATION_CACHE=str(tmp_path / "mine"))["cache"] == str(tmp_path / "mine")
+    assert after_import(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "theirs"))["cache"] == str(tmp_path / "theirs")
+
+
+def test_jaxres_xla_defaults_0_turns_every_default_off(tmp_path):
+    report = after_import(tmp_path, JAXRES_XLA_DEFAULTS="0", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert report == {"flags": "--xla_force_host_platform_device_count=2", "cache": None}
+
+
+def test_imported_after_jax_it_still_sets_the_cache(tmp_path):
+    code = "import jax, jaxres, json; print(json.dumps({'cache': jax.config.jax_compilation_cache_dir}))"
+    assert after_import(tmp_path, code)["cache"].startswith(str(tmp_path / "cache" / "compiled"))
+
+
+def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
+    """The first process compiles and writes the cache; the second finds it (JAX counts the hits)."""
+    code = (
+        "import jaxres, jax, jax.numpy as jnp, json\n"
+        "from jax import monitoring\n"
+        "hits = []\n"
+        "monitoring.register_event_listener(lambda event, **kw: hits.append(event) if 'cache_hits' in event else None)\n"
+        "f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)\n"
+        "f(jnp.ones((64, 64))).block_until_ready()\n"
+        "print(json.dumps({'hits': len(hits)}))\n"
     )
-
-
-def test_fast_cpu_adds_the_flag_and_keeps_the_users_flags():
-    assert flags_after_import(JAXRES_FAST_CPU="1") == jaxres.CPU_XLA_FLAG
-    assert flags_after_import(JAXRES_FAST_CPU="1", XLA_FLAGS="--xla_force_host_platform_device_count=2").split() == [
-        "--xla_force_host_platform_device_count=2",
-        jaxres.CPU_XLA_FLAG,
-    ]
-
-
-def test_a_users_own_ynn_setting_is_left_alone():
-    own = "--xla_cpu_experimental_ynn_fusion_type=invalid_but_untouched"
-    assert flags_after_import(JAXRES_FAST_CPU="1", XLA_FLAGS=own) == own
+    first = after_import(tmp_path, code, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    second = after_import(tmp_path, code, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    assert first["hits"] == 0 and second["hits"] >= 1
+    assert any((tmp_path / "cache" / "compiled").rglob("*")), "the first process wrote nothing"
