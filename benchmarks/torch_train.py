@@ -299,7 +299,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             logits = self.forward(inputs)
-            loss = self.criterion(logits.float(), labels)
+            # the loss in float32 under autocast (float64 models, used by the parity tests, keep float64)
+            loss = self.criterion(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

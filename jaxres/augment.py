@@ -14,14 +14,15 @@ from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # per channel, on the [0, 1] 
 from jaxres.errors import JaxresError
 
 
-def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> jax.Array:
-    """Pixels in [0, 255] -> (x / 255 - mean) / std.
+def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=jnp.float32) -> jax.Array:
+    """Pixels in [0, 255] -> (x / 255 - mean) / std, computed in `dtype`.
 
-    images: uint8 or float[..., 3] -> float32[..., 3].
+    images: uint8 or float[..., 3] -> dtype[..., 3] (float32; float64 for the float64 models
+    of the numerical reference tests).
     """
-    mean = jnp.asarray(mean, jnp.float32) * 255.0
-    inverse_std = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
-    return (jnp.asarray(images, jnp.float32) - mean) * inverse_std
+    mean = jnp.asarray(mean, dtype) * 255.0
+    inverse_std = 1.0 / (jnp.asarray(std, dtype) * 255.0)
+    return (jnp.asarray(images, dtype) - mean) * inverse_std
 
 
 def random_crop(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:

@@ -160,7 +160,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], model) -> dict:
 def flax_to_torch(variables: Mapping[str, Any], model, tensors: bool = False) -> dict[str, Any]:
     """Flax `{"params", ["batch_stats"]}` of `model` -> a PyTorch `state_dict` of its twin.
 
-    Returns name -> float32 NumPy array (C-contiguous), plus `num_batches_tracked = 0`
+    Returns name -> float32 NumPy array (C-contiguous; float64 variables stay float64, for
+    numerical reference checks), plus `num_batches_tracked = 0`
     (int64) for every BatchNorm layer. With `tensors=True`, torch tensors instead
     (imports torch), ready for `module.load_state_dict`. Other collections in
     `variables` (e.g. `perturbations`) are ignored.
@@ -192,7 +193,8 @@ def flax_to_torch(variables: Mapping[str, Any], model, tensors: bool = False) ->
                 f"variable {collection}/{'/'.join(path)} has shape {tuple(array.shape)}, "
                 f"but the model needs {tuple(leaf.shape)}"
             )
-        state_dict[name] = np.ascontiguousarray(_to_torch_layout(array, path[-1]), dtype=np.float32)
+        dtype = np.float64 if array.dtype == np.float64 else np.float32
+        state_dict[name] = np.ascontiguousarray(_to_torch_layout(array, path[-1]), dtype=dtype)
     for module in sorted(batch_norm_modules):
         state_dict[f"{module}.{NUM_BATCHES_TRACKED}"] = np.zeros((), np.int64)
     if tensors:

@@ -249,7 +249,9 @@ def classifier_head(module: nn.Module, features, pooling: str = "max") -> jax.Ar
         bias_init=torch_default_bias_init(fan_in),
         name="classifier",
     )(pooled)
-    return logits.astype(jnp.float32) * module.logit_scale
+    # float32 logits for every low-precision policy (float64 models, used by the numerical
+    # reference tests, keep float64)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) * module.logit_scale
 
 
 class BasicBlock(nn.Module):

@@ -159,7 +159,7 @@ def train_step(
         images, targets = augment.mix_batch(
             jax.random.fold_in(key, 1), images, jax.nn.one_hot(labels, num_classes), config.mix, config.mix_alpha
         )
-    inputs = augment.normalize(images)
+    inputs = augment.normalize(images, dtype=jnp.promote_types(model.dtype, jnp.float32))
     if batch_sharding is not None:
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
     scale = state.loss_scale.scale

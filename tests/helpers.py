@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxres import data
-from jaxres.data import Dataset
+from jaxres.config import TrainConfig
+from jaxres.data import Dataset, Split
 
 
 def write_tar(path: Path, entries: list[tuple[str, bytes | None]], mode: str = "w:gz") -> Path:
@@ -94,3 +95,30 @@ def unused_loopback_url(path: str = "/cifar-10-python.tar.gz") -> str:
 def files_under(folder: Path) -> list[str]:
     """The paths of the files below `folder`, relative to it, sorted ([] when it does not exist)."""
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+# --------------------------------------------------------------------------- tiny training runs
+
+
+def random_dataset(num_train: int = 128, num_test: int = 40, seed: int = 0) -> Dataset:
+    """Random uint8 images with random labels of 4 classes: the cheapest data to train on."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, n).astype(np.int32))
+
+    return Dataset(split(num_train), split(num_test), ("a", "b", "c", "d"), "random test images")
+
+
+def tiny_config(workdir, **overrides) -> TrainConfig:
+    """A run that trains in seconds: width 1/16, 2 epochs of batches of 32."""
+    values = dict(
+        width=0.0625, epochs=2, batch_size=32, eval_batch_size=20, peak_lr=0.2, workdir=str(workdir),
+        misclassified_to_plot=4,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet(_):
+    """A `log` that prints nothing."""

@@ -92,20 +92,24 @@ def test_weights_round_trip_through_the_shared_npz(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_training_steps_match_jaxres():
-    """Same weights, same batch, no augmentation: the PyTorch recipe (SGD Nesterov, coupled
-    weight decay, label smoothing, one-cycle LR per step, BatchNorm momentum) and
-    jaxres.train.train_step give the same parameters and running statistics."""
+def two_training_steps(dtype):
+    """The same two steps from the same weights on the same batches (no augmentation) in
+    PyTorch's recipe and in jaxres.train.train_step, computing in `dtype` (float32 or
+    float64). Returns ([(jaxres loss, torch loss)] per step, jaxres state_dict after the
+    steps, torch state_dict after the steps, the initial state_dict)."""
     import jax
+    import jax.numpy as jnp
 
-    from jaxres import augment, convert, train
+    from jaxres import convert, models, train
     from jaxres.config import TrainConfig
 
     steps_per_epoch, epochs = 2, 2  # peak at step round(5/24 * 2 * 2) = 1: the 2nd step has LR peak_lr
-    torch_model = torch_model_with_random_statistics(seed=1)
+    torch_dtype = {jnp.float32: torch.float32, jnp.float64: torch.float64}[dtype]
+    torch_model = torch_model_with_random_statistics(seed=1).to(torch_dtype)
     config = TrainConfig(width=WIDTH, epochs=epochs, batch_size=32, crop_padding=0, flip=False, cutout_size=0)
-    flax_model = train.build_model(config, num_classes=10)
+    flax_model = models.create_model(config.model, num_classes=10, width=WIDTH, dtype=dtype)
     variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
+    variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), variables)
     optimizer, _ = train.make_optimizer(config, steps_per_epoch)
     from benchmarks.worker_jax import state_from_weights
 
@@ -114,17 +118,46 @@ def test_two_training_steps_match_jaxres():
 
     recipe = torch_train.Recipe(width=WIDTH, epochs=epochs, batch_size=32, channels_last=False)
     trainer = torch_train.Trainer(torch_model, recipe, steps_per_epoch, torch.device("cpu"))
+    schedule = trainer.schedule
+    trainer.schedule = lambda step: float(np.float32(schedule(step)))  # optax evaluates the LR in float32
+    numpy_dtype = np.dtype(dtype)
+    mean = np.asarray(torch_train.CIFAR10_MEAN, numpy_dtype) * 255
+    inverse_std = 1 / (np.asarray(torch_train.CIFAR10_STD, numpy_dtype) * 255)
     rng = np.random.default_rng(0)
+    losses = []
     for index in range(2):
         images = images_uint8(32, seed=10 + index)
         labels = rng.integers(0, 10, 32).astype(np.int32)
         state, metrics = step(state, images, labels)
-        inputs = torch_train.normalize(torch.from_numpy(images).permute(0, 3, 1, 2)).contiguous()
+        # normalised in the compute dtype, as jaxres.augment.normalize does
+        inputs = torch.from_numpy((images.astype(numpy_dtype) - mean) * inverse_std).permute(0, 3, 1, 2).contiguous()
         loss, _ = trainer.step(inputs, torch.from_numpy(labels.astype(np.int64)))
-        np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+        losses.append((float(metrics["loss"]), float(loss)))
     assert trainer.step_count == 2
     got = convert.flax_to_torch({"params": state.params, "batch_stats": state.batch_stats}, flax_model)
-    expected = torch_model.state_dict()
+    return losses, got, torch_model.state_dict(), convert.flax_to_torch(variables, flax_model)
+
+
+def test_two_training_steps_match_jaxres():
+    """Same weights, same batches, no augmentation: the PyTorch recipe (SGD Nesterov, coupled
+    weight decay, label smoothing, one-cycle LR per step, BatchNorm momentum) and
+    jaxres.train.train_step give the same parameters and running statistics.
+
+    Checked in float64, where the two frameworks' different convolution algorithms leave
+    differences of ~1e-15: in float32 these are ~1e-7, and the second step can move an
+    activation across a ReLU or max-pool kink, which changes one gradient entry by a step
+    (seen on an Intel Xeon: a layer1 weight 3.8e-5 apart after two steps) without either
+    side being wrong. In float32 the losses (continuous in the weights) are compared.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    for jaxres_loss, torch_loss in two_training_steps(jnp.float32)[0]:
+        assert jaxres_loss == pytest.approx(torch_loss, rel=1e-5)
+    with jax.enable_x64(True):
+        losses, got, expected, initial = two_training_steps(jnp.float64)
+    for jaxres_loss, torch_loss in losses:
+        assert jaxres_loss == pytest.approx(torch_loss, rel=1e-12)
     moved = 0
     for name, array in got.items():
         if name.endswith("num_batches_tracked"):
@@ -136,8 +169,8 @@ def test_two_training_steps_match_jaxres():
             # difference in the update, ~1e-4 after two steps of momentum 0.1.
             np.testing.assert_allclose(array, reference, rtol=1e-3, err_msg=name)
             continue
-        np.testing.assert_allclose(array, reference, atol=2e-5 * max(1.0, np.abs(reference).max()), err_msg=name)
-        moved += not np.allclose(reference, convert.flax_to_torch(variables, flax_model)[name])
+        np.testing.assert_allclose(array, reference, atol=1e-9 * max(1.0, np.abs(reference).max()), rtol=0, err_msg=name)
+        moved += not np.allclose(reference, initial[name])
     assert moved > 0  # the second step (LR > 0) changed the weights on both sides
 
 

@@ -19,30 +19,9 @@ from jaxres import checkpoint, precision, train
 from jaxres.config import TrainConfig
 from jaxres.data import Dataset, Split
 from jaxres.errors import JaxresError
+from tests.helpers import quiet, random_dataset, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def random_dataset(num_train=128, num_test=40, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        return Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, n).astype(np.int32))
-
-    return Dataset(split(num_train), split(num_test), ("a", "b", "c", "d"), "random test images")
-
-
-def tiny_config(workdir, **overrides) -> TrainConfig:
-    values = dict(
-        width=0.0625, epochs=2, batch_size=32, eval_batch_size=20, peak_lr=0.2, workdir=str(workdir),
-        misclassified_to_plot=4,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def quiet(_):
-    pass
 
 
 # ------------------------------------------------------------------ math against NumPy / by hand
@@ -227,104 +206,6 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         checkpoint.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"], "the temporary file must be cleaned up"
-
-
-# ------------------------------------------------------------------ data parallel
-
-
-MULTI_DEVICE_SCRIPT = textwrap.dedent(
-    """
-    import os, sys, json
-    import jax, numpy as np
-    from jax.sharding import Mesh
-    sys.path.insert(0, {tests!r})
-    from test_train import random_dataset, tiny_config, quiet
-    from jaxres import train
-    assert jax.device_count() == 4, jax.devices()
-    dataset = random_dataset()
-    results = {{}}
-    for devices in (1, 4):
-        mesh = Mesh(np.array(jax.devices()[:devices]), ("batch",))
-        config = tiny_config(os.path.join({tmp!r}, f"devices{{devices}}"), epochs=1, epoch_loop={loop!r})
-        result = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, mesh=mesh, write_plots=False)
-        params = jax.device_get(result.state.params)
-        results[devices] = (params, result.history[-1])
-    flat1 = jax.tree_util.tree_leaves(results[1][0])
-    flat4 = jax.tree_util.tree_leaves(results[4][0])
-    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(flat1, flat4))
-    print(json.dumps({{"max_abs_param_diff": worst, "loss1": results[1][1]["train_loss"], "loss4": results[4][1]["train_loss"]}}))
-    """
-)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("epoch_loop", ["steps", "scan"])
-def test_one_epoch_on_four_devices_matches_one_device(tmp_path, epoch_loop):
-    script = MULTI_DEVICE_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path), loop=epoch_loop)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert result["max_abs_param_diff"] < 1e-4, result
-    assert result["loss1"] == pytest.approx(result["loss4"], rel=1e-4)
-
-
-MULTI_HOST_SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    import jax
-    sys.path.insert(0, {tests!r})
-    from jaxres import train
-    process_id, port = int(sys.argv[1]), sys.argv[2]
-    if process_id >= 0:
-        train.initialize_distributed(f"localhost:{{port}}", 2, process_id)
-    from test_train import random_dataset, tiny_config, quiet
-    name = f"process{{process_id}}" if process_id >= 0 else "single"
-    config = tiny_config(os.path.join({tmp!r}, name), epochs=1)
-    result = train.train_and_evaluate(config, dataset=random_dataset(), progress=False, log=quiet, write_plots=False)
-    print(json.dumps({{"devices": jax.device_count(), "local": jax.local_device_count(),
-                      "loss": result.history[-1]["train_loss"]}}))
-    """
-)
-
-
-def read_checkpoint_leaves(workdir):
-    import flax.serialization
-
-    raw = flax.serialization.msgpack_restore((Path(workdir) / "checkpoint.msgpack").read_bytes())
-    return jax.tree_util.tree_leaves(raw["params"])
-
-
-@pytest.mark.slow
-def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path):
-    """Multi-host through jax.distributed (CPU collectives over gloo): 2 processes x 1 device."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = str(probe.getsockname()[1])
-    script = MULTI_HOST_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    workers = [
-        subprocess.Popen([sys.executable, "-c", script, str(i), port], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outputs = [worker.communicate(timeout=900) for worker in workers]
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
-    assert [(r["devices"], r["local"]) for r in reports] == [(2, 1), (2, 1)]
-    assert reports[0]["loss"] == reports[1]["loss"]
-    assert (tmp_path / "process0" / "checkpoint.msgpack").is_file()
-    assert not (tmp_path / "process1").exists(), "only process 0 writes logs and checkpoints"
-
-    single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    completed = subprocess.run([sys.executable, "-c", script, "-1", port], env=single_env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert json.loads(completed.stdout.strip().splitlines()[-1])["devices"] == 2
-    for multi, single in zip(read_checkpoint_leaves(tmp_path / "process0"), read_checkpoint_leaves(tmp_path / "single")):
-        np.testing.assert_allclose(multi, single, atol=1e-5)
 
 
 # ------------------------------------------------------------------ command line
