@@ -38,7 +38,10 @@ from jaxres.errors import JaxresError
 
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 SCORES = ("probability", "logit")
-_EPSILON = 1e-7  # as pytorch-grad-cam, in the Grad-CAM++ and XGrad-CAM denominators
+# The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
+# (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
+GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
+XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab A_kab + eps
 
 
 # --------------------------------------------------------------------------- checks
@@ -138,15 +141,22 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
     positions (i, j) of the h x w map and Z = h * w:
 
     gradcam   (Selvaraju et al. 2017):  w_k = (1/Z) sum_ij G_kij;        cam = sum_k w_k A_k
-    gradcam++ (Chattopadhay et al. 2018), the closed form for an exponential score
-              (as pytorch-grad-cam): alpha_kij = G^2 / (2 G^2 + (sum_ab A_kab) G^3 + eps),
-              0 where G = 0;  w_k = sum_ij alpha_kij ReLU(G_kij);       cam = sum_k w_k A_k
+    gradcam++ (Chattopadhay et al. 2018, eq. 19), the closed form for an exponential score:
+              alpha_kij = G^2 / (2 G^2 + (sum_ab A_kab) G^3 + eps_pp), 0 where G = 0;
+              w_k = sum_ij alpha_kij ReLU(G_kij);                        cam = sum_k w_k A_k
     hirescam  (Draelos & Carin 2020):   cam = sum_k G_k * A_k  (elementwise, no averaging)
-    xgradcam  (Fu et al. 2020):         w_k = sum_ij G_kij A_kij / (sum_ab A_kab + eps);
+    xgradcam  (Fu et al. 2020):         w_k = sum_ij G_kij A_kij / (sum_ab A_kab + eps_x);
                                         cam = sum_k w_k A_k
     layercam  (Jiang et al. 2021):      cam = sum_k ReLU(G_k) * A_k
 
-    eps = 1e-7. `gradcam` applies the final ReLU (all the papers do).
+    eps_pp = GRADCAM_PLUS_PLUS_EPSILON = 1e-6 and eps_x = XGRADCAM_EPSILON = 1e-7. Each
+    formula and constant is the one in pytorch-grad-cam 1.5.7's source (grad_cam.py,
+    grad_cam_plusplus.py, hirescam.py, xgrad_cam.py, layer_cam.py; its Grad-CAM++ zeroes
+    alpha where the gradient, not the activation, is 0, as here), so on the same A and G
+    the maps agree to float32 rounding. Grad-CAM++ is sensitive to eps_pp: where G^2 is
+    near 1e-6 (small gradients, deep stages) eps_pp is a large part of the denominator,
+    and 1e-7 instead changes normalised maps by a few 1e-2. `gradcam` applies the final
+    ReLU (all the papers do, and so does pytorch-grad-cam).
     """
     _check_method(method)
     if method == "gradcam":
@@ -156,7 +166,7 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
         squared = gradient**2
         cubed = squared * gradient
         activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
-        alpha = squared / (2 * squared + activation_sum * cubed + _EPSILON)
+        alpha = squared / (2 * squared + activation_sum * cubed + GRADCAM_PLUS_PLUS_EPSILON)
         alpha = jnp.where(gradient != 0, alpha, 0.0)
         weights = jnp.sum(alpha * jax.nn.relu(gradient), axis=(1, 2))
         return jnp.einsum("nhwk,nk->nhw", activation, weights)
@@ -164,7 +174,7 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
         return jnp.sum(gradient * activation, axis=-1)
     if method == "xgradcam":
         activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
-        weights = jnp.sum(gradient * activation / (activation_sum + _EPSILON), axis=(1, 2))
+        weights = jnp.sum(gradient * activation / (activation_sum + XGRADCAM_EPSILON), axis=(1, 2))
         return jnp.einsum("nhwk,nk->nhw", activation, weights)
     return jnp.sum(jax.nn.relu(gradient) * activation, axis=-1)  # layercam
 

@@ -117,22 +117,28 @@ def closed_form_gradient(activation, kernel, targets, logit_scale=0.125):
 
 
 def numpy_cam(activation, gradient, method):
-    """pytorch-grad-cam's formulas, in NumPy (float64), before the ReLU."""
-    if method == "gradcam":
-        return np.einsum("nhwk,nk->nhw", activation, gradient.mean(axis=(1, 2)))
-    if method == "gradcam++":
-        g2, g3 = gradient**2, gradient**3
-        total = activation.sum(axis=(1, 2), keepdims=True)
-        alpha = np.where(gradient != 0, g2 / (2 * g2 + total * g3 + 1e-7), 0.0)
-        weights = (np.maximum(gradient, 0) * alpha).sum(axis=(1, 2))
-        return np.einsum("nhwk,nk->nhw", activation, weights)
-    if method == "hirescam":
+    """pytorch-grad-cam 1.5.7's formulas, transcribed from its source into NumPy (float64,
+    NHWC), before the ReLU; its `BaseCAM.get_cam_image` is cam = sum_k weights_k A_k."""
+    spatial = (1, 2)
+    if method == "gradcam":  # grad_cam.py: np.mean(grads, axis=(2, 3))
+        weights = gradient.mean(axis=spatial)
+    elif method == "gradcam++":  # grad_cam_plusplus.py, eq. 19 of arXiv:1710.11063
+        grads_power_2 = gradient**2
+        grads_power_3 = grads_power_2 * gradient
+        sum_activations = activation.sum(axis=spatial, keepdims=True)
+        eps = 0.000001
+        aij = grads_power_2 / (2 * grads_power_2 + sum_activations * grads_power_3 + eps)
+        aij = np.where(gradient != 0, aij, 0)
+        weights = (np.maximum(gradient, 0) * aij).sum(axis=spatial)
+    elif method == "hirescam":  # hirescam.py: (grads * activations).sum(axis=1)
         return (gradient * activation).sum(-1)
-    if method == "xgradcam":
-        total = activation.sum(axis=(1, 2), keepdims=True)
-        weights = (gradient * activation / (total + 1e-7)).sum(axis=(1, 2))
-        return np.einsum("nhwk,nk->nhw", activation, weights)
-    return (np.maximum(gradient, 0) * activation).sum(-1)  # layercam
+    elif method == "xgradcam":  # xgrad_cam.py
+        sum_activations = activation.sum(axis=spatial, keepdims=True)
+        eps = 1e-7
+        weights = (gradient * activation / (sum_activations + eps)).sum(axis=spatial)
+    else:  # layer_cam.py: (np.maximum(grads, 0) * activations).sum(axis=1)
+        return (np.maximum(gradient, 0) * activation).sum(-1)
+    return np.einsum("nhwk,nk->nhw", activation, weights)
 
 
 MIXED_TARGETS = np.array([0, 3, 5, 7, 9, 2])
