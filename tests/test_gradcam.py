@@ -336,6 +336,35 @@ def test_parity_with_pytorch_hook_gradcam(model, variables, images, layer3_and_l
     assert np.abs(cams - expected).max() < 1e-4
 
 
+def pytorch_grad_cam_postprocess(raw):
+    """pytorch-grad-cam 1.5.7's `BaseCAM` after `get_cam_image`, for one target layer:
+    ReLU; `scale_cam_image` with the input size (per map (x - min) / (1e-7 + max of that),
+    then cv2.resize INTER_LINEAR, which for upsampling is torch's bilinear with
+    align_corners=False); `aggregate_multi_layers` (ReLU, `scale_cam_image` again)."""
+    import torch
+    import torch.nn.functional as F
+
+    def scale(maps):
+        maps = maps - maps.min(axis=(1, 2), keepdims=True)
+        return maps / (1e-7 + maps.max(axis=(1, 2), keepdims=True))
+
+    small = scale(np.maximum(raw, 0)).astype(np.float32)
+    large = F.interpolate(torch.from_numpy(small)[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return scale(np.maximum(large, 0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_normalisation_matches_pytorch_grad_cams_two(model, variables, images, method):
+    """jaxres min-max normalises once, after upsampling; pytorch-grad-cam before and after
+    its resize, with 1e-7 in the denominators. On the same raw maps they agree to 1e-5."""
+    pytest.importorskip("torch")
+    raw = np.asarray(gradcam(model, variables, images, MIXED_TARGETS, layer="layer2", method=method, relu=False, normalize=False, upsample=False))
+    expected = pytorch_grad_cam_postprocess(raw)
+    assert (expected.max(axis=(1, 2)) > 0.99).sum() >= 3  # mostly not flat
+    cams = np.asarray(gradcam(model, variables, images, MIXED_TARGETS, layer="layer2", method=method))
+    np.testing.assert_allclose(cams, expected, atol=1e-5)
+
+
 def test_upsample_matches_torch_bilinear():
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
