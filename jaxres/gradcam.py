@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ SCORES = ("probability", "logit")
 # (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
 GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
 XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab A_kab + eps
+_TITLE_CHARACTERS_PER_LINE = 64  # plot_cams wraps longer titles: its figure is 6.6 inches wide
 
 
 # --------------------------------------------------------------------------- checks
@@ -327,8 +329,9 @@ def plot_cams(
     """One row per image: the image, its heatmap and the overlay (the course library's view).
 
     images: uint8[N, H, W, 3]; cams: float[N, H, W] in [0, 1]; labels: ints[N] or None,
-    shown as names when `class_names` is given. Returns a matplotlib Figure (built
-    without pyplot, so nothing is shown; save it with `figure.savefig(path)`).
+    shown as names when `class_names` is given; title: a suptitle above the first row,
+    wrapped to the figure's width. Returns a matplotlib Figure (built without pyplot,
+    so nothing is shown; constrained layout; save it with `figure.savefig(path)`).
     """
     from matplotlib.figure import Figure
 
@@ -340,7 +343,9 @@ def plot_cams(
     if count == 0:
         raise JaxresError("no images to plot")
     name = (lambda label: class_names[int(label)]) if class_names is not None else (lambda label: str(int(label)))
-    figure = Figure(figsize=(6.6, 2.2 * count))
+    # Constrained layout reserves the suptitle's own band above the first row's titles at
+    # any row count (tight_layout let it fall onto the first row of a 16-row figure).
+    figure = Figure(figsize=(6.6, 2.2 * count), layout="constrained")
     axes = np.asarray(figure.subplots(count, 3, squeeze=False))
     for row in range(count):
         image = images[row] if images.dtype == np.uint8 else np.clip(images[row], 0, 255).astype(np.uint8)
@@ -359,8 +364,7 @@ def plot_cams(
         for column in range(3):
             axes[row, column].axis("off")
     if title:
-        figure.suptitle(title)
-    figure.tight_layout()
+        figure.suptitle(textwrap.fill(title, width=_TITLE_CHARACTERS_PER_LINE))
     return figure
 
 

@@ -401,6 +401,27 @@ def test_overlay_and_plot(tmp_path, images):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_plot_title_clears_the_first_row(rows):
+    """The suptitle (wrapped to the figure's width) sits above the first row's titles and
+    inside the figure, for one row and for the CLI's default 16 (tight_layout put it onto
+    the first row there)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    images = np.zeros((rows, 32, 32, 3), np.uint8)
+    cams = np.zeros((rows, 32, 32), np.float32)
+    title = "gradcam at layer3 (predicted class), test images " + ", ".join(str(1000 + i) for i in range(8)) + " ..."
+    figure = plot_cams(images, cams, np.zeros(rows, int), np.ones(rows, int), title=title)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    (suptitle,) = figure.texts
+    assert "\n" in suptitle.get_text()  # wrapped
+    title_box = suptitle.get_window_extent(renderer)
+    first_row_top = max(axes.title.get_window_extent(renderer).y1 for axes in figure.axes[:3])
+    assert title_box.y0 > first_row_top
+    assert 0 <= title_box.x0 and title_box.x1 <= figure.bbox.width and title_box.y1 <= figure.bbox.height
+
+
 # --------------------------------------------------------------------------- metrics
 
 
