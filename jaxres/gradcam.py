@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -38,7 +39,11 @@ from jaxres.errors import JaxresError
 
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 SCORES = ("probability", "logit")
-_EPSILON = 1e-7  # as pytorch-grad-cam, in the Grad-CAM++ and XGrad-CAM denominators
+# The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
+# (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
+GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
+XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab A_kab + eps
+_TITLE_CHARACTERS_PER_LINE = 64  # plot_cams wraps longer titles: its figure is 6.6 inches wide
 
 
 # --------------------------------------------------------------------------- checks
@@ -138,15 +143,22 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
     positions (i, j) of the h x w map and Z = h * w:
 
     gradcam   (Selvaraju et al. 2017):  w_k = (1/Z) sum_ij G_kij;        cam = sum_k w_k A_k
-    gradcam++ (Chattopadhay et al. 2018), the closed form for an exponential score
-              (as pytorch-grad-cam): alpha_kij = G^2 / (2 G^2 + (sum_ab A_kab) G^3 + eps),
-              0 where G = 0;  w_k = sum_ij alpha_kij ReLU(G_kij);       cam = sum_k w_k A_k
+    gradcam++ (Chattopadhay et al. 2018, eq. 19), the closed form for an exponential score:
+              alpha_kij = G^2 / (2 G^2 + (sum_ab A_kab) G^3 + eps_pp), 0 where G = 0;
+              w_k = sum_ij alpha_kij ReLU(G_kij);                        cam = sum_k w_k A_k
     hirescam  (Draelos & Carin 2020):   cam = sum_k G_k * A_k  (elementwise, no averaging)
-    xgradcam  (Fu et al. 2020):         w_k = sum_ij G_kij A_kij / (sum_ab A_kab + eps);
+    xgradcam  (Fu et al. 2020):         w_k = sum_ij G_kij A_kij / (sum_ab A_kab + eps_x);
                                         cam = sum_k w_k A_k
     layercam  (Jiang et al. 2021):      cam = sum_k ReLU(G_k) * A_k
 
-    eps = 1e-7. `gradcam` applies the final ReLU (all the papers do).
+    eps_pp = GRADCAM_PLUS_PLUS_EPSILON = 1e-6 and eps_x = XGRADCAM_EPSILON = 1e-7. Each
+    formula and constant is the one in pytorch-grad-cam 1.5.7's source (grad_cam.py,
+    grad_cam_plusplus.py, hirescam.py, xgrad_cam.py, layer_cam.py; its Grad-CAM++ zeroes
+    alpha where the gradient, not the activation, is 0, as here), so on the same A and G
+    the maps agree to float32 rounding. Grad-CAM++ is sensitive to eps_pp: where G^2 is
+    near 1e-6 (small gradients, deep stages) eps_pp is a large part of the denominator,
+    and 1e-7 instead changes normalised maps by a few 1e-2. `gradcam` applies the final
+    ReLU (all the papers do, and so does pytorch-grad-cam).
     """
     _check_method(method)
     if method == "gradcam":
@@ -156,7 +168,7 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
         squared = gradient**2
         cubed = squared * gradient
         activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
-        alpha = squared / (2 * squared + activation_sum * cubed + _EPSILON)
+        alpha = squared / (2 * squared + activation_sum * cubed + GRADCAM_PLUS_PLUS_EPSILON)
         alpha = jnp.where(gradient != 0, alpha, 0.0)
         weights = jnp.sum(alpha * jax.nn.relu(gradient), axis=(1, 2))
         return jnp.einsum("nhwk,nk->nhw", activation, weights)
@@ -164,7 +176,7 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
         return jnp.sum(gradient * activation, axis=-1)
     if method == "xgradcam":
         activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
-        weights = jnp.sum(gradient * activation / (activation_sum + _EPSILON), axis=(1, 2))
+        weights = jnp.sum(gradient * activation / (activation_sum + XGRADCAM_EPSILON), axis=(1, 2))
         return jnp.einsum("nhwk,nk->nhw", activation, weights)
     return jnp.sum(jax.nn.relu(gradient) * activation, axis=-1)  # layercam
 
@@ -237,6 +249,27 @@ def gradcam(
     upsample=False), on the device. Jitted and cached per (model, layer, method,
     flags); usable under `jax.jit`, `jax.vmap` and `jax.grad` (w.r.t. images).
     Raises JaxresError for a bad image shape, layer, method or target.
+
+    Against pytorch-grad-cam 1.5.7 on the same weights (`jaxres.convert`, its
+    `target_layers=[model.<layer>]`, `ClassifierOutputTarget`), the normalised maps of
+    every method agree to about 5e-6 at every stage, except where jaxres differs on
+    purpose:
+    - Normalisation. pytorch-grad-cam min-max normalises each map at the layer's
+      resolution, as (x - min) / (max - min + 1e-7), resizes it (cv2 bilinear, the
+      same as `upsample`), and normalises again the same way; jaxres normalises once,
+      after upsampling, with no epsilon. A bilinear resize commutes with that affine
+      map, so the two differ only by the 1e-7 terms: negligible for a map whose range
+      is well above 1e-7, and both give zeros for a flat map. A map whose range is
+      itself ~1e-7 or less is stretched to [0, 1] here but shrunk towards 0 there:
+      jaxres's result does not depend on the map's scale, and a flat map has an
+      exactly zero gradient.
+    - Ties in max-pools. jaxres's 2x2 max-pool and global max head split the gradient
+      equally among tied maxima (`jnp.max`), PyTorch's `MaxPool2d` and
+      `AdaptiveMaxPool2d` send it all to the first; both are valid gradients with the
+      same per-channel sums. On images with exactly flat regions (synthetic shapes,
+      saturated areas) stages before a pool can then differ elementwise in dS/dA, and
+      with it the maps of the elementwise methods (hirescam, layercam, gradcam++ through
+      G^2 and G^3): seen at `prep` on the shapes data, not on noise or at later stages.
     """
     _check_layer(model, layer)
     _check_method(method)
@@ -296,8 +329,9 @@ def plot_cams(
     """One row per image: the image, its heatmap and the overlay (the course library's view).
 
     images: uint8[N, H, W, 3]; cams: float[N, H, W] in [0, 1]; labels: ints[N] or None,
-    shown as names when `class_names` is given. Returns a matplotlib Figure (built
-    without pyplot, so nothing is shown; save it with `figure.savefig(path)`).
+    shown as names when `class_names` is given; title: a suptitle above the first row,
+    wrapped to the figure's width. Returns a matplotlib Figure (built without pyplot,
+    so nothing is shown; constrained layout; save it with `figure.savefig(path)`).
     """
     from matplotlib.figure import Figure
 
@@ -309,7 +343,9 @@ def plot_cams(
     if count == 0:
         raise JaxresError("no images to plot")
     name = (lambda label: class_names[int(label)]) if class_names is not None else (lambda label: str(int(label)))
-    figure = Figure(figsize=(6.6, 2.2 * count))
+    # Constrained layout reserves the suptitle's own band above the first row's titles at
+    # any row count (tight_layout let it fall onto the first row of a 16-row figure).
+    figure = Figure(figsize=(6.6, 2.2 * count), layout="constrained")
     axes = np.asarray(figure.subplots(count, 3, squeeze=False))
     for row in range(count):
         image = images[row] if images.dtype == np.uint8 else np.clip(images[row], 0, 255).astype(np.uint8)
@@ -328,8 +364,7 @@ def plot_cams(
         for column in range(3):
             axes[row, column].axis("off")
     if title:
-        figure.suptitle(title)
-    figure.tight_layout()
+        figure.suptitle(textwrap.fill(title, width=_TITLE_CHARACTERS_PER_LINE))
     return figure
 
 

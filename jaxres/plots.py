@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -22,7 +23,11 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def plot_training_curves(history: Sequence[dict]) -> Figure:
-    """Loss and accuracy (train and test) per epoch, from metrics.jsonl rows."""
+    """Loss and accuracy (train and test) per epoch, from metrics.jsonl rows.
+
+    history: dicts with "epoch" (int) and train/test "loss" and "accuracy" (in [0, 1]).
+    The epoch axis has integer ticks only (no "epoch 1.5").
+    """
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 4))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
@@ -33,6 +38,7 @@ def plot_training_curves(history: Sequence[dict]) -> Figure:
     accuracy_axes.plot(epochs, [100 * row["test_accuracy"] for row in history], "s-", label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()

@@ -117,22 +117,28 @@ def closed_form_gradient(activation, kernel, targets, logit_scale=0.125):
 
 
 def numpy_cam(activation, gradient, method):
-    """pytorch-grad-cam's formulas, in NumPy (float64), before the ReLU."""
-    if method == "gradcam":
-        return np.einsum("nhwk,nk->nhw", activation, gradient.mean(axis=(1, 2)))
-    if method == "gradcam++":
-        g2, g3 = gradient**2, gradient**3
-        total = activation.sum(axis=(1, 2), keepdims=True)
-        alpha = np.where(gradient != 0, g2 / (2 * g2 + total * g3 + 1e-7), 0.0)
-        weights = (np.maximum(gradient, 0) * alpha).sum(axis=(1, 2))
-        return np.einsum("nhwk,nk->nhw", activation, weights)
-    if method == "hirescam":
+    """pytorch-grad-cam 1.5.7's formulas, transcribed from its source into NumPy (float64,
+    NHWC), before the ReLU; its `BaseCAM.get_cam_image` is cam = sum_k weights_k A_k."""
+    spatial = (1, 2)
+    if method == "gradcam":  # grad_cam.py: np.mean(grads, axis=(2, 3))
+        weights = gradient.mean(axis=spatial)
+    elif method == "gradcam++":  # grad_cam_plusplus.py, eq. 19 of arXiv:1710.11063
+        grads_power_2 = gradient**2
+        grads_power_3 = grads_power_2 * gradient
+        sum_activations = activation.sum(axis=spatial, keepdims=True)
+        eps = 0.000001
+        aij = grads_power_2 / (2 * grads_power_2 + sum_activations * grads_power_3 + eps)
+        aij = np.where(gradient != 0, aij, 0)
+        weights = (np.maximum(gradient, 0) * aij).sum(axis=spatial)
+    elif method == "hirescam":  # hirescam.py: (grads * activations).sum(axis=1)
         return (gradient * activation).sum(-1)
-    if method == "xgradcam":
-        total = activation.sum(axis=(1, 2), keepdims=True)
-        weights = (gradient * activation / (total + 1e-7)).sum(axis=(1, 2))
-        return np.einsum("nhwk,nk->nhw", activation, weights)
-    return (np.maximum(gradient, 0) * activation).sum(-1)  # layercam
+    elif method == "xgradcam":  # xgrad_cam.py
+        sum_activations = activation.sum(axis=spatial, keepdims=True)
+        eps = 1e-7
+        weights = (gradient * activation / (sum_activations + eps)).sum(axis=spatial)
+    else:  # layer_cam.py: (np.maximum(grads, 0) * activations).sum(axis=1)
+        return (np.maximum(gradient, 0) * activation).sum(-1)
+    return np.einsum("nhwk,nk->nhw", activation, weights)
 
 
 MIXED_TARGETS = np.array([0, 3, 5, 7, 9, 2])
@@ -330,6 +336,35 @@ def test_parity_with_pytorch_hook_gradcam(model, variables, images, layer3_and_l
     assert np.abs(cams - expected).max() < 1e-4
 
 
+def pytorch_grad_cam_postprocess(raw):
+    """pytorch-grad-cam 1.5.7's `BaseCAM` after `get_cam_image`, for one target layer:
+    ReLU; `scale_cam_image` with the input size (per map (x - min) / (1e-7 + max of that),
+    then cv2.resize INTER_LINEAR, which for upsampling is torch's bilinear with
+    align_corners=False); `aggregate_multi_layers` (ReLU, `scale_cam_image` again)."""
+    import torch
+    import torch.nn.functional as F
+
+    def scale(maps):
+        maps = maps - maps.min(axis=(1, 2), keepdims=True)
+        return maps / (1e-7 + maps.max(axis=(1, 2), keepdims=True))
+
+    small = scale(np.maximum(raw, 0)).astype(np.float32)
+    large = F.interpolate(torch.from_numpy(small)[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return scale(np.maximum(large, 0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_normalisation_matches_pytorch_grad_cams_two(model, variables, images, method):
+    """jaxres min-max normalises once, after upsampling; pytorch-grad-cam before and after
+    its resize, with 1e-7 in the denominators. On the same raw maps they agree to 1e-5."""
+    pytest.importorskip("torch")
+    raw = np.asarray(gradcam(model, variables, images, MIXED_TARGETS, layer="layer2", method=method, relu=False, normalize=False, upsample=False))
+    expected = pytorch_grad_cam_postprocess(raw)
+    assert (expected.max(axis=(1, 2)) > 0.99).sum() >= 3  # mostly not flat
+    cams = np.asarray(gradcam(model, variables, images, MIXED_TARGETS, layer="layer2", method=method))
+    np.testing.assert_allclose(cams, expected, atol=1e-5)
+
+
 def test_upsample_matches_torch_bilinear():
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
@@ -364,6 +399,27 @@ def test_overlay_and_plot(tmp_path, images):
     path = tmp_path / "cams.png"
     figure.savefig(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_plot_title_clears_the_first_row(rows):
+    """The suptitle (wrapped to the figure's width) sits above the first row's titles and
+    inside the figure, for one row and for the CLI's default 16 (tight_layout put it onto
+    the first row there)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    images = np.zeros((rows, 32, 32, 3), np.uint8)
+    cams = np.zeros((rows, 32, 32), np.float32)
+    title = "gradcam at layer3 (predicted class), test images " + ", ".join(str(1000 + i) for i in range(8)) + " ..."
+    figure = plot_cams(images, cams, np.zeros(rows, int), np.ones(rows, int), title=title)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    (suptitle,) = figure.texts
+    assert "\n" in suptitle.get_text()  # wrapped
+    title_box = suptitle.get_window_extent(renderer)
+    first_row_top = max(axes.title.get_window_extent(renderer).y1 for axes in figure.axes[:3])
+    assert title_box.y0 > first_row_top
+    assert 0 <= title_box.x0 and title_box.x1 <= figure.bbox.width and title_box.y1 <= figure.bbox.height
 
 
 # --------------------------------------------------------------------------- metrics
