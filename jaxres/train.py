@@ -45,6 +45,10 @@ from jaxres.errors import JaxresError
 
 DATA_INFO_NAME = "dataset.json"
 METRICS_NAME = "metrics.jsonl"
+PLOT_NAMES = ("curves.png", "lr_schedule.png", "misclassified.png")
+# The files a run writes into its workdir (lr_find.png aside: `--peak-lr auto` writes it before
+# the run's own files).
+RUN_FILES = (checkpoint.CONFIG_NAME, DATA_INFO_NAME, METRICS_NAME, checkpoint.CHECKPOINT_NAME, *PLOT_NAMES)
 
 
 class NonFiniteLossError(JaxresError):
@@ -456,12 +460,40 @@ def load_data(config: TrainConfig, progress: bool):
     return data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress)
 
 
-def read_history(workdir: Path, up_to_epoch: int) -> list[dict]:
-    path = workdir / METRICS_NAME
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["epoch"] <= up_to_epoch]
+def metrics_text(history: list[dict]) -> str:
+    """metrics.jsonl's text: one JSON object per row; a non-finite number (an fp16 epoch's mean
+    loss over skipped steps, say) is written as null, since strict JSON has no NaN."""
+
+    def strict(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return "".join(json.dumps({k: strict(v) for k, v in row.items()}, allow_nan=False) + "\n" for row in history)
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, null read back as NaN. (A run's own record of them is
+    its checkpoint; `--resume` rewrites metrics.jsonl from there.)"""
+    path = Path(workdir) / METRICS_NAME
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise JaxresError(
+                f"{path} line {number} is not valid JSON ({error}); --resume rewrites the file from the checkpoint"
+            ) from None
+        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+    return rows
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise JaxresError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise JaxresError(f"{path} is not a JSON object")
+    return values
 
 
 def read_dataset_info(workdir: str | Path) -> dict:
@@ -469,7 +501,22 @@ def read_dataset_info(workdir: str | Path) -> dict:
     path = Path(workdir) / DATA_INFO_NAME
     if not path.is_file():
         raise JaxresError(f"no {DATA_INFO_NAME} in {workdir}: is it a jaxres run directory?")
-    return json.loads(path.read_text())
+    info = _read_json_object(path)
+    names, shape = info.get("class_names"), info.get("image_shape")
+    if not (isinstance(names, list) and names and isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and n > 0 for n in shape)):  # fmt: skip
+        raise JaxresError(f"{path} is not a jaxres dataset.json: it needs class_names and image_shape [H, W, C]")
+    return info
+
+
+def check_same_dataset(workdir: Path, info: dict) -> None:
+    """Raise JaxresError when the data a run resumes on differs from the data it began with
+    (its dataset.json): other classes, image shape or image counts."""
+    path = workdir / DATA_INFO_NAME
+    saved = read_dataset_info(workdir) if path.is_file() else info
+    changed = [key for key in ("class_names", "image_shape", "train_images", "test_images") if saved.get(key) != info[key]]
+    if changed:
+        raise JaxresError(f"cannot resume {workdir}: the data differs from its {DATA_INFO_NAME} in {', '.join(changed)}")
 
 
 def initial_state_template(config: TrainConfig, model, image_shape) -> TrainState:
@@ -590,6 +637,9 @@ def train_and_evaluate(
                 f"cannot resume {workdir}: its config.json differs in {', '.join(differences)}; "
                 "resume with the same options (or omit them: --resume alone reuses the saved ones)"
             )
+        saved_state, history = checkpoint.read_checkpoint(workdir)  # verified before any data is loaded
+    else:
+        saved_state, history = None, []
 
     # 1. data
     if dataset is None:
@@ -622,29 +672,35 @@ def train_and_evaluate(
     root_key = jax.random.PRNGKey(config.seed)
     init_key, data_key = jax.random.split(root_key)
     state = init_train_state(config, model, optimizer, init_key, image_shape)
-    start_epoch = 0
+    info = {
+        "class_names": list(dataset.class_names),
+        "image_shape": list(image_shape),
+        "source": dataset.source,
+        "train_images": int(train_images.shape[0]),
+        "test_images": int(dataset.test.images.shape[0]),
+    }
     if resume and has_checkpoint:
-        state = checkpoint.restore_checkpoint(workdir, state)
-        start_epoch = int(state.step) // steps_per_epoch
-        log(f"resumed {workdir} at epoch {start_epoch}")
+        check_same_dataset(workdir, info)
+        state = checkpoint.fit_state_dict(checkpoint.checkpoint_path(workdir), saved_state, state)
+        if int(state.step) != len(history) * steps_per_epoch:
+            raise JaxresError(
+                f"cannot resume {workdir}: its checkpoint is at step {int(state.step)}, not at the end of its "
+                f"epoch {len(history)} of {steps_per_epoch} steps (did the training set change?)"
+            )
+        log(f"resumed {workdir} at epoch {len(history)}")
+    start_epoch = len(history)
     state = replicate_tree(mesh, state)
-    history = read_history(workdir, start_epoch) if resume else []
 
+    # Crash safety: each epoch's state and metrics row are committed together, by the one
+    # atomic rename of the checkpoint (its history holds every row). metrics.jsonl is only a
+    # copy of that history, rewritten atomically after the checkpoint and here at every
+    # (re)start: a kill between the two renames leaves metrics.jsonl one row short, and the
+    # next start restores exactly the checkpoint's rows, never losing or repeating one.
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(workdir, RUN_FILES)
         checkpoint.atomic_write_bytes(workdir / checkpoint.CONFIG_NAME, config.to_json().encode())
-        info = {
-            "class_names": list(dataset.class_names),
-            "image_shape": list(image_shape),
-            "source": dataset.source,
-            "train_images": int(train_images.shape[0]),
-            "test_images": int(dataset.test.images.shape[0]),
-        }
         checkpoint.atomic_write_bytes(workdir / DATA_INFO_NAME, json.dumps(info, indent=2).encode())
-        # metrics.jsonl holds exactly the epochs the checkpoint has seen
-        checkpoint.atomic_write_bytes(
-            workdir / METRICS_NAME, "".join(json.dumps(row) + "\n" for row in history).encode()
-        )
+        checkpoint.atomic_write_bytes(workdir / METRICS_NAME, metrics_text(history).encode())
 
     evaluate = make_evaluate(model, config, mesh)
     log(
@@ -696,9 +752,8 @@ def train_and_evaluate(
         history.append(row)
         log(format_row(row))
         if is_main:
-            checkpoint.save_checkpoint(workdir, jax.device_get(state))
-            with open(workdir / METRICS_NAME, "a") as file:
-                file.write(json.dumps(row) + "\n")
+            checkpoint.save_checkpoint(workdir, jax.device_get(state), history)
+            checkpoint.atomic_write_bytes(workdir / METRICS_NAME, metrics_text(history).encode())
 
     if is_main and write_plots and history:
         if predictions is None:

@@ -1,15 +1,104 @@
-"""Faults of the run directory and the trainer: impossible flags and config values, named
-before any work."""
+"""Faults of the run directory and the trainer: a kill at every write, damaged or foreign files,
+impossible flags, unwritable folders, runs that diverge. A run directory must survive a kill at
+any instant (resume gives the uninterrupted run's checkpoint and metrics rows) and never let a
+damaged file pass for a good one.
 
+All runs here are the same tiny one (width 1/16, 64 random images, 2 steps per epoch, 2 epochs);
+a persistent compilation cache makes every run after the first cheap.
+"""
+
+import errno
 import json
+import math
+import os
+import shutil
+import stat
+from pathlib import Path
 
+import flax.serialization
+import jax
+import numpy as np
 import pytest
 
-from jaxres import train
+from jaxres import checkpoint, train
 from jaxres.config import TrainConfig
+from jaxres.data import Dataset
 from jaxres.errors import JaxresError
+from test_train import quiet, random_dataset, tiny_config
 
+TIMINGS = ("seconds", "images_per_second", "compile_seconds")  # differ between identical runs
 MISSING_DATA = "/nonexistent/jaxres-data.tar.gz"  # a flag error must be reported before the data is looked at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every train_and_evaluate call compiles its epoch anew (fresh closures); a persistent
+    compilation cache turns the second and later compilations into cache reads."""
+    from jax._src import compilation_cache as cache
+
+    options = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    previous = {name: getattr(jax.config, name) for name in options}
+    cache.reset_cache()
+    for name, value in options.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return random_dataset()
+
+
+def config_for(workdir, **overrides) -> TrainConfig:
+    return tiny_config(workdir, train_subset=64, **overrides)
+
+
+def run(config, dataset, **options):
+    return train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, write_plots=False, **options)
+
+
+def without_timings(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key not in TIMINGS}
+
+
+def run_record(workdir) -> tuple[bytes, list[dict]]:
+    """(the checkpoint's state as bytes, metrics.jsonl's rows less timings), after checking that
+    metrics.jsonl holds exactly the checkpoint's rows."""
+    state, history = checkpoint.read_checkpoint(workdir)
+    rows = train.read_metrics(workdir)
+    assert rows == history
+    return flax.serialization.msgpack_serialize(state), [without_timings(row) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dataset):
+    """The uninterrupted run: its workdir and record."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    run(config_for(workdir), dataset)
+    return workdir, run_record(workdir)
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory, dataset):
+    """The same run stopped after epoch 1 of 2."""
+    workdir = tmp_path_factory.mktemp("half") / "run"
+    run(config_for(workdir), dataset, stop_after_epoch=1)
+    return workdir
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / source.name))
+
+
+def temporaries(workdir: Path) -> list[str]:
+    return sorted(path.name for path in workdir.glob("*.tmp"))
 
 
 def single_error_line(capsys) -> str:
@@ -18,6 +107,131 @@ def single_error_line(capsys) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+# ------------------------------------------------------------------ a kill at every write (items 1, 2)
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs (it is no Exception, so no handler catches it)."""
+
+
+# A 2-epoch run renames 7 files into place, in this order; a kill before each rename, and after
+# the last, covers every state the directory can be left in.
+WRITES = ["config", "dataset", "metrics", "checkpoint-1", "metrics-1", "checkpoint-2", "metrics-2"]
+KILL_POINTS = [(index, "before") for index in range(len(WRITES))] + [(len(WRITES) - 1, "after")]
+
+
+def kill_at_rename(monkeypatch, index: int, when: str) -> None:
+    """Make the `index`-th `os.replace` (0-based) kill the run just before or just after it; a
+    kill before the rename also leaves the temporary file behind, as a real one would."""
+    real_replace = os.replace
+    calls = []
+
+    def replace(source, destination):
+        calls.append(destination)
+        if len(calls) - 1 == index and when == "before":
+            os.link(source, str(destination) + ".killed00.tmp")  # survives atomic_write_bytes's cleanup
+            raise Killed(destination)
+        real_replace(source, destination)
+        if len(calls) - 1 == index and when == "after":
+            raise Killed(destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("index, when", KILL_POINTS, ids=[f"{when}-{WRITES[i]}" for i, when in KILL_POINTS])
+def test_a_kill_at_any_write_then_resume_gives_the_uninterrupted_run(reference, dataset, tmp_path, monkeypatch, index, when):
+    workdir = tmp_path / "run"
+    config = config_for(workdir)
+    with monkeypatch.context() as patch:
+        kill_at_rename(patch, index, when)
+        with pytest.raises(Killed):
+            run(config, dataset)
+    run(config, dataset, resume=checkpoint.checkpoint_path(workdir).is_file())  # as a user would: resume if there is a checkpoint
+    assert run_record(workdir) == reference[1]
+    assert temporaries(workdir) == []
+
+
+def test_stale_temporaries_of_the_run_files_are_removed_on_resume_and_others_kept(reference, dataset, tmp_path):
+    workdir = copy_run(reference[0], tmp_path)
+    for name in ["checkpoint.msgpack.a1b2c3d4.tmp", "metrics.jsonl.zz_9y8x7.tmp", "notes.a1b2c3d4.tmp"]:
+        (workdir / name).write_bytes(b"half written")
+    run(config_for(workdir), dataset, resume=True)
+    assert temporaries(workdir) == ["notes.a1b2c3d4.tmp"]
+
+
+# ------------------------------------------------------------------ damaged files (items 3, 4, 5, 16)
+
+
+def test_a_checkpoint_garbled_in_the_middle_is_refused_on_every_load(reference, dataset, tmp_path, capsys):
+    workdir = copy_run(reference[0], tmp_path)
+    data = bytearray((workdir / "checkpoint.msgpack").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 1000] = bytes(255 - b for b in data[middle : middle + 1000])
+    (workdir / "checkpoint.msgpack").write_bytes(bytes(data))
+    damaged = r"checkpoint .*checkpoint.msgpack is damaged: digest mismatch"
+    with pytest.raises(JaxresError, match=damaged):
+        checkpoint.load_for_inference(workdir)
+    with pytest.raises(JaxresError, match=damaged):
+        checkpoint.restore_checkpoint(workdir, None)
+    with pytest.raises(JaxresError, match=damaged):
+        run(config_for(workdir), dataset, resume=True)
+    assert train.main(["--resume", "--workdir", str(workdir)]) == 2  # found before the data is loaded
+    assert "digest mismatch" in single_error_line(capsys)
+
+
+def test_a_checkpoint_that_does_not_fit_the_edited_config_names_the_leaf(reference, tmp_path):
+    workdir = copy_run(reference[0], tmp_path)
+    edited = json.loads((workdir / "config.json").read_text()) | {"width": 0.125}
+    (workdir / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(JaxresError, match=r"leaf params/\S+ is float32\[.*\] in the checkpoint, the model expects float32\["):
+        checkpoint.load_for_inference(workdir)
+
+
+def test_a_torn_metrics_line_is_named_and_resume_restores_the_checkpoint_rows(reference, half_run, dataset, tmp_path):
+    workdir = copy_run(half_run, tmp_path)
+    text = (workdir / "metrics.jsonl").read_text()
+    (workdir / "metrics.jsonl").write_text(text[: len(text) // 2])
+    with pytest.raises(JaxresError, match=r"metrics.jsonl line 1 is not valid JSON"):
+        train.read_metrics(workdir)
+    run(config_for(workdir), dataset, resume=True)
+    assert run_record(workdir) == reference[1]
+
+
+def test_a_dataset_json_that_is_not_json_is_named(reference, tmp_path):
+    workdir = copy_run(reference[0], tmp_path)
+    (workdir / "dataset.json").write_text('{"class_names": ["a", ')
+    with pytest.raises(JaxresError, match=r"dataset.json is not valid JSON"):
+        checkpoint.load_for_inference(workdir)
+    (workdir / "dataset.json").write_text('{"classes": 4}')
+    with pytest.raises(JaxresError, match=r"dataset.json is not a jaxres dataset.json"):
+        checkpoint.load_for_inference(workdir)
+
+
+def test_non_finite_metrics_are_written_as_null_and_read_back_as_nan(tmp_path):
+    rows = [{"epoch": 1, "train_loss": math.nan, "test_loss": math.inf, "lr": 0.1}]
+    text = train.metrics_text(rows)
+
+    def reject(constant):
+        raise ValueError(f"strict JSON has no {constant}")
+
+    assert json.loads(text, parse_constant=reject) == {"epoch": 1, "train_loss": None, "test_loss": None, "lr": 0.1}
+    (tmp_path / "metrics.jsonl").write_text(text)
+    [row] = train.read_metrics(tmp_path)
+    assert math.isnan(row["train_loss"]) and math.isnan(row["test_loss"]) and row["lr"] == 0.1
+
+
+def test_every_run_file_is_written_0644(reference):
+    for name in ["config.json", "dataset.json", "metrics.jsonl", "checkpoint.msgpack"]:
+        assert stat.S_IMODE((reference[0] / name).stat().st_mode) == 0o644, name
+
+
+def test_resuming_on_other_data_is_refused(half_run, dataset, tmp_path):
+    workdir = copy_run(half_run, tmp_path)
+    renamed = Dataset(dataset.train, dataset.test, ("w", "x", "y", "z"), dataset.source)
+    with pytest.raises(JaxresError, match="data differs from its dataset.json in class_names"):
+        run(config_for(workdir), renamed, resume=True)
 
 
 # ------------------------------------------------------------------ flags (item 7)
