@@ -234,6 +234,80 @@ def test_resuming_on_other_data_is_refused(half_run, dataset, tmp_path):
         run(config_for(workdir), renamed, resume=True)
 
 
+# ------------------------------------------------------------------ the workdir (items 6, 10, 11)
+
+
+def test_resume_with_nothing_to_resume_is_an_error_before_any_data(tmp_path, capsys):
+    assert train.main(["--resume", "--workdir", str(tmp_path / "nothing")]) == 2
+    line = single_error_line(capsys)
+    assert "nothing to resume" in line and "does not exist" in line
+    (tmp_path / "typo").mkdir()
+    assert train.main(["--resume", "--workdir", str(tmp_path / "typo"), "--data", "shapes", "--epochs", "1"]) == 2
+    assert "nothing to resume" in single_error_line(capsys)
+    assert list((tmp_path / "typo").iterdir()) == []
+
+
+def test_an_unwritable_workdir_is_named_before_any_data(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    for workdir, message in [(a_file, "is a file, not a folder"), (a_file / "run", "cannot write to --workdir")]:
+        assert train.main(["--data", MISSING_DATA, "--workdir", str(workdir)]) == 2
+        assert message in single_error_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_workdir_is_named_before_any_data(tmp_path, capsys):
+    (tmp_path / "locked").mkdir(mode=0o555)
+    assert train.main(["--data", MISSING_DATA, "--workdir", str(tmp_path / "locked")]) == 2
+    assert "cannot write to --workdir" in single_error_line(capsys)
+
+
+def test_an_io_error_anywhere_in_the_trainer_is_one_error_line(monkeypatch, tmp_path, capsys):
+    def failing(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/config.json")
+
+    monkeypatch.setattr(train, "train_and_evaluate", failing)
+    assert train.main(["--data", "shapes", "--workdir", str(tmp_path / "run")]) == 2
+    assert single_error_line(capsys) == "error: /somewhere/config.json: Permission denied"
+
+
+def test_a_full_disk_at_a_checkpoint_write_is_named_and_keeps_the_previous_checkpoint(half_run, dataset, tmp_path, monkeypatch):
+    workdir = copy_run(half_run, tmp_path)
+    before = (workdir / "checkpoint.msgpack").read_bytes()
+    real_fsync = os.fsync
+
+    def fsync(descriptor):
+        if "checkpoint.msgpack" in os.readlink(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(JaxresError, match=r"cannot save epoch 2: .*checkpoint.msgpack: No space left on device"):
+        run(config_for(workdir), dataset, resume=True)
+    assert (workdir / "checkpoint.msgpack").read_bytes() == before
+    assert temporaries(workdir) == []
+
+
+@pytest.mark.parametrize("files", [["config.json", "metrics.jsonl", "dataset.json"], ["metrics.jsonl"]])
+def test_a_folder_of_someone_elses_files_is_refused_and_left_alone(tmp_path, capsys, files):
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    contents = {name: f'{{"my own": "{name}"}}\n' for name in files}
+    for name, text in contents.items():
+        (workdir / name).write_text(text)
+    assert train.main(["--data", MISSING_DATA, "--workdir", str(workdir)]) == 2
+    assert "not a jaxres run" in single_error_line(capsys)
+    assert {path.name: path.read_text() for path in workdir.iterdir()} == contents
+
+
+def test_an_empty_folder_and_a_run_killed_before_its_first_checkpoint_are_usable(tmp_path):
+    (tmp_path / "empty").mkdir()
+    train.check_workdir(tmp_path / "empty", resume=False)
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.json").write_text(TrainConfig().to_json())
+    train.check_workdir(tmp_path / "started", resume=False)
+
+
 # ------------------------------------------------------------------ flags (item 7)
 
 
@@ -268,3 +342,70 @@ def test_config_json_with_wrongly_typed_values_is_named(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(JaxresError, match="not a JSON object"):
         TrainConfig.load(tmp_path / "config.json")
+
+
+# ------------------------------------------------------------------ diverging runs (items 8, 9)
+
+
+def nonfinite_epoch(**overrides) -> dict:
+    return {"loss": math.nan, "accuracy": 0.1, "loss_scale": 1.0, "skipped_steps": 0, "first_nonfinite_step": 0} | overrides
+
+
+@pytest.mark.parametrize(
+    "precision, saved, expected, unexpected",
+    [
+        ("fp32", 0, r"non-finite at epoch 1, step 1; stopping\. No checkpoint was written.*Try a lower --peak-lr\.$", "fp32"),
+        ("fp32", 3, r"epoch 4, step 1.*\(epoch 3\) in .* is intact\. Try a lower --peak-lr\.$", "--precision"),
+        ("bf16", 0, r"No checkpoint was written.*Try a lower --peak-lr or --precision fp32\.$", "epoch 0"),
+    ],
+)
+def test_the_divergence_message_is_true_for_every_run(tmp_path, precision, saved, expected, unexpected):
+    config = config_for(tmp_path, precision=precision)
+    with pytest.raises(train.NonFiniteLossError, match=expected) as raised:
+        train.check_epoch_is_finite(config, tmp_path, saved + 1, nonfinite_epoch(), steps_per_epoch=2)
+    assert unexpected not in str(raised.value)
+
+
+def test_an_fp16_epoch_with_every_step_skipped_stops_the_run(tmp_path):
+    config = config_for(tmp_path, precision="fp16")
+    some_skipped = nonfinite_epoch(skipped_steps=1)
+    train.check_epoch_is_finite(config, tmp_path, 2, some_skipped, steps_per_epoch=2)  # fp16 skips a step and goes on
+    with pytest.raises(train.NonFiniteLossError, match=r"every one of the 2 steps of epoch 2 was skipped.*\(epoch 1\)"):
+        train.check_epoch_is_finite(config, tmp_path, 2, nonfinite_epoch(skipped_steps=2), steps_per_epoch=2)
+
+
+def test_a_non_finite_test_loss_stops_the_run_and_keeps_the_checkpoint(half_run, dataset, tmp_path, monkeypatch):
+    workdir = copy_run(half_run, tmp_path)
+    before = (workdir / "checkpoint.msgpack").read_bytes()
+    real_make_evaluate = train.make_evaluate
+
+    def make_evaluate(*args, **kwargs):
+        evaluate = real_make_evaluate(*args, **kwargs)
+        return lambda *inputs: {**evaluate(*inputs), "loss": np.float32(np.nan)}
+
+    monkeypatch.setattr(train, "make_evaluate", make_evaluate)
+    with pytest.raises(train.NonFiniteLossError, match=r"test loss after epoch 2 is nan.*\(epoch 1\) in .* is intact"):
+        run(config_for(workdir), dataset, resume=True)
+    assert (workdir / "checkpoint.msgpack").read_bytes() == before
+
+
+def test_an_epoch_with_every_step_skipped_stops_the_run_and_keeps_the_checkpoint(half_run, dataset, tmp_path, monkeypatch):
+    """What `--precision fp16 --peak-lr 1e6` ends in (every gradient overflows at every loss
+    scale), simulated on the fp32 run: the epoch reports every step skipped."""
+    workdir = copy_run(half_run, tmp_path)
+    before = (workdir / "checkpoint.msgpack").read_bytes()
+    real_make_train_epoch = train.make_train_epoch
+
+    def make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=None):
+        train_epoch = real_make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress)
+
+        def all_skipped(*inputs):
+            state, metrics = train_epoch(*inputs)
+            return state, {**metrics, "skipped_steps": steps_per_epoch, "first_nonfinite_step": -1}
+
+        return all_skipped
+
+    monkeypatch.setattr(train, "make_train_epoch", make_train_epoch)
+    with pytest.raises(train.NonFiniteLossError, match=r"every one of the 2 steps of epoch 2 was skipped.*\(epoch 1\) in"):
+        run(config_for(workdir), dataset, resume=True)
+    assert (workdir / "checkpoint.msgpack").read_bytes() == before
