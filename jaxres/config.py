@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +94,61 @@ class TrainConfig:
             values = json.loads(path.read_text())
         except FileNotFoundError:
             raise JaxresError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise JaxresError(f"config file {path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise JaxresError(f"config file {path} is not a JSON object of config fields")
         return cls.from_dict(values)
 
 
+def _check_types(config: TrainConfig) -> None:
+    """Raise JaxresError naming the first field whose value is not of its annotated type
+    (bool is not a number here; an int is a fine float)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        kinds = typing.get_args(hints[field.name]) or (hints[field.name],)
+        if value is None and type(None) in kinds:
+            continue
+        kind = next(kind for kind in kinds if kind is not type(None))
+        if kind is bool:
+            fits = isinstance(value, bool)
+        elif kind in (int, float):
+            fits = isinstance(value, numbers.Integral if kind is int else numbers.Real) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, kind)
+        if not fits:
+            raise JaxresError(f"{field.name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+
+
 def validate(config: TrainConfig) -> None:
-    """Raise JaxresError naming the first knob with an impossible value."""
+    """Raise JaxresError naming the first knob with an impossible value.
+
+    Every comparison is written so that NaN fails it (`not x > 0`, never `x <= 0`).
+    """
+    _check_types(config)
     positive_ints = ("epochs", "batch_size", "eval_batch_size", "loss_scale_growth_interval")
     for name in positive_ints:
-        if getattr(config, name) < 1:
+        if not getattr(config, name) >= 1:
             raise JaxresError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.train_subset is not None and config.train_subset < 1:
+    if config.train_subset is not None and not config.train_subset >= 1:
         raise JaxresError(f"train_subset must be at least 1, got {config.train_subset}")
+    for name in ("crop_padding", "cutout_size", "misclassified_to_plot"):
+        if not getattr(config, name) >= 0:
+            raise JaxresError(f"{name} must be at least 0, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**63:
+        raise JaxresError(f"seed must lie in [0, 2**63), got {config.seed}")
+    positive_floats = ("width", "peak_lr", "initial_loss_scale") + (("mix_alpha",) if config.mix_alpha is not None else ())
+    for name in positive_floats:
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise JaxresError(f"{name} must be a finite positive number, got {value}")
+    if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
+        raise JaxresError(f"weight_decay must be a finite number >= 0, got {config.weight_decay}")
+    if not config.data:
+        raise JaxresError("data must not be empty")
+    if not config.workdir:
+        raise JaxresError("workdir must not be empty")
     if config.precision not in PRECISIONS:
         raise JaxresError(
             f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}"
@@ -118,21 +163,13 @@ def validate(config: TrainConfig) -> None:
         raise JaxresError(f"unknown norm {config.norm!r}; choose one of {', '.join(NORMS)}")
     if config.mix not in MIX_METHODS:
         raise JaxresError(f"unknown mix {config.mix!r}; choose one of {', '.join(MIX_METHODS)}")
-    if config.mix_alpha is not None and not config.mix_alpha > 0:
-        raise JaxresError(f"mix_alpha must be positive, got {config.mix_alpha}")
     if config.tta not in TTA_MODES:
         raise JaxresError(f"unknown tta {config.tta!r}; choose one of {', '.join(TTA_MODES)}")
-    if not config.width > 0:
-        raise JaxresError(f"width must be positive, got {config.width}")
-    if not config.peak_lr > 0:
-        raise JaxresError(f"peak_lr must be positive, got {config.peak_lr}")
     if config.peak_epoch is not None and not 0 <= config.peak_epoch <= config.epochs:
         raise JaxresError(
             f"peak_epoch must lie in [0, epochs={config.epochs}], got {config.peak_epoch}"
         )
     if not 0 <= config.label_smoothing < 1:
         raise JaxresError(f"label_smoothing must lie in [0, 1), got {config.label_smoothing}")
-    if config.crop_padding < 0 or config.cutout_size < 0:
-        raise JaxresError("crop_padding and cutout_size must be non-negative")
-    if config.weight_decay < 0 or not 0 <= config.momentum < 1:
-        raise JaxresError("weight_decay must be >= 0 and momentum in [0, 1)")
+    if not 0 <= config.momentum < 1:
+        raise JaxresError(f"momentum must lie in [0, 1), got {config.momentum}")

@@ -24,8 +24,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -41,10 +41,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxres import augment, checkpoint, models, precision
 from jaxres.config import TrainConfig
-from jaxres.errors import JaxresError
+from jaxres.errors import JaxresError, command_line, describe_os_error
 
 DATA_INFO_NAME = "dataset.json"
 METRICS_NAME = "metrics.jsonl"
+PLOT_NAMES = ("curves.png", "lr_schedule.png", "misclassified.png")
+# The files a run writes into its workdir (lr_find.png aside: `--peak-lr auto` writes it before
+# the run's own files). A folder holding any of them must be a jaxres run, see `check_workdir`.
+RUN_FILES = (checkpoint.CONFIG_NAME, DATA_INFO_NAME, METRICS_NAME, checkpoint.CHECKPOINT_NAME, *PLOT_NAMES)
 
 
 class NonFiniteLossError(JaxresError):
@@ -456,12 +460,40 @@ def load_data(config: TrainConfig, progress: bool):
     return data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress)
 
 
-def read_history(workdir: Path, up_to_epoch: int) -> list[dict]:
-    path = workdir / METRICS_NAME
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["epoch"] <= up_to_epoch]
+def metrics_text(history: list[dict]) -> str:
+    """metrics.jsonl's text: one JSON object per row; a non-finite number (an fp16 epoch's mean
+    loss over skipped steps, say) is written as null, since strict JSON has no NaN."""
+
+    def strict(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return "".join(json.dumps({k: strict(v) for k, v in row.items()}, allow_nan=False) + "\n" for row in history)
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, null read back as NaN. (A run's own record of them is
+    its checkpoint; `--resume` rewrites metrics.jsonl from there.)"""
+    path = Path(workdir) / METRICS_NAME
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise JaxresError(
+                f"{path} line {number} is not valid JSON ({error}); --resume rewrites the file from the checkpoint"
+            ) from None
+        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+    return rows
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise JaxresError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise JaxresError(f"{path} is not a JSON object")
+    return values
 
 
 def read_dataset_info(workdir: str | Path) -> dict:
@@ -469,7 +501,87 @@ def read_dataset_info(workdir: str | Path) -> dict:
     path = Path(workdir) / DATA_INFO_NAME
     if not path.is_file():
         raise JaxresError(f"no {DATA_INFO_NAME} in {workdir}: is it a jaxres run directory?")
-    return json.loads(path.read_text())
+    info = _read_json_object(path)
+    names, shape = info.get("class_names"), info.get("image_shape")
+    if not (isinstance(names, list) and names and isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and n > 0 for n in shape)):  # fmt: skip
+        raise JaxresError(f"{path} is not a jaxres dataset.json: it needs class_names and image_shape [H, W, C]")
+    return info
+
+
+def check_workdir(workdir: Path, resume: bool, *, writable: bool = True) -> None:
+    """Check, before any data is loaded, that the run may use `workdir`.
+
+    A run starts in a missing or empty folder, or one that is a jaxres run without a
+    checkpoint (killed before its first epoch ended); it resumes only from a checkpoint. A
+    folder holding run files (config.json, metrics.jsonl, ...) without a jaxres config.json is
+    someone else's: refused, never overwritten. `writable`: also create the folder and write a
+    probe file in it (the process that writes the run's files).
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise JaxresError(f"--workdir {workdir} is a file, not a folder")
+    present = [name for name in RUN_FILES if (workdir / name).exists()]
+    if present:
+        try:
+            checkpoint.load_config(workdir)
+        except JaxresError as error:
+            raise JaxresError(
+                f"--workdir {workdir} holds {', '.join(present)} but is not a jaxres run ({error}); "
+                "refusing to overwrite its files: choose another --workdir"
+            ) from None
+    has_checkpoint = checkpoint.checkpoint_path(workdir).is_file()
+    if has_checkpoint and not resume:
+        raise JaxresError(
+            f"{workdir} already holds a checkpoint; pass --resume to continue it, or choose another --workdir"
+        )
+    if resume and not has_checkpoint:
+        why = "it does not exist" if not workdir.exists() else f"it holds no {checkpoint.CHECKPOINT_NAME}"
+        raise JaxresError(f"nothing to resume in {workdir}: {why}; start the run without --resume")
+    if writable:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=workdir):
+                pass
+        except OSError as error:
+            raise JaxresError(f"cannot write to --workdir {workdir}: {describe_os_error(error)}") from None
+
+
+def stop_advice(config: TrainConfig, workdir: Path, epochs_saved: int) -> str:
+    """What is left and what to try, after a run stopped on non-finite numbers."""
+    kept = (
+        f"The last good checkpoint (epoch {epochs_saved}) in {workdir} is intact."
+        if epochs_saved > 0
+        else "No checkpoint was written (no epoch finished well)."
+    )
+    remedies = ["a lower --peak-lr"] + ([] if config.precision == "fp32" else ["--precision fp32"])
+    return f"{kept} Try {' or '.join(remedies)}."
+
+
+def check_epoch_is_finite(config: TrainConfig, workdir: Path, epoch: int, metrics: dict, steps_per_epoch: int) -> None:
+    """Raise NonFiniteLossError when the epoch numbered `epoch` (from 1) met a non-finite loss
+    (fp32, bf16) or trained on nothing (fp16: every step skipped, the loss scale shrinking).
+    metrics: the epoch's summary (see `make_train_epoch`)."""
+    if config.precision != "fp16" and int(metrics["first_nonfinite_step"]) >= 0:
+        raise NonFiniteLossError(
+            f"the training loss became non-finite at epoch {epoch}, step "
+            f"{int(metrics['first_nonfinite_step']) + 1}; stopping. " + stop_advice(config, workdir, epoch - 1)
+        )
+    if int(metrics["skipped_steps"]) == steps_per_epoch:
+        raise NonFiniteLossError(
+            f"every one of the {steps_per_epoch} steps of epoch {epoch} was skipped: its gradients were not finite "
+            f"(the loss scale is down to {float(metrics['loss_scale']):g}); stopping. "
+            + stop_advice(config, workdir, epoch - 1)
+        )
+
+
+def check_same_dataset(workdir: Path, info: dict) -> None:
+    """Raise JaxresError when the data a run resumes on differs from the data it began with
+    (its dataset.json): other classes, image shape or image counts."""
+    path = workdir / DATA_INFO_NAME
+    saved = read_dataset_info(workdir) if path.is_file() else info
+    changed = [key for key in ("class_names", "image_shape", "train_images", "test_images") if saved.get(key) != info[key]]
+    if changed:
+        raise JaxresError(f"cannot resume {workdir}: the data differs from its {DATA_INFO_NAME} in {', '.join(changed)}")
 
 
 def initial_state_template(config: TrainConfig, model, image_shape) -> TrainState:
@@ -573,12 +685,8 @@ def train_and_evaluate(
     if progress is None:
         progress = sys.stderr.isatty()
     workdir = Path(config.workdir)
-    has_checkpoint = checkpoint.checkpoint_path(workdir).is_file()
-    if has_checkpoint and not resume:
-        raise JaxresError(
-            f"{workdir} already holds a checkpoint; pass --resume to continue it, or choose another --workdir"
-        )
-    if resume and has_checkpoint:
+    check_workdir(workdir, resume, writable=is_main)
+    if resume:
         saved = checkpoint.load_config(workdir)
         if dataclasses.replace(saved, workdir=config.workdir) != config:
             differences = [
@@ -590,6 +698,9 @@ def train_and_evaluate(
                 f"cannot resume {workdir}: its config.json differs in {', '.join(differences)}; "
                 "resume with the same options (or omit them: --resume alone reuses the saved ones)"
             )
+        saved_state, history = checkpoint.read_checkpoint(workdir)  # verified before any data is loaded
+    else:
+        saved_state, history = None, []
 
     # 1. data
     if dataset is None:
@@ -622,29 +733,35 @@ def train_and_evaluate(
     root_key = jax.random.PRNGKey(config.seed)
     init_key, data_key = jax.random.split(root_key)
     state = init_train_state(config, model, optimizer, init_key, image_shape)
-    start_epoch = 0
-    if resume and has_checkpoint:
-        state = checkpoint.restore_checkpoint(workdir, state)
-        start_epoch = int(state.step) // steps_per_epoch
-        log(f"resumed {workdir} at epoch {start_epoch}")
+    info = {
+        "class_names": list(dataset.class_names),
+        "image_shape": list(image_shape),
+        "source": dataset.source,
+        "train_images": int(train_images.shape[0]),
+        "test_images": int(dataset.test.images.shape[0]),
+    }
+    if resume:
+        check_same_dataset(workdir, info)
+        state = checkpoint.fit_state_dict(checkpoint.checkpoint_path(workdir), saved_state, state)
+        if int(state.step) != len(history) * steps_per_epoch:
+            raise JaxresError(
+                f"cannot resume {workdir}: its checkpoint is at step {int(state.step)}, not at the end of its "
+                f"epoch {len(history)} of {steps_per_epoch} steps (did the training set change?)"
+            )
+        log(f"resumed {workdir} at epoch {len(history)}")
+    start_epoch = len(history)
     state = replicate_tree(mesh, state)
-    history = read_history(workdir, start_epoch) if resume else []
 
+    # Crash safety: each epoch's state and metrics row are committed together, by the one
+    # atomic rename of the checkpoint (its history holds every row). metrics.jsonl is only a
+    # copy of that history, rewritten atomically after the checkpoint and here at every
+    # (re)start: a kill between the two renames leaves metrics.jsonl one row short, and the
+    # next start restores exactly the checkpoint's rows, never losing or repeating one.
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(workdir, RUN_FILES)
         checkpoint.atomic_write_bytes(workdir / checkpoint.CONFIG_NAME, config.to_json().encode())
-        info = {
-            "class_names": list(dataset.class_names),
-            "image_shape": list(image_shape),
-            "source": dataset.source,
-            "train_images": int(train_images.shape[0]),
-            "test_images": int(dataset.test.images.shape[0]),
-        }
         checkpoint.atomic_write_bytes(workdir / DATA_INFO_NAME, json.dumps(info, indent=2).encode())
-        # metrics.jsonl holds exactly the epochs the checkpoint has seen
-        checkpoint.atomic_write_bytes(
-            workdir / METRICS_NAME, "".join(json.dumps(row) + "\n" for row in history).encode()
-        )
+        checkpoint.atomic_write_bytes(workdir / METRICS_NAME, metrics_text(history).encode())
 
     evaluate = make_evaluate(model, config, mesh)
     log(
@@ -671,14 +788,14 @@ def train_and_evaluate(
         seconds = time.perf_counter() - started - compile_clock.seconds
         if bar is not None:
             bar.close()
-        if config.precision != "fp16" and int(metrics["first_nonfinite_step"]) >= 0:
-            raise NonFiniteLossError(
-                f"the training loss became non-finite at epoch {epoch + 1}, step "
-                f"{int(metrics['first_nonfinite_step']) + 1}; stopping. The last good checkpoint "
-                f"(epoch {epoch}) in {workdir} is intact. Try a lower --peak-lr or --precision fp32."
-            )
+        check_epoch_is_finite(config, workdir, epoch + 1, metrics, steps_per_epoch)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         evaluation = jax.device_get(evaluate(variables, test_images_device, test_labels_device))
+        if not math.isfinite(float(evaluation["loss"])):
+            raise NonFiniteLossError(
+                f"the test loss after epoch {epoch + 1} is {float(evaluation['loss'])}; stopping. "
+                + stop_advice(config, workdir, epoch)
+            )
         predictions = evaluation["predictions"]
         row = {
             "epoch": epoch + 1,
@@ -696,9 +813,16 @@ def train_and_evaluate(
         history.append(row)
         log(format_row(row))
         if is_main:
-            checkpoint.save_checkpoint(workdir, jax.device_get(state))
-            with open(workdir / METRICS_NAME, "a") as file:
-                file.write(json.dumps(row) + "\n")
+            try:
+                checkpoint.save_checkpoint(workdir, jax.device_get(state), history)
+                checkpoint.atomic_write_bytes(workdir / METRICS_NAME, metrics_text(history).encode())
+            except OSError as error:  # a full disk, say: the renamed-over files are still whole
+                kept = (
+                    f"the last checkpoint in {workdir} is whole (make room, then continue with --resume)"
+                    if checkpoint.checkpoint_path(workdir).is_file()
+                    else "no checkpoint was written (make room, then start again)"
+                )
+                raise JaxresError(f"cannot save epoch {epoch + 1}: {describe_os_error(error)}; {kept}") from None
 
     if is_main and write_plots and history:
         if predictions is None:
@@ -857,6 +981,7 @@ def find_peak_lr(config: TrainConfig, dataset, log: Callable[[str], None] = prin
     return dataclasses.replace(config, peak_lr=float(result.suggested_lr))
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -866,21 +991,17 @@ def main(argv: list[str] | None = None) -> int:
         is_main = jax.process_index() == 0
         log = print if is_main else (lambda _: None)
         dataset = None
+        check_workdir(Path(config.workdir), args.resume, writable=is_main)  # before any data is loaded
         if auto_lr:
-            if not args.resume and checkpoint.checkpoint_path(Path(config.workdir)).is_file():
-                raise JaxresError(
-                    f"{config.workdir} already holds a checkpoint; pass --resume to continue it "
-                    "(with its saved peak LR), or choose another --workdir"
-                )
             progress = sys.stderr.isatty() if args.progress is None else args.progress
             dataset = load_data(config, progress=progress and is_main)
             config = find_peak_lr(config, dataset, log)
         result = train_and_evaluate(config, resume=args.resume, dataset=dataset, progress=args.progress, log=log)
-    except JaxresError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        if checkpoint.checkpoint_path(args.workdir or TrainConfig.workdir).is_file():
+            print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        else:
+            print("interrupted before the first checkpoint; start the run again", file=sys.stderr)
         return 130
     if result.history and jax.process_index() == 0:
         final = result.history[-1]

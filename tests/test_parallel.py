@@ -37,6 +37,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxres import checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent(
@@ -144,10 +146,8 @@ MULTI_HOST_SCRIPT = textwrap.dedent(
 
 
 def read_checkpoint_leaves(workdir):
-    import flax.serialization
-
-    raw = flax.serialization.msgpack_restore((Path(workdir) / "checkpoint.msgpack").read_bytes())
-    return jax.tree_util.tree_leaves(raw["params"])
+    state, _ = checkpoint.read_checkpoint(workdir)
+    return jax.tree_util.tree_leaves(state["params"])
 
 
 @pytest.mark.slow

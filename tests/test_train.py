@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import chex
@@ -17,7 +16,6 @@ import pytest
 
 from jaxres import checkpoint, precision, train
 from jaxres.config import TrainConfig
-from jaxres.data import Dataset, Split
 from jaxres.errors import JaxresError
 from tests.helpers import quiet, random_dataset, tiny_config
 
