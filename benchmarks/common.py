@@ -20,7 +20,7 @@ from typing import Any, Sequence, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-RESULTS_DIR = REPO_ROOT / "results"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 SCRATCH_DIR = RESULTS_DIR / "tmp"  # git-ignored: worker logs, shared weights, profiles
 MARKER = "@@bench "  # prefix of the protocol lines a worker writes to its stdout
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "jax-cuda12-plugin", "jax-cuda13-plugin", "psutil")

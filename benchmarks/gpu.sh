@@ -2,9 +2,9 @@
 # The GPU benchmark suite in one command, on a machine with one NVIDIA GPU where jax (with
 # its CUDA plugin), flax, optax and torch (a CUDA build) are already installed:
 #
-#     bash benchmarks/gpu.sh                 # the suite: writes results/gpu-gpu-<time>.json,
-#                                            # results/latest.json, results/ratios.png,
-#                                            # results/README_results.md; prints the tables
+#     bash benchmarks/gpu.sh                 # the suite: writes benchmarks/results/gpu-gpu-<time>.json,
+#                                            # benchmarks/results/latest.json, benchmarks/results/ratios.png,
+#                                            # benchmarks/results/README_results.md; prints the tables
 #     bash benchmarks/gpu.sh --dry-run       # print the plan, run nothing
 #     bash benchmarks/gpu.sh --smoke         # the same machinery at toy sizes (works on a CPU)
 #
@@ -35,7 +35,7 @@ case "${1:-}" in
     shift
     device=cpu
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && device=gpu
-    exec "$PYTHON" -m benchmarks.run --suite gpu --smoke --device "$device" --out "${SMOKE_OUT:-results/tmp/gpu-smoke}" "$@"
+    exec "$PYTHON" -m benchmarks.run --suite gpu --smoke --device "$device" --out "${SMOKE_OUT:-benchmarks/results/tmp/gpu-smoke}" "$@"
     ;;
 esac
 

@@ -1,6 +1,6 @@
 """Localisation and faithfulness of every CAM method at every stage, on `shapes`.
 
-    python -m benchmarks.localisation --workdir RUN [--images 500] [--out results/localisation.json]
+    python -m benchmarks.localisation --workdir RUN [--images 500] [--out benchmarks/results/localisation.json]
 
 RUN is a run trained on the synthetic `shapes` source (`python -m jaxres.train --data
 shapes ...`), whose test images come with object masks. For each method and layer it
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.localisation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a run trained with --data shapes")
     parser.add_argument("--images", type=int, default=500, help="number of test images to score")
-    parser.add_argument("--out", default="results/localisation.json", help="where to write the JSON report")
+    parser.add_argument("--out", default="benchmarks/results/localisation.json", help="where to write the JSON report")
     args = parser.parse_args(argv)
     try:
         model, variables, config = checkpoint.load_for_inference(args.workdir)

@@ -4,7 +4,7 @@ Runs `--steps` steps of `jaxres.train.make_train_epoch` (the benchmarked code pa
 `jax.profiler.trace(..., create_perfetto_trace=True)`, then adds up the durations of the
 XLA operations in the trace by name and by kind (convolution, fusion, copy, ...), and maps
 each fusion to the HLO ops inside it (from the compiled step's HLO text). Prints a
-markdown table and writes JSON (default results/tmp/profile/). Optional: `--torch` adds
+markdown table and writes JSON (default benchmarks/results/tmp/profile/). Optional: `--torch` adds
 the PyTorch step's top operators (torch.profiler) for comparison.
 
     python -m benchmarks.profile_jax --width 0.25 --batch 128 --steps 6

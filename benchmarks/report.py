@@ -1,6 +1,6 @@
 """Render benchmark results: markdown tables, the README "Results" section, the ratio chart.
 
-    python -m benchmarks.report [results/latest.json] [--out results/README_results.md] [--chart results/ratios.png]
+    python -m benchmarks.report [benchmarks/results/latest.json] [--out benchmarks/results/README_results.md] [--chart benchmarks/results/ratios.png]
 
 Ratios are always JAX / PyTorch of the quantity in the column: for throughput (images/s)
 above 1 means jaxres is faster; for seconds and memory below 1 means jaxres needs less.
@@ -189,10 +189,21 @@ def accuracy_table(results: dict) -> list[str]:
     return lines
 
 
+def second_run_text(jax_worker: dict) -> str:
+    """The second run's first call, compile time and overhead (first call minus a steady call)."""
+    second = jax_worker.get("second_run")
+    if not second or "first_call_seconds" not in second:
+        return "–" if not second else f"failed: {second.get('error', '?')}"
+    steady = jax_worker.get("seconds", {}).get("median")
+    overhead = second["first_call_seconds"] - steady if common.is_number(steady) else None
+    return f"{fmt_number(second['first_call_seconds'])}, {fmt_number(second.get('compile_seconds'))}, {fmt_number(overhead)}"
+
+
 def warmup_table(results: dict) -> list[str]:
     lines = [
-        "| row | jaxres first call s | jaxres compile s | PyTorch side | PyTorch first call s | first-call overhead JAX / PyTorch s |",
-        "|---|---|---|---|---|---|",
+        "| row | jaxres first call s | jaxres compile s | PyTorch side | PyTorch first call s | first-call overhead JAX / PyTorch s "
+        "| jaxres second run: first call s, compile s, overhead s |",
+        "|---|---|---|---|---|---|---|",
     ]
     count = 0
     for row in results["rows"]:
@@ -204,12 +215,13 @@ def warmup_table(results: dict) -> list[str]:
             lines.append(
                 f"| {row['name']} | {fmt_number(j.get('first_call_seconds'))} | {fmt_number(j.get('compile_seconds'))} | "
                 f"{describe_variant(label, worker)} | {fmt_number(worker.get('first_call_seconds'))} | "
-                f"{fmt_number(j.get('first_call_overhead_seconds'))} / {fmt_number(worker.get('first_call_overhead_seconds'))} |"
+                f"{fmt_number(j.get('first_call_overhead_seconds'))} / {fmt_number(worker.get('first_call_overhead_seconds'))} "
+                f"| {second_run_text(j)} |"
             )
     for row in results["rows"]:
         if row["task"] == "accuracy" and "workers" in row:
             lines.append(
-                f"| {row['name']} | – | {fmt_number(row['workers']['jax'].get('compile_seconds'))} | eager | – | – |"
+                f"| {row['name']} | – | {fmt_number(row['workers']['jax'].get('compile_seconds'))} | eager | – | – | – |"
             )
             count += 1
     return lines if count else []
@@ -310,7 +322,7 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def readme_section(results: dict, chart_path: str | None = "results/ratios.png") -> str:
+def readme_section(results: dict, chart_path: str | None = "benchmarks/results/ratios.png") -> str:
     """The README's "Results" section, made from one results JSON."""
     command = {
         "quick": "python -m benchmarks.run --quick",
@@ -322,7 +334,7 @@ def readme_section(results: dict, chart_path: str | None = "results/ratios.png")
         "## Results",
         "",
         f"Measured with `{command}` on {machine_line(results)}. "
-        f"Raw numbers: `results/{results['name']}.json` (also `results/latest.json`); "
+        f"Raw numbers: `benchmarks/results/{results['name']}.json` (also `benchmarks/results/latest.json`); "
         "regenerate this section with `python -m benchmarks.report`.",
         "",
     ]
@@ -404,7 +416,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="?", default=str(common.RESULTS_DIR / "latest.json"))
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "README_results.md"), help="where the README section goes")
-    parser.add_argument("--chart", default=None, help="also redraw the ratio chart here (e.g. results/ratios.png)")
+    parser.add_argument("--chart", default=None, help="also redraw the ratio chart here (e.g. benchmarks/results/ratios.png)")
     args = parser.parse_args(argv)
     path = Path(args.results)
     if not path.is_file():

@@ -19,9 +19,9 @@ Suites:
       frameworks (target 94%), within `--budget-seconds` (lower-priority rows are
       skipped, with the reason recorded, when the budget runs out).
 
-Outputs: results/<name>.json and results/latest.json, a markdown table on stdout,
-results/ratios.png, results/README_results.md (see `benchmarks.report`). Worker logs and
-the shared weights go to results/tmp/ (git-ignored).
+Outputs: benchmarks/results/<name>.json and benchmarks/results/latest.json, a markdown table on stdout,
+benchmarks/results/ratios.png, benchmarks/results/README_results.md (see `benchmarks.report`). Worker logs and
+the shared weights go to benchmarks/results/tmp/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -133,10 +133,10 @@ def make_plan(args) -> Plan:
             warmup=2,
             widths=[0.25],
             batches=[128],
-            precisions=["fp32"],
+            precisions=["fp32", "bf16"],
             train_images_per_measure={0.25: 768, "default": 256},
             loader_workers=min(2, threads),
-            loader_rows="all",
+            loader_rows="first",
             torch_compile_rows="none",
             eval_widths=[0.25],
             eval_precisions=["fp32"],
@@ -165,7 +165,7 @@ def make_plan(args) -> Plan:
             warmup=2,
             widths=[0.25, 1.0],
             batches=[128, 512],
-            precisions=["fp32"],
+            precisions=["fp32", "bf16"],
             train_images_per_measure={0.25: 1024, 1.0: 512, "default": 512},
             loader_workers=min(2, threads),
             loader_rows="all",
@@ -198,8 +198,8 @@ def make_plan(args) -> Plan:
         plan.gradcam_widths, plan.gradcam_images, plan.gradcam_batch = [0.0625], 64, 32
         plan.accuracy_width, plan.accuracy_epochs, plan.accuracy_subset, plan.accuracy_batch = 0.0625, 1, 1024, 128
         plan.loader_workers = min(plan.loader_workers, 1)
-    if plan.device == "cpu":  # AMP (bf16/fp16) is measured on a GPU only
-        plan.precisions = [p for p in plan.precisions if p == "fp32"]
+    if plan.device == "cpu":  # on a CPU: fp32 and bf16 (PyTorch CPU autocast); fp16 only on a GPU
+        plan.precisions = [p for p in plan.precisions if p != "fp16"]
         plan.eval_precisions = [p for p in plan.eval_precisions if p == "fp32"]
         plan.accuracy_precision = "fp32"
         plan.torch_compile_rows = "none" if not args.torch_compile else plan.torch_compile_rows
@@ -357,6 +357,7 @@ class Runner:
         self.started = time.perf_counter()
         self.count = 0
         self.row_seconds: dict[str, float] = {"train-compile": 150.0}  # task -> duration of its last row (estimates first)
+        self.compilation_cache = scratch / "compilation-cache" / datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -373,6 +374,9 @@ class Runner:
         env = common.thread_environment(self.plan.threads)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO_ROOT), env.get("PYTHONPATH")]))
         if framework == "jax":
+            # a persistent compilation cache of this run only: each program's first worker
+            # compiles (a first run), later workers of the same setting load it (a second run)
+            env["JAXRES_COMPILATION_CACHE"] = str(self.compilation_cache)
             if self.plan.jax_xla_flags:
                 env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.plan.jax_xla_flags}".strip()
             if self.plan.device == "cpu":
@@ -537,8 +541,11 @@ def train_rows(runner: Runner, weights_for) -> list[dict]:
                 specs = [("jax", "jax", options), ("torch-device", "torch", {**options, "pipeline": "device"})]
                 if plan.loader_rows == "all" or first:
                     specs.append(("torch-loader", "torch", {**options, "pipeline": "loader", "loader_workers": plan.loader_workers}))
+                row = measured_row(runner, "train", name, setting, specs)
+                if first and "workers" in row:
+                    row["workers"]["jax"]["second_run"] = second_run_first_call(runner, "train", options)
                 first = False
-                rows.append(measured_row(runner, "train", name, setting, specs))
+                rows.append(row)
     if plan.torch_compile_rows == "last" and plan.widths and plan.batches and plan.precisions:
         width, batch, precision = plan.widths[0], plan.batches[0], plan.precisions[0]
         setting = {"width": width, "batch": batch, "precision": precision, "steps": plan.steps_for(width, batch)}
@@ -550,6 +557,22 @@ def train_rows(runner: Runner, weights_for) -> list[dict]:
             specs = [("jax", "jax", options), ("torch-compile", "torch", {**options, "pipeline": "device", "torch_compile": True})]
             rows.append(measured_row(runner, "train", name, setting, specs))
     return rows
+
+
+def second_run_first_call(runner: Runner, task: str, options: dict) -> dict:
+    """{first_call_seconds, compile_seconds, first_call_overhead_seconds} of a fresh jaxres
+    worker for a setting already measured: as a second run of the same command, it finds
+    the compiled programs in the persistent compilation cache. Errors are recorded."""
+    worker = runner.start("jax-second-run", "jax", task, {**options, "warmup": 1})
+    try:
+        ready = worker.read(runner.timeout)
+        worker.send("finish")
+        worker.read(runner.timeout)
+    except WorkerError as error:
+        return {"error": str(error)}
+    finally:
+        worker.close()
+    return {name: ready.get(name) for name in ("first_call_seconds", "compile_seconds")}
 
 
 def measured_row(runner: Runner, task: str, name: str, setting: dict, specs: list) -> dict:
@@ -822,7 +845,7 @@ def write_outputs(results: dict, out_dir: Path, chart: bool = True) -> list[Path
         temporary.write_text(text)
         os.replace(temporary, path)
     readme = out_dir / "README_results.md"
-    readme.write_text(report.readme_section(results, chart_path="results/ratios.png"))
+    readme.write_text(report.readme_section(results, chart_path="benchmarks/results/ratios.png"))
     paths.append(readme)
     if chart:
         chart_path = out_dir / "ratios.png"

@@ -68,10 +68,10 @@ def describe_common(args, recipe: torch_train.Recipe, device: torch.device) -> d
         "channels_last": recipe.channels_last,
         "torch_compile": recipe.compile,
         "precision": recipe.precision,
+        "amp": recipe.precision != "fp32",  # torch.autocast (CPU: bf16 only)
     }
     if device.type == "cuda":
         out["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-        out["amp"] = recipe.precision != "fp32"
         out["grad_scaler"] = recipe.precision == "fp16"
         out["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     return out
@@ -94,7 +94,9 @@ class TrainSession:
         self.device = torch_device(args)
         self.recipe = recipe_for(args)
         model = torch_train.build_model(self.recipe, self.device, state_dict=load_weights(args.weights))
-        self.trainer = torch_train.Trainer(model, self.recipe, steps_per_epoch=args.steps, device=self.device)
+        self.trainer = torch_train.Trainer(
+            model, self.recipe, steps_per_epoch=args.steps, device=self.device, allow_cpu_amp=self.recipe.precision == "bf16"
+        )
         if args.pipeline == "device":
             images = torch.from_numpy(arrays["train_images"]).to(self.device)
             labels = torch.from_numpy(arrays["train_labels"].astype(np.int64)).to(self.device)

@@ -358,7 +358,8 @@ def test_report_command_writes_the_readme_section(tmp_path):
 def test_plans():
     parser = run.build_parser()
     quick = run.make_plan(parser.parse_args(["--quick", "--suite", "cpu"]))
-    assert (quick.widths, quick.batches, quick.precisions, quick.repeats) == ([0.25], [128], ["fp32"], 5)
+    assert (quick.widths, quick.batches, quick.precisions, quick.repeats) == ([0.25], [128], ["fp32", "bf16"], 5)
+    assert quick.loader_rows == "first"  # the DataLoader pipeline is timed on the fp32 row
     assert quick.repeats >= 5 and quick.accuracy_subset and quick.accuracy_width == 0.25
     full = run.make_plan(parser.parse_args(["--suite", "cpu"]))
     assert (full.widths, full.batches, full.accuracy_subset) == ([0.25, 1.0], [128, 512], None)
@@ -366,7 +367,8 @@ def test_plans():
     assert gpu.precisions == ["fp16", "bf16", "fp32"] and gpu.accuracy_epochs == 24 and gpu.accuracy_target == 0.94
     assert gpu.budget_seconds and gpu.budget_seconds < 600
     smoke_on_cpu = run.make_plan(parser.parse_args(["--suite", "gpu", "--device", "cpu", "--smoke"]))
-    assert smoke_on_cpu.precisions == ["fp32"] and smoke_on_cpu.accuracy_precision == "fp32"
+    # on a CPU: bf16 through PyTorch's CPU autocast, no fp16 (a GPU's)
+    assert smoke_on_cpu.precisions == ["bf16", "fp32"] and smoke_on_cpu.accuracy_precision == "fp32"
 
 
 def test_protocol_lines_round_trip():
