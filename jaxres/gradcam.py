@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres.augment import normalize as normalize_images
-from jaxres.errors import JaxresError
+from jaxres.errors import JaxresError, command_line, figure_output_path
 
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 SCORES = ("probability", "logit")
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default="gradcam", help="CAM method (default: gradcam)")
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
-    parser.add_argument("--out", default="cams.png", help="output image path (default: cams.png)")
+    parser.add_argument("--out", default="cams.png", help="the image to write; its suffix (.png, .pdf, .svg, ...) sets the format (default: cams.png)")
     return parser
 
 
@@ -555,6 +555,7 @@ def run(args: argparse.Namespace) -> str:
 
     if args.batch_size < 1:
         raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
+    out = figure_output_path(args.out)
     model, variables, config = checkpoint.load_for_inference(args.workdir)
     layer = args.layer or tuple(model.STAGES)[-1]
     _check_layer(model, layer)
@@ -594,17 +595,13 @@ def run(args: argparse.Namespace) -> str:
         class_names=list(dataset.class_names),
         title=f"{args.method} at {layer} ({args.target} class), {args.split} images {', '.join(map(str, indices[:8]))}{' ...' if len(indices) > 8 else ''}",
     )
-    return str(plots.save_figure(figure, args.out))
+    return str(plots.save_figure(figure, out))
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = run(args)
-    except JaxresError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+    print(f"wrote {run(args)}")
     return 0
 
 

@@ -542,6 +542,30 @@ def test_cli_errors_exit_2_without_traceback(fake_run, capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("out, message", [("x.txt", "has the suffix .txt"), (".", "is a folder")])
+def test_cli_checks_the_output_before_any_work(tmp_path, fake_run, capsys, out, message):
+    """Issue 11 item 12: --out x.txt raised ValueError after all the work; a folder printed
+    'wrote FOLDER' but wrote FOLDER.png."""
+    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and message in err and err.count("\n") == 1
+    assert fake_run == {}  # neither the run nor the data were loaded
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_an_unwritable_output_without_traceback(tmp_path, fake_run, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "cams.png"
+
+    def read_only(self, path, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", read_only)
+    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: Read-only file system\n"
+
+
 def test_cli_argument_parsing():
     parser = cam_lib.build_parser()
     args = parser.parse_args(["--workdir", "RUN"])
