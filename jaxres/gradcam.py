@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,10 +56,21 @@ def _check_method(method: str) -> None:
         raise JaxresError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _check_images(images) -> None:
+def _check_images(images, stacklevel: int = 3) -> None:
+    """Shape [N, H, W, 3], and a warning (at the caller's caller, `stacklevel`) for concrete
+    float images whose values all lie in [0, 1]: pixels scaled to [0, 1], which jaxres would
+    normalise as nearly black images (traced images are not looked at)."""
     shape = tuple(np.shape(images))
     if len(shape) != 4 or shape[-1] != 3:
         raise JaxresError(f"images must be [N, H, W, 3] pixel values (uint8 or float in [0, 255]), got shape {shape}")
+    dtype = getattr(images, "dtype", None) or np.asarray(images).dtype
+    if jnp.issubdtype(dtype, jnp.floating) and _is_concrete(images) and np.size(images) and float(jnp.max(images)) <= 1.0:
+        warnings.warn(
+            "float images with values in [0, 1]: jaxres expects pixel values in [0, 255] (uint8, or float "
+            "on that scale) and normalises them as in training; multiply by 255 first",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _is_concrete(value) -> bool:
@@ -224,7 +236,8 @@ def gradcam(
 
     model: a jaxres Flax model (`model.STAGES` names the layers); variables: its
     {"params", "batch_stats"} (others ignored); images: uint8 or float[N, H, W, 3]
-    pixel values in [0, 255], normalised here as in training; targets: None (each
+    pixel values in [0, 255] (a warning for concrete float images all in [0, 1]),
+    normalised here as in training; targets: None (each
     image's predicted class), an int (one class for all) or ints[N]. The class score is
     the pre-softmax logit; BatchNorm runs in inference mode.
 
@@ -414,7 +427,7 @@ def gaussian_blur(inputs: jax.Array, size: int = 11, sigma: float = 5.0) -> jax.
 
 
 def _check_faithfulness_inputs(model, images, cams, score):
-    _check_images(images)
+    _check_images(images, stacklevel=4)
     shape = tuple(np.shape(cams))
     if shape != tuple(np.shape(images))[:3]:
         raise JaxresError(f"cams must be [N, H, W] matching the images {tuple(np.shape(images))[:3]}, got {shape}")

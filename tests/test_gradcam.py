@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -564,6 +566,18 @@ def test_cli_reports_an_unwritable_output_without_traceback(tmp_path, fake_run, 
     monkeypatch.setattr(Figure, "savefig", read_only)
     assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "5", "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: {out}: Read-only file system\n"
+
+
+def test_float_images_in_the_unit_range_warn(model, variables, images):
+    """Issue 11 item 14: pixels in [0, 1] were accepted silently and gave wrong maps."""
+    unit = np.asarray(images, np.float32) / 255.0
+    with pytest.warns(UserWarning, match=r"float images with values in \[0, 1\].*expects pixel values in \[0, 255\]"):
+        gradcam(model, variables, unit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradcam(model, variables, images)  # uint8
+        gradcam(model, variables, unit * 255.0)  # float in [0, 255]
+        jax.jit(lambda x: gradcam(model, variables, x))(unit[:2])  # traced: values unknown, no check
 
 
 def test_cli_argument_parsing():
