@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG.",
     )
     parser.add_argument("--workdir", required=True, help="run directory written by `python -m jaxres.train` (checkpoint + config)")
-    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on)")
+    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on); it must have the run's classes and image size")
     parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw images from (default: test)")
     which = parser.add_mutually_exclusive_group()
@@ -564,17 +564,14 @@ def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarra
 
 def run(args: argparse.Namespace) -> str:
     """The CLI's work; returns the path written. Raises JaxresError on user mistakes."""
-    from jaxres import checkpoint, data, plots
+    from jaxres import evaluate, plots
 
     if args.batch_size < 1:
         raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
     out = figure_output_path(args.out)
-    model, variables, config = checkpoint.load_for_inference(args.workdir)
+    model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
     layer = args.layer or tuple(model.STAGES)[-1]
     _check_layer(model, layer)
-    source = args.data or config.data
-    cache_dir = args.cache_dir or config.cache_dir
-    dataset = data.load_dataset(source, cache_dir=cache_dir)
     split = getattr(dataset, args.split)
     images, labels = np.asarray(split.images), np.asarray(split.labels)
     if args.indices is not None:

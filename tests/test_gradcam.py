@@ -496,8 +496,9 @@ def test_trained_model_localises_shapes_and_fails_randomisation():
 
 @pytest.fixture
 def fake_run(monkeypatch, model, variables, images):
-    """`load_for_inference` and `load_dataset` replaced by the test model and six images."""
-    from jaxres import checkpoint, data
+    """`load_for_inference`, `load_dataset` and `read_dataset_info` replaced by the test model,
+    six images and their dataset.json."""
+    from jaxres import checkpoint, data, train
     from jaxres.config import TrainConfig
 
     labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
@@ -513,8 +514,10 @@ def fake_run(monkeypatch, model, variables, images):
         calls["source"] = source
         return dataset
 
+    info = {"class_names": list(dataset.class_names), "image_shape": list(split.images.shape[1:]), "source": "fake"}
     monkeypatch.setattr(checkpoint, "load_for_inference", load_for_inference)
     monkeypatch.setattr(data, "load_dataset", load_dataset)
+    monkeypatch.setattr(train, "read_dataset_info", lambda workdir: info)
     return calls
 
 
