@@ -547,7 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw images from (default: test)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--misclassified", type=int, default=None, metavar="K", help="explain the first K misclassified images (default: 16)")
+    which.add_argument(
+        "--misclassified", type=int, default=None, metavar="K",
+        help="explain K misclassified images, taken round-robin over their true classes (classes in the order they "
+        "first appear in the split), so that a split sorted by class still shows several (default: 16)",
+    )  # fmt: skip
     which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I", help="explain these image indices of the split")
     parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
     parser.add_argument("--method", choices=METHODS, default="gradcam", help="CAM method (default: gradcam)")
@@ -557,9 +561,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predicted_classes(model, variables, images):
+    return jnp.argmax(model.apply(_inference_variables(variables), normalize_images(images), train=False), axis=-1)
+
+
 def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
-    apply = jax.jit(lambda v, x: jnp.argmax(model.apply(_inference_variables(v), normalize_images(x), train=False), axis=-1))
-    return np.concatenate([np.asarray(apply(variables, images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    """Predicted classes, int[N], of uint8[N, H, W, 3] images, `batch_size` at a time."""
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    return np.concatenate([np.asarray(_predicted_classes(model, variables, batch)) for batch in batches])
+
+
+def round_robin_over_classes(indices, labels, count: int) -> np.ndarray:
+    """Up to `count` of `indices`, taken round-robin over their classes: the first index of
+    each class, then the second of each, ..., classes in order of first appearance, each
+    class's indices in the given order. indices: int[M]; labels: int[M], the class of each.
+    Returns int[min(count, M)], in the order taken (deterministic)."""
+    indices, labels = np.asarray(indices), np.asarray(labels)
+    _, first_position, class_of = np.unique(labels, return_index=True, return_inverse=True)
+    class_rank = np.argsort(np.argsort(first_position))[class_of]  # 0 for the class seen first
+    by_class = np.argsort(class_of, kind="stable")
+    sizes = np.bincount(class_of)
+    turn = np.empty(len(indices), np.int64)  # how many of its class come before it
+    turn[by_class] = np.arange(len(indices)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return indices[np.lexsort((class_rank, turn))[:count]]
 
 
 def run(args: argparse.Namespace) -> str:
@@ -585,7 +610,8 @@ def run(args: argparse.Namespace) -> str:
         if wanted < 1:
             raise JaxresError(f"--misclassified must be positive, got {wanted}")
         all_predictions = _predict(model, variables, images, args.batch_size)
-        indices = np.flatnonzero(all_predictions != labels)[:wanted]
+        wrong = np.flatnonzero(all_predictions != labels)
+        indices = round_robin_over_classes(wrong, labels[wrong], wanted)
         if indices.size == 0:
             raise JaxresError(f"no misclassified images in the {args.split} split: use --indices instead")
         predictions = all_predictions[indices]

@@ -124,6 +124,38 @@ def test_evaluate_on_data_of_the_runs_kind(cifar_run, cifar_like_tree, capsys, t
     assert "10.00%" in out.splitlines()[1]
 
 
+# --------------------------------------------------------------------------- --misclassified spreads over classes
+
+
+def test_misclassified_images_are_taken_round_robin_over_the_classes(cifar_run, cifar_like_tree, monkeypatch, capsys, tmp_path):
+    """Issue 13 §3: an image-folder test split is sorted by class; the first misclassified
+    images were all of one class. The all-zero model misclassifies every image but the
+    airplanes (class 0), i.e. classes 1..9, three images each, in that order."""
+    shown = {}
+    plot_cams = cam_lib.plot_cams
+
+    def recording_plot_cams(images, cams, true_labels=None, **kwargs):
+        shown["true_labels"] = np.asarray(true_labels)
+        return plot_cams(images, cams, true_labels, **kwargs)
+
+    monkeypatch.setattr(cam_lib, "plot_cams", recording_plot_cams)
+    out = tmp_path / "cams.png"
+    argv = ["--workdir", cifar_run, "--data", cifar_like_tree, "--cache-dir", tmp_path / "cache", "--misclassified", "4", "--out", out]
+    status, stdout, err = run_command(cam_lib.main, argv, capsys)
+    assert status == 0, err
+    assert stdout == f"wrote {out}\n" and out.read_bytes()[:4] == b"\x89PNG"
+    assert shown["true_labels"].tolist() == [1, 2, 3, 4]  # round-robin: one of each class, classes in order
+
+
+def test_round_robin_over_classes():
+    labels = np.array([5, 5, 5, 2, 2, 7, 5, 2, 9])
+    indices = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8])
+    chosen = cam_lib.round_robin_over_classes(indices, labels, 6)
+    assert chosen.tolist() == [0, 3, 5, 8, 1, 4]
+    assert cam_lib.round_robin_over_classes(indices, labels, 100).tolist() == [0, 3, 5, 8, 1, 4, 2, 7, 6]
+    assert cam_lib.round_robin_over_classes(indices[:0], labels[:0], 3).tolist() == []
+
+
 # --------------------------------------------------------------------------- outputs are checked first
 
 
