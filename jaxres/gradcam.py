@@ -63,8 +63,8 @@ def _check_images(images, stacklevel: int = 3) -> None:
     shape = tuple(np.shape(images))
     if len(shape) != 4 or shape[-1] != 3:
         raise JaxresError(f"images must be [N, H, W, 3] pixel values (uint8 or float in [0, 255]), got shape {shape}")
-    dtype = getattr(images, "dtype", None) or np.asarray(images).dtype
-    if jnp.issubdtype(dtype, jnp.floating) and _is_concrete(images) and np.size(images) and float(jnp.max(images)) <= 1.0:
+    array = images if hasattr(images, "dtype") else np.asarray(images)  # NumPy stays on the host, jax on its device
+    if jnp.issubdtype(array.dtype, jnp.floating) and _is_concrete(array) and array.size and float(array.max()) <= 1.0:
         warnings.warn(
             "float images with values in [0, 1]: jaxres expects pixel values in [0, 255] (uint8, or float "
             "on that scale) and normalises them as in training; multiply by 255 first",
