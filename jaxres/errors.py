@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -50,9 +51,11 @@ def command_line(main: Callable[..., int]) -> Callable[..., int]:
 
 def figure_output_path(path, flag: str = "--out") -> Path:
     """`path` checked, before any work, as a file a matplotlib figure can be saved to: a suffix
-    savefig knows (.png, .pdf, .svg, ...; the format comes from it), not an existing folder, and
-    a folder that exists or can be created, and can be written. Returns it as a Path: the very
-    file `Figure.savefig` writes. Raises JaxresError naming `flag` and the path."""
+    savefig knows (.png, .pdf, .svg, ...; the format comes from it; .pgf only with its TeX
+    system installed), not an existing folder, and a folder that exists or can be created, and
+    can be written. Returns it as a Path: the very file `Figure.savefig` writes. Raises
+    JaxresError naming `flag` and the path."""
+    import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(path).expanduser()
@@ -63,6 +66,10 @@ def figure_output_path(path, flag: str = "--out") -> Path:
     if suffix[1:] not in formats:
         has = f"has the suffix {suffix}" if suffix else "has no suffix"
         raise JaxresError(f"{flag} {path} {has}; name an image file ending in one of {', '.join('.' + f for f in formats)}")
+    if suffix == ".pgf":  # written through a TeX system, found missing only when saving
+        texsystem = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(texsystem) is None:
+            raise JaxresError(f"{flag} {path}: the .pgf format needs {texsystem}, which is not installed; use .pdf or .svg")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the nearest existing folder, where the missing ones will be made

@@ -173,6 +173,20 @@ def test_figure_output_path(tmp_path):
         figure_output_path(tmp_path / "file" / "cams.png")
 
 
+def test_figure_output_path_pgf_needs_its_tex(tmp_path, monkeypatch):
+    """savefig raised RuntimeError for .pgf after all the work when the TeX system is missing."""
+    import shutil
+
+    import matplotlib
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    texsystem = matplotlib.rcParams["pgf.texsystem"]
+    with pytest.raises(JaxresError, match=rf"--out .*cams\.pgf: the \.pgf format needs {texsystem}, which is not installed"):
+        figure_output_path(tmp_path / "cams.pgf")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert figure_output_path(tmp_path / "cams.pgf") == tmp_path / "cams.pgf"
+
+
 def test_figure_output_path_in_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
     # (the tests may run as root, for whom chmod does not make a folder read-only)
     real_access = os.access
