@@ -593,6 +593,9 @@ def run(args: argparse.Namespace) -> str:
 
     if args.batch_size < 1:
         raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
+    wanted = 16 if args.misclassified is None else args.misclassified
+    if wanted < 1:
+        raise JaxresError(f"--misclassified must be positive, got {wanted}")
     out = figure_output_path(args.out)
     model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
     layer = args.layer or tuple(model.STAGES)[-1]
@@ -606,9 +609,6 @@ def run(args: argparse.Namespace) -> str:
             raise JaxresError(f"--indices {int(bad[0])} out of range: the {args.split} split has {len(images)} images")
         predictions = _predict(model, variables, images[indices], args.batch_size)
     else:
-        wanted = 16 if args.misclassified is None else args.misclassified
-        if wanted < 1:
-            raise JaxresError(f"--misclassified must be positive, got {wanted}")
         all_predictions = _predict(model, variables, images, args.batch_size)
         wrong = np.flatnonzero(all_predictions != labels)
         indices = round_robin_over_classes(wrong, labels[wrong], wanted)

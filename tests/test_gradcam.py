@@ -547,6 +547,12 @@ def test_cli_errors_exit_2_without_traceback(fake_run, capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["--misclassified", "0"], ["--batch-size", "0"]])
+def test_cli_flag_errors_come_before_loading_the_run(fake_run, capsys, argv):
+    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    assert capsys.readouterr().err.startswith("error: --") and fake_run == {}
+
+
 @pytest.mark.parametrize("out, message", [("x.txt", "has the suffix .txt"), (".", "is a folder")])
 def test_cli_checks_the_output_before_any_work(tmp_path, fake_run, capsys, out, message):
     """Issue 11 item 12: --out x.txt raised ValueError after all the work; a folder printed
