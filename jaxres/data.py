@@ -22,7 +22,8 @@ later load of the same source reads the cache (well under a second for CIFAR-10)
 
 Labels of an image tree are the indices of the class folders in sorted order; images are taken
 in sorted file-name order within each class, classes in label order. Hidden files and folders
-(names starting with ".") and files without a PNG/JPEG extension are skipped.
+(names starting with ".") and files without a PNG/JPEG extension are skipped; an image that
+cannot be read or decoded (also a broken link with an image extension) is an error naming it.
 """
 
 from __future__ import annotations
@@ -487,9 +488,19 @@ def _list_tree_entries(root: pathlib.Path) -> list[_TreeEntry]:
                 continue
             entries.append(_TreeEntry(split, class_dir.name, "", str(class_dir)))
             for file in sorted(class_dir.iterdir()):
-                if _is_image_name(file.name) and file.is_file():
+                if _is_image_name(file.name) and _is_image_file(file):
                     entries.append(_TreeEntry(split, class_dir.name, file.name, str(file)))
     return entries
+
+
+def _is_image_file(path: pathlib.Path) -> bool:
+    """Whether `path` is a file (or a link to one) to decode, not a folder; JaxresError naming
+    it when it cannot be followed (a broken link, a loop of links) or its folder not searched."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        raise JaxresError(f"cannot read image {path}: {error.strerror or error}") from None
+    return path.is_file()
 
 
 def _load_image_tree(root: pathlib.Path, listed: Sequence[_TreeEntry], show_progress: bool) -> Dataset:

@@ -10,7 +10,10 @@ whose message names the culprit.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -44,3 +47,36 @@ def command_line(main: Callable[..., int]) -> Callable[..., int]:
             return 2
 
     return wrapped
+
+
+def figure_output_path(path, flag: str = "--out") -> Path:
+    """`path` checked, before any work, as a file a matplotlib figure can be saved to: a suffix
+    savefig knows (.png, .pdf, .svg, ...; the format comes from it; .pgf only with its TeX
+    system installed), not an existing folder, and a folder that exists or can be created, and
+    can be written. Returns it as a Path: the very file `Figure.savefig` writes. Raises
+    JaxresError naming `flag` and the path."""
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise JaxresError(f"{flag} {path} is a folder; name the image file to write, e.g. {path / 'figure.png'}")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = path.suffix.lower()
+    if suffix[1:] not in formats:
+        has = f"has the suffix {suffix}" if suffix else "has no suffix"
+        raise JaxresError(f"{flag} {path} {has}; name an image file ending in one of {', '.join('.' + f for f in formats)}")
+    if suffix == ".pgf":  # written through a TeX system, found missing only when saving
+        texsystem = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(texsystem) is None:
+            raise JaxresError(f"{flag} {path}: the .pgf format needs {texsystem}, which is not installed; use .pdf or .svg")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing folder, where the missing ones will be made
+    if not folder.is_dir():
+        raise JaxresError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise JaxresError(f"{flag} {path}: cannot write into the folder {folder} (no permission, or read-only)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise JaxresError(f"{flag} {path}: the file exists and cannot be overwritten (no permission)")
+    return path

@@ -27,6 +27,7 @@ import argparse
 import functools
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres.augment import normalize as normalize_images
-from jaxres.errors import JaxresError
+from jaxres.errors import JaxresError, command_line, figure_output_path
 
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 SCORES = ("probability", "logit")
@@ -60,10 +61,21 @@ def _check_method(method: str) -> None:
         raise JaxresError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _check_images(images) -> None:
+def _check_images(images, stacklevel: int = 3) -> None:
+    """Shape [N, H, W, 3], and a warning (at the caller's caller, `stacklevel`) for concrete
+    float images whose values all lie in [0, 1]: pixels scaled to [0, 1], which jaxres would
+    normalise as nearly black images (traced images are not looked at)."""
     shape = tuple(np.shape(images))
     if len(shape) != 4 or shape[-1] != 3:
         raise JaxresError(f"images must be [N, H, W, 3] pixel values (uint8 or float in [0, 255]), got shape {shape}")
+    array = images if hasattr(images, "dtype") else np.asarray(images)  # NumPy stays on the host, jax on its device
+    if jnp.issubdtype(array.dtype, jnp.floating) and _is_concrete(array) and array.size and float(array.max()) <= 1.0:
+        warnings.warn(
+            "float images with values in [0, 1]: jaxres expects pixel values in [0, 255] (uint8, or float "
+            "on that scale) and normalises them as in training; multiply by 255 first",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _is_concrete(value) -> bool:
@@ -236,7 +248,8 @@ def gradcam(
 
     model: a jaxres Flax model (`model.STAGES` names the layers); variables: its
     {"params", "batch_stats"} (others ignored); images: uint8 or float[N, H, W, 3]
-    pixel values in [0, 255], normalised here as in training; targets: None (each
+    pixel values in [0, 255] (a warning for concrete float images all in [0, 1]),
+    normalised here as in training; targets: None (each
     image's predicted class), an int (one class for all) or ints[N]. The class score is
     the pre-softmax logit; BatchNorm runs in inference mode.
 
@@ -449,7 +462,7 @@ def gaussian_blur(inputs: jax.Array, size: int = 11, sigma: float = 5.0) -> jax.
 
 
 def _check_faithfulness_inputs(model, images, cams, score):
-    _check_images(images)
+    _check_images(images, stacklevel=4)
     shape = tuple(np.shape(cams))
     if shape != tuple(np.shape(images))[:3]:
         raise JaxresError(f"cams must be [N, H, W] matching the images {tuple(np.shape(images))[:3]}, got {shape}")
@@ -565,37 +578,63 @@ def build_parser() -> argparse.ArgumentParser:
         "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG.",
     )
     parser.add_argument("--workdir", required=True, help="run directory written by `python -m jaxres.train` (checkpoint + config)")
-    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on)")
+    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on); it must have the run's classes and image size")
     parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw images from (default: test)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--misclassified", type=int, default=None, metavar="K", help="explain the first K misclassified images (default: 16)")
+    which.add_argument(
+        "--misclassified", type=int, default=None, metavar="K",
+        help="explain K misclassified images, taken round-robin over their true classes (classes in the order they "
+        "first appear in the split), so that a split sorted by class still shows several (default: 16)",
+    )  # fmt: skip
     which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I", help="explain these image indices of the split")
     parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
     parser.add_argument("--method", choices=METHODS, default="gradcam", help="CAM method (default: gradcam)")
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
-    parser.add_argument("--out", default="cams.png", help="output image path (default: cams.png)")
+    parser.add_argument("--out", default="cams.png", help="the image to write; its suffix (.png, .pdf, .svg, ...) sets the format (default: cams.png)")
     return parser
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predicted_classes(model, variables, images):
+    return jnp.argmax(model.apply(_inference_variables(variables), normalize_images(images), train=False), axis=-1)
+
+
 def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
-    apply = jax.jit(lambda v, x: jnp.argmax(model.apply(_inference_variables(v), normalize_images(x), train=False), axis=-1))
-    return np.concatenate([np.asarray(apply(variables, images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    """Predicted classes, int[N], of uint8[N, H, W, 3] images, `batch_size` at a time."""
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    return np.concatenate([np.asarray(_predicted_classes(model, variables, batch)) for batch in batches])
+
+
+def round_robin_over_classes(indices, labels, count: int) -> np.ndarray:
+    """Up to `count` of `indices`, taken round-robin over their classes: the first index of
+    each class, then the second of each, ..., classes in order of first appearance, each
+    class's indices in the given order. indices: int[M]; labels: int[M], the class of each.
+    Returns int[min(count, M)], in the order taken (deterministic)."""
+    indices, labels = np.asarray(indices), np.asarray(labels)
+    _, first_position, class_of = np.unique(labels, return_index=True, return_inverse=True)
+    class_rank = np.argsort(np.argsort(first_position))[class_of]  # 0 for the class seen first
+    by_class = np.argsort(class_of, kind="stable")
+    sizes = np.bincount(class_of)
+    turn = np.empty(len(indices), np.int64)  # how many of its class come before it
+    turn[by_class] = np.arange(len(indices)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return indices[np.lexsort((class_rank, turn))[:count]]
 
 
 def run(args: argparse.Namespace) -> str:
     """The CLI's work; returns the path written. Raises JaxresError on user mistakes."""
-    from jaxres import checkpoint, data, plots
+    from jaxres import evaluate, plots
 
     if args.batch_size < 1:
         raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
-    model, variables, config = checkpoint.load_for_inference(args.workdir)
+    wanted = 16 if args.misclassified is None else args.misclassified
+    if wanted < 1:
+        raise JaxresError(f"--misclassified must be positive, got {wanted}")
+    out = figure_output_path(args.out)
+    model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
     layer = args.layer or tuple(model.STAGES)[-1]
     _check_layer(model, layer)
-    source = args.data or config.data
-    cache_dir = args.cache_dir or config.cache_dir
-    dataset = data.load_dataset(source, cache_dir=cache_dir)
     split = getattr(dataset, args.split)
     images, labels = np.asarray(split.images), np.asarray(split.labels)
     if args.indices is not None:
@@ -605,11 +644,9 @@ def run(args: argparse.Namespace) -> str:
             raise JaxresError(f"--indices {int(bad[0])} out of range: the {args.split} split has {len(images)} images")
         predictions = _predict(model, variables, images[indices], args.batch_size)
     else:
-        wanted = 16 if args.misclassified is None else args.misclassified
-        if wanted < 1:
-            raise JaxresError(f"--misclassified must be positive, got {wanted}")
         all_predictions = _predict(model, variables, images, args.batch_size)
-        indices = np.flatnonzero(all_predictions != labels)[:wanted]
+        wrong = np.flatnonzero(all_predictions != labels)
+        indices = round_robin_over_classes(wrong, labels[wrong], wanted)
         if indices.size == 0:
             raise JaxresError(f"no misclassified images in the {args.split} split: use --indices instead")
         predictions = all_predictions[indices]
@@ -629,17 +666,13 @@ def run(args: argparse.Namespace) -> str:
         class_names=list(dataset.class_names),
         title=f"{args.method} at {layer} ({args.target} class), {args.split} images {', '.join(map(str, indices[:8]))}{' ...' if len(indices) > 8 else ''}",
     )
-    return str(plots.save_figure(figure, args.out))
+    return str(plots.save_figure(figure, out))
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = run(args)
-    except JaxresError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+    print(f"wrote {run(args)}")
     return 0
 
 

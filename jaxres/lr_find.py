@@ -46,7 +46,7 @@ import optax
 
 from jaxres import augment, models
 from jaxres.config import TrainConfig
-from jaxres.errors import JaxresError
+from jaxres.errors import JaxresError, command_line, figure_output_path
 
 
 class LRFindResult(NamedTuple):
@@ -360,35 +360,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-lr", type=float, default=1e-4, help="first LR (default: %(default)s)")
     parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
-    parser.add_argument("--out", default="lr_find.png", help="the plot (default: %(default)s)")
+    parser.add_argument("--out", default="lr_find.png", help="the plot; its suffix (.png, .pdf, .svg, ...) sets the format (default: %(default)s)")
     return parser
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from jaxres import data
-        from jaxres.plots import save_figure
+    from jaxres import data
+    from jaxres.plots import save_figure
 
-        config = TrainConfig(
-            data=args.data,
-            cache_dir=args.cache_dir,
-            train_subset=args.train_subset,
-            model=args.model,
-            width=args.width,
-            norm=args.norm,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            label_smoothing=args.label_smoothing,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-        )
-        dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=sys.stderr.isatty())
-        result = range_test_for_config(config, dataset, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
-        path = save_figure(plot_lr_range(result), args.out)
-    except JaxresError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = figure_output_path(args.out)
+    config = TrainConfig(
+        data=args.data,
+        cache_dir=args.cache_dir,
+        train_subset=args.train_subset,
+        model=args.model,
+        width=args.width,
+        norm=args.norm,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        label_smoothing=args.label_smoothing,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=sys.stderr.isatty())
+    result = range_test_for_config(config, dataset, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
+    path = save_figure(plot_lr_range(result), out)
     ending = "stopped when the loss diverged" if result.stopped_early else "ran all steps"
     print(
         f"swept LR {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} in {len(result.lrs)} steps ({ending}); "

@@ -462,6 +462,25 @@ def test_images_of_different_sizes(tmp_path):
         load(write_tree(tmp_path / "tree", layout), tmp_path)
 
 
+def test_dangling_image_entry_in_a_class_folder_is_named(tmp_path):
+    """Issue 11 item 15: a broken link (or an entry that cannot be followed) with an image
+    extension was skipped silently; the README promises every unreadable image is named."""
+    root = write_tree(tmp_path / "tree")
+    # still skipped: hidden names and other extensions, even when broken; links to images load
+    os.symlink(tmp_path / "gone.png", root / "train" / "dog" / ".hidden.png")
+    os.symlink(tmp_path / "gone.txt", root / "train" / "dog" / "notes.txt")
+    os.symlink(root / "test" / "cat" / "t1.png", root / "test" / "cat" / "t0.png")
+    dataset = load(root, tmp_path)
+    assert len(dataset.test) == 4
+    os.symlink(tmp_path / "gone.png", root / "train" / "dog" / "broken.png")
+    with pytest.raises(JaxresError, match=r"cannot read image .*train/dog/broken\.png: .*No such file"):
+        load(root, tmp_path)
+    (root / "train" / "dog" / "broken.png").unlink()
+    os.symlink("loop.jpg", root / "test" / "emu" / "loop.jpg")
+    with pytest.raises(JaxresError, match=r"cannot read image .*test/emu/loop\.jpg: .*symbolic links"):
+        load(root, tmp_path)
+
+
 def test_image_outside_class_folder(tmp_path):
     root = write_tree(tmp_path / "tree")
     (root / "train" / "stray.png").write_bytes(encode_image("stray.png", random_image(0)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -550,8 +552,9 @@ def test_trained_model_localises_shapes_and_fails_randomisation():
 
 @pytest.fixture
 def fake_run(monkeypatch, model, variables, images):
-    """`load_for_inference` and `load_dataset` replaced by the test model and six images."""
-    from jaxres import checkpoint, data
+    """`load_for_inference`, `load_dataset` and `read_dataset_info` replaced by the test model,
+    six images and their dataset.json."""
+    from jaxres import checkpoint, data, train
     from jaxres.config import TrainConfig
 
     labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
@@ -567,8 +570,10 @@ def fake_run(monkeypatch, model, variables, images):
         calls["source"] = source
         return dataset
 
+    info = {"class_names": list(dataset.class_names), "image_shape": list(split.images.shape[1:]), "source": "fake"}
     monkeypatch.setattr(checkpoint, "load_for_inference", load_for_inference)
     monkeypatch.setattr(data, "load_dataset", load_dataset)
+    monkeypatch.setattr(train, "read_dataset_info", lambda workdir: info)
     return calls
 
 
@@ -596,6 +601,48 @@ def test_cli_errors_exit_2_without_traceback(fake_run, capsys, argv, message):
     assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--misclassified", "0"], ["--batch-size", "0"]])
+def test_cli_flag_errors_come_before_loading_the_run(fake_run, capsys, argv):
+    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    assert capsys.readouterr().err.startswith("error: --") and fake_run == {}
+
+
+@pytest.mark.parametrize("out, message", [("x.txt", "has the suffix .txt"), (".", "is a folder")])
+def test_cli_checks_the_output_before_any_work(tmp_path, fake_run, capsys, out, message):
+    """Issue 11 item 12: --out x.txt raised ValueError after all the work; a folder printed
+    'wrote FOLDER' but wrote FOLDER.png."""
+    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and message in err and err.count("\n") == 1
+    assert fake_run == {}  # neither the run nor the data were loaded
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_an_unwritable_output_without_traceback(tmp_path, fake_run, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "cams.png"
+
+    def read_only(self, path, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", read_only)
+    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: Read-only file system\n"
+
+
+def test_float_images_in_the_unit_range_warn(model, variables, images):
+    """Issue 11 item 14: pixels in [0, 1] were accepted silently and gave wrong maps."""
+    unit = np.asarray(images, np.float32) / 255.0
+    with pytest.warns(UserWarning, match=r"float images with values in \[0, 1\].*expects pixel values in \[0, 255\]"):
+        gradcam(model, variables, unit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradcam(model, variables, images)  # uint8
+        gradcam(model, variables, unit * 255.0)  # float in [0, 255]
+        jax.jit(lambda x: gradcam(model, variables, x))(unit[:2])  # traced: values unknown, no check
 
 
 def test_cli_argument_parsing():

@@ -137,6 +137,36 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "unknown model 'vgg'" in capsys.readouterr().err
 
 
+@pytest.fixture
+def loaded_sources(monkeypatch):
+    """The sources jaxres.data.load_dataset was asked for (it then fails with OSError)."""
+    from jaxres import data
+
+    asked = []
+
+    def unreadable(source, **kwargs):
+        asked.append(source)
+        raise PermissionError(13, "Permission denied", f"{source}/train")
+
+    monkeypatch.setattr(data, "load_dataset", unreadable)
+    return asked
+
+
+@pytest.mark.parametrize("out, message", [("x.txt", "has the suffix .txt"), (".", "is a folder")])
+def test_cli_checks_the_output_before_the_sweep(tmp_path, capsys, loaded_sources, out, message):
+    """Issue 11 item 12: --out x.txt raised ValueError after the whole sweep."""
+    assert lr_find.main(["--data", "somewhere", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and message in err and err.count("\n") == 1
+    assert loaded_sources == []
+
+
+def test_cli_reports_an_unreadable_dataset_without_traceback(tmp_path, capsys, loaded_sources):
+    assert lr_find.main(["--data", "/data/photos", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == "error: /data/photos/train: Permission denied\n"
+    assert loaded_sources == ["/data/photos"]
+
+
 def test_max_lr_is_the_peak_lr_flag_and_takes_auto():
     from jaxres import train
 
