@@ -49,6 +49,9 @@ from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError, command_line, figure_output_path
 
 
+MAX_STEPS = 100_000  # a sweep records a few floats per step; more steps than this is a typo
+
+
 class LRFindResult(NamedTuple):
     """The outcome of `lr_range_test`, on the host.
 
@@ -115,10 +118,10 @@ def still_falling_at_the_end(result: LRFindResult) -> bool:
 
 
 def _check_arguments(images, labels, min_lr, max_lr, steps, batch_size, smoothing, divergence_factor, divisor):
-    if not 0 < min_lr < max_lr:
-        raise JaxresError(f"the LR range needs 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-    if steps < 2:
-        raise JaxresError(f"the LR range test needs at least 2 steps, got {steps}")
+    if not 0 < min_lr < max_lr < math.inf:
+        raise JaxresError(f"the LR range needs finite 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if not 2 <= steps <= MAX_STEPS:
+        raise JaxresError(f"the LR range test needs at least 2 steps and at most {MAX_STEPS}, got {steps}")
     if not 0 <= smoothing < 1:
         raise JaxresError(f"smoothing must lie in [0, 1), got {smoothing}")
     if not divergence_factor > 1:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import jaxres  # noqa: F401  (first, so JAXRES_FAST_CPU=1 applies before any JAX computation)
+import jaxres  # noqa: F401  (first, so its XLA defaults apply before any JAX computation)
 
 CIFAR10_JPEG_PATH = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-jpeg.tar.gz"
 

@@ -118,6 +118,10 @@ def test_impossible_arguments_are_named(dataset):
         call(batch_size=9)
     with pytest.raises(JaxresError, match="at least 2 steps"):
         call(steps=1)
+    with pytest.raises(JaxresError, match="finite 0 < min_lr < max_lr"):
+        call(max_lr=float("inf"))
+    with pytest.raises(JaxresError, match="at most 100000"):
+        call(steps=10**11)
 
 
 def test_cli_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys):
