@@ -57,7 +57,9 @@ LR_RANGE_STEPS = 200  # the default sweep, 1e-4 to 10 (100 steps barely train th
 
 def read_metrics(workdir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (one dict per finished epoch); [] when absent."""
-    return train.read_history(Path(workdir), up_to_epoch=sys.maxsize)
+    if not (Path(workdir) / train.METRICS_NAME).is_file():
+        return []
+    return train.read_metrics(workdir)
 
 
 def is_finished(workdir: Path) -> bool:
