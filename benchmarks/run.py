@@ -376,9 +376,7 @@ class Runner:
         if framework == "jax":
             # a persistent compilation cache of this run only: each program's first worker
             # compiles (a first run), later workers of the same setting load it (a second run)
-            # (JAX_COMPILATION_CACHE_DIR too: this process imported jaxres, whose default for
-            # it is in os.environ now and would otherwise pass for the user's own setting)
-            env["JAXRES_COMPILATION_CACHE"] = env["JAX_COMPILATION_CACHE_DIR"] = str(self.compilation_cache)
+            env["JAXRES_COMPILATION_CACHE"] = str(self.compilation_cache)
             if self.plan.jax_xla_flags:
                 env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.plan.jax_xla_flags}".strip()
             if self.plan.device == "cpu":

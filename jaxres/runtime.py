@@ -38,6 +38,7 @@ from typing import MutableMapping
 DEFAULTS_VARIABLE = "JAXRES_XLA_DEFAULTS"  # "0": none of the defaults below
 CACHE_VARIABLE = "JAXRES_CACHE"  # the jaxres cache folder (decoded datasets, compiled programs)
 COMPILATION_CACHE_VARIABLE = "JAXRES_COMPILATION_CACHE"  # "0": no compilation cache; else a folder
+OWN_CACHE_VARIABLE = "JAXRES_DEFAULT_COMPILATION_CACHE_DIR"  # the folder jaxres itself chose (see apply_defaults)
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CPU_XLA_FLAGS = (f"--{YNN_FUSION_OPTION}=",)  # YNNPACK fusions off (see the module docstring)
 # Programs that compile faster than this are not worth a disk entry (JAX's default is 1 s;
@@ -94,17 +95,27 @@ def compilation_cache_dir(environ: MutableMapping[str, str] = os.environ) -> pat
 
 def apply_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
     """Set the defaults of the module docstring in `environ` (and in jax.config when jax is
-    already imported), leaving the user's own settings alone."""
+    already imported), leaving the user's own settings alone.
+
+    Child processes inherit the environment, so the cache folder jaxres itself put in
+    JAX_COMPILATION_CACHE_DIR is recorded in JAXRES_DEFAULT_COMPILATION_CACHE_DIR: a child
+    that finds the two equal knows it is jaxres's default, not the user's own setting, and
+    decides again from its own JAXRES_* variables.
+    """
+    inherited = environ.pop(OWN_CACHE_VARIABLE, None)
+    if inherited is not None and environ.get("JAX_COMPILATION_CACHE_DIR") == inherited:
+        del environ["JAX_COMPILATION_CACHE_DIR"]
+    jax = sys.modules.get("jax") if environ is os.environ else None  # jax read its environment already
+    if jax is not None and inherited is not None and jax.config.jax_compilation_cache_dir == inherited:
+        jax.config.update("jax_compilation_cache_dir", None)
     if not defaults_enabled(environ):
         return
     environ["XLA_FLAGS"] = with_cpu_flags(environ.get("XLA_FLAGS", ""))
     folder = compilation_cache_dir(environ)
     if folder is None or environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    environ["JAX_COMPILATION_CACHE_DIR"] = environ[OWN_CACHE_VARIABLE] = str(folder)
     environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", MIN_COMPILE_SECONDS_TO_CACHE)
-    jax = sys.modules.get("jax")
-    if jax is not None and environ is os.environ:  # jax read its environment already: tell it too
-        if not jax.config.jax_compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", str(folder))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", float(MIN_COMPILE_SECONDS_TO_CACHE))
+    if jax is not None and not jax.config.jax_compilation_cache_dir:  # tell jax too
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(MIN_COMPILE_SECONDS_TO_CACHE))

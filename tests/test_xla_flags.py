@@ -13,7 +13,9 @@ SHOW = (
     "import jaxres, os, json, jax; "
     "print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''), 'cache': jax.config.jax_compilation_cache_dir}))"
 )
-OWN_VARIABLES = ("XLA_FLAGS", "JAXRES_XLA_DEFAULTS", "JAXRES_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
+OWN_VARIABLES = (
+    "XLA_FLAGS", "JAXRES_XLA_DEFAULTS", "JAXRES_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", runtime.OWN_CACHE_VARIABLE
+)
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 
@@ -69,3 +71,19 @@ def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
     second = after_import(tmp_path, code, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     assert first["hits"] == 0 and second["hits"] >= 1
     assert any((tmp_path / "cache" / "compiled").rglob("*")), "the first process wrote nothing"
+
+
+def test_a_child_of_a_jaxres_process_decides_its_cache_by_its_own_settings(tmp_path):
+    """The parent's default cache folder, inherited through the environment, is not taken for
+    the user's own setting (the benchmarks give each worker its own cache this way)."""
+    environ = {"JAXRES_CACHE": str(tmp_path / "cache")}
+    runtime.apply_defaults(environ)  # as a parent process that imported jaxres
+    parent = environ["JAX_COMPILATION_CACHE_DIR"]
+    inherited = {k: v for k, v in environ.items() if k in ("JAX_COMPILATION_CACHE_DIR", runtime.OWN_CACHE_VARIABLE)}
+    assert after_import(tmp_path, **inherited)["cache"] == parent
+    assert after_import(tmp_path, JAXRES_COMPILATION_CACHE=str(tmp_path / "child"), **inherited)["cache"] == str(tmp_path / "child")
+    assert after_import(tmp_path, JAXRES_COMPILATION_CACHE="0", **inherited)["cache"] is None
+    code = "import jax, jaxres, json; print(json.dumps({'cache': jax.config.jax_compilation_cache_dir}))"  # jax first
+    assert after_import(tmp_path, code, JAXRES_COMPILATION_CACHE="0", **inherited)["cache"] is None
+    # a user's own JAX_COMPILATION_CACHE_DIR (not the one jaxres recorded) still wins
+    assert after_import(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))["cache"] == str(tmp_path / "mine")
