@@ -62,19 +62,6 @@ def throughputs(measurements: Sequence[dict]) -> list[float]:
     return [m["images"] / m["seconds"] for m in measurements]
 
 
-def train_subset_indices(count: int, subset: int | None, seed: int) -> "list[int] | Any":
-    """Indices of the training images to use: all, or `subset` of them drawn with `seed`, sorted.
-
-    The same rule as `jaxres.train.select_train_subset` (NumPy only, so the PyTorch
-    worker needs no jax): returns a NumPy int array.
-    """
-    import numpy as np
-
-    if subset is None or subset >= count:
-        return np.arange(count)
-    return np.sort(np.random.default_rng(seed).permutation(count)[:subset])
-
-
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -37,7 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from jaxres import augment, checkpoint, data, gradcam, lr_find, plots, train
+from jaxres import augment, data, evaluate, gradcam, lr_find, plots, rundir, train
 from jaxres.errors import JaxresError, command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +57,16 @@ LR_RANGE_STEPS = 200  # the default sweep, 1e-4 to 10 (100 steps barely train th
 
 def read_metrics(workdir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (one dict per finished epoch); [] when absent."""
-    if not (Path(workdir) / train.METRICS_NAME).is_file():
+    if not (Path(workdir) / rundir.METRICS_NAME).is_file():
         return []
-    return train.read_metrics(workdir)
+    return rundir.read_metrics(workdir)
 
 
 def is_finished(workdir: Path) -> bool:
     """True when `workdir` holds a checkpoint and a metrics row for every configured epoch."""
-    if not checkpoint.checkpoint_path(workdir).is_file():
+    if not rundir.checkpoint_path(workdir).is_file():
         return False
-    return len(read_metrics(workdir)) >= checkpoint.load_config(workdir).epochs
+    return len(read_metrics(workdir)) >= rundir.load_config(workdir).epochs
 
 
 def with_fast_cpu_flag(xla_flags: str) -> str:
@@ -85,7 +85,7 @@ def train_run(workdir: Path, flags: Sequence[str]) -> Path:
         print(f"reusing the finished run in {workdir}", flush=True)
         return workdir
     command = [sys.executable, "-m", "jaxres.train", *flags, "--workdir", str(workdir)]
-    if checkpoint.checkpoint_path(workdir).is_file():
+    if rundir.checkpoint_path(workdir).is_file():
         command.append("--resume")
     environment = dict(os.environ, XLA_FLAGS=with_fast_cpu_flag(os.environ.get("XLA_FLAGS", "")))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
@@ -101,7 +101,7 @@ def train_run(workdir: Path, flags: Sequence[str]) -> Path:
 
 def predict_labels(model, variables, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Predicted classes, int64[N], of uint8[N, H, W, 3] images (inference mode, no TTA)."""
-    predict = jax.jit(lambda v, x: jnp.argmax(train.predict_logits(model, v, augment.normalize(x)), axis=-1))
+    predict = jax.jit(lambda v, x: jnp.argmax(evaluate.predict_logits(model, v, augment.normalize(x)), axis=-1))
     batches = [np.asarray(predict(variables, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return np.concatenate(batches)
 
@@ -206,7 +206,7 @@ def quick_start_figures(workdir: Path, out: Path, data_source: str | None) -> di
     history = read_metrics(workdir)
     if not history:
         raise JaxresError(f"{workdir} has no metrics.jsonl rows: is it a finished jaxres run?")
-    model, variables, config = checkpoint.load_for_inference(workdir)
+    model, variables, config = evaluate.load_for_inference(workdir)
     dataset = data.load_dataset(data_source or config.data, cache_dir=config.cache_dir, progress=False)
     save(curves_figure(history), out, "curves.png")
 
@@ -236,7 +236,7 @@ def quick_start_figures(workdir: Path, out: Path, data_source: str | None) -> di
 def shapes_figures(workdir: Path, out: Path, count: int = 8) -> dict:
     """shapes_cams PNG of the shapes run: `count` test images, one per class first, then the next."""
     history = read_metrics(workdir)
-    model, variables, config = checkpoint.load_for_inference(workdir)
+    model, variables, config = evaluate.load_for_inference(workdir)
     if config.data != "shapes":
         raise JaxresError(f"{workdir} was trained on {config.data!r}; the mask figure needs a run on 'shapes'")
     dataset = data.load_dataset("shapes", progress=False)

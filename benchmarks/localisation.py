@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxres import checkpoint, data, gradcam
+from jaxres import data, evaluate, gradcam
 from jaxres.errors import JaxresError
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/localisation.json", help="where to write the JSON report")
     args = parser.parse_args(argv)
     try:
-        model, variables, config = checkpoint.load_for_inference(args.workdir)
+        model, variables, config = evaluate.load_for_inference(args.workdir)
         if config.data != "shapes":
             raise JaxresError(f"{args.workdir} was trained on {config.data!r}; localisation needs a run on 'shapes'")
         dataset = data.load_dataset("shapes", progress=False)

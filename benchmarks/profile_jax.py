@@ -151,19 +151,19 @@ def aggregate(events: list[dict], names: set[str] | None = None) -> tuple[dict, 
 def profile_jax(args) -> dict:
     import jax
 
-    from jaxres import train
+    from jaxres import models, optim, parallel, train
     from jaxres.config import TrainConfig
 
     config = TrainConfig(width=args.width, batch_size=args.batch)
-    model = train.build_model(config, num_classes=10)
-    optimizer, _ = train.make_optimizer(config, args.steps)
+    model = models.from_config(config, num_classes=10)
+    optimizer, _ = optim.make_optimizer(config, args.steps)
     from benchmarks.worker_jax import state_from_weights
 
-    mesh = train.make_mesh()
-    state = train.replicate_tree(mesh, state_from_weights(config, optimizer, random_variables(model)))
+    mesh = parallel.make_mesh()
+    state = parallel.replicate_tree(mesh, state_from_weights(config, optimizer, random_variables(model)))
     rng = np.random.default_rng(0)
-    images = train.replicate(mesh, rng.integers(0, 256, (max(4096, args.steps * args.batch), 32, 32, 3), dtype=np.uint8))
-    labels = train.replicate(mesh, rng.integers(0, 10, (images.shape[0],), dtype=np.int32))
+    images = parallel.replicate(mesh, rng.integers(0, 256, (max(4096, args.steps * args.batch), 32, 32, 3), dtype=np.uint8))
+    labels = parallel.replicate(mesh, rng.integers(0, 10, (images.shape[0],), dtype=np.int32))
     epoch = train.make_train_epoch(model, optimizer, config, mesh, args.steps)
     for call in range(2):  # compile and settle
         state, metrics = epoch(state, images, labels, jax.random.PRNGKey(call))

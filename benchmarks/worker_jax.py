@@ -1,14 +1,12 @@
 """The jaxres side of a benchmark worker (imported by `benchmarks.worker` only; no torch here).
 
-Everything goes through the library's own code path: `jaxres.train.build_model`,
-`make_optimizer`, `make_mesh`, `replicate`, `make_train_epoch` (a host loop of the jitted
-step on CPU, one `lax.scan` program on a GPU: `epoch_loop="auto"`), `make_evaluate`,
-`jaxres.gradcam.gradcam` and `jaxres.convert.torch_to_flax` for the shared weights.
-
-The training state is `jaxres.train.TrainState` built from the converted weights exactly
-as `init_train_state` builds it from fresh ones (step 0, `optimizer.init(params)`, the
-precision's loss scale): `init_train_state` itself would first compile a random
-initialisation that the shared weights replace (about 20 s on a 2-core CPU).
+Everything goes through the library's own code path: `jaxres.models.from_config`,
+`jaxres.optim.make_optimizer`, `jaxres.parallel`, `jaxres.train.make_train_epoch` (a host
+loop of the jitted step on CPU, one `lax.scan` program on a GPU: `epoch_loop="auto"`) and
+`train_epochs` (time to accuracy), `jaxres.evaluate.make_evaluate`, `jaxres.gradcam.gradcam`
+and `jaxres.convert.torch_to_flax` for the shared weights, from which
+`jaxres.train.init_train_state` builds the training state (no random initialisation to
+compile first).
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
-from jaxres import augment, convert, gradcam, precision, train
+from jaxres import augment, convert, data, evaluate, gradcam, models, monitoring, optim, parallel, train
 from jaxres.config import TrainConfig
 
 
@@ -56,21 +52,6 @@ def config_for(args, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def state_from_weights(config: TrainConfig, optimizer, variables: dict) -> train.TrainState:
-    """What `train.init_train_state` returns, with the given variables instead of a random init."""
-    params = variables["params"]
-    scale = (
-        precision.init_loss_scale(config.initial_loss_scale) if config.precision == "fp16" else precision.no_loss_scale()
-    )
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=optimizer.init(params),
-        loss_scale=scale,
-    )
-
-
 def device_memory() -> dict:
     stats = jax.local_devices()[0].memory_stats()
     if not stats or jax.default_backend() == "cpu":
@@ -82,14 +63,14 @@ def describe_common(config: TrainConfig) -> dict:
     return {
         "device_name": str(jax.local_devices()[0].device_kind),
         "precision": config.precision,
-        "epoch_loop": train.resolve_epoch_loop(config.epoch_loop),
+        "epoch_loop": parallel.resolve_epoch_loop(config.epoch_loop),
         "devices": jax.device_count(),
     }
 
 
 def timed(function):
     """(result, seconds, compile seconds) of `function()`, waiting for the device."""
-    with train.CompileClock() as clock:
+    with monitoring.CompileClock() as clock:
         started = time.perf_counter()
         result = jax.block_until_ready(function())
         seconds = time.perf_counter() - started
@@ -107,13 +88,13 @@ class TrainSession:
         check_backend(args)
         self.args = args
         self.config = config_for(args)
-        self.mesh = train.make_mesh()
-        self.model = train.build_model(self.config, num_classes=10)
-        optimizer, _ = train.make_optimizer(self.config, steps_per_epoch=args.steps)
+        self.mesh = parallel.make_mesh()
+        self.model = models.from_config(self.config, num_classes=10)
+        optimizer, _ = optim.make_optimizer(self.config, steps_per_epoch=args.steps)
         variables = convert.torch_to_flax(load_weights(args.weights), self.model)
-        self.state = train.replicate_tree(self.mesh, state_from_weights(self.config, optimizer, variables))
-        self.images = train.replicate(self.mesh, arrays["train_images"])
-        self.labels = train.replicate(self.mesh, arrays["train_labels"])
+        self.state = parallel.replicate_tree(self.mesh, train.init_train_state(self.config, optimizer, variables))
+        self.images = parallel.replicate(self.mesh, arrays["train_images"])
+        self.labels = parallel.replicate(self.mesh, arrays["train_labels"])
         self.train_epoch = train.make_train_epoch(self.model, optimizer, self.config, self.mesh, args.steps)
         self.key = jax.random.PRNGKey(args.seed)
         self.calls = 0
@@ -148,13 +129,13 @@ class EvalSession:
         check_backend(args)
         self.args = args
         self.config = config_for(args)
-        mesh = train.make_mesh()
-        self.model = train.build_model(self.config, num_classes=10)
+        mesh = parallel.make_mesh()
+        self.model = models.from_config(self.config, num_classes=10)
         variables = convert.torch_to_flax(load_weights(args.weights), self.model)
-        self.variables = train.replicate_tree(mesh, variables)
-        self.images = train.replicate(mesh, arrays["test_images"][: args.eval_images])
-        self.labels = train.replicate(mesh, arrays["test_labels"][: args.eval_images])
-        self.evaluate = train.make_evaluate(self.model, self.config, mesh)
+        self.variables = parallel.replicate_tree(mesh, variables)
+        self.images = parallel.replicate(mesh, arrays["test_images"][: args.eval_images])
+        self.labels = parallel.replicate(mesh, arrays["test_labels"][: args.eval_images])
+        self.evaluate = evaluate.make_evaluate(self.model, self.config, mesh)
 
     def describe(self) -> dict:
         return {**describe_common(self.config), "eval_batch": self.config.eval_batch_size}
@@ -180,11 +161,11 @@ class GradcamSession:
         check_backend(args)
         self.args = args
         self.config = config_for(args, precision="fp32")
-        mesh = train.make_mesh()
-        self.model = train.build_model(self.config, num_classes=10)
-        self.variables = train.replicate_tree(mesh, convert.torch_to_flax(load_weights(args.weights), self.model))
+        mesh = parallel.make_mesh()
+        self.model = models.from_config(self.config, num_classes=10)
+        self.variables = parallel.replicate_tree(mesh, convert.torch_to_flax(load_weights(args.weights), self.model))
         images = arrays["test_images"][: args.gradcam_images]
-        self.batches = [train.replicate(mesh, images[i : i + args.gradcam_batch]) for i in range(0, len(images), args.gradcam_batch)]
+        self.batches = [parallel.replicate(mesh, images[i : i + args.gradcam_batch]) for i in range(0, len(images), args.gradcam_batch)]
 
     def describe(self) -> dict:
         return {**describe_common(self.config), "gradcam_batch": self.args.gradcam_batch}
@@ -215,7 +196,7 @@ def parity(args, arrays) -> dict:
     (through `jaxres.convert.torch_to_flax`), at 'highest' matmul precision (no TF32 on a GPU)."""
     check_backend(args)
     config = config_for(args, precision="fp32")
-    model = train.build_model(config, num_classes=10)
+    model = models.from_config(config, num_classes=10)
     variables = convert.torch_to_flax(load_weights(args.weights), model)
     images = arrays["test_images"][: args.parity_images]
     with jax.default_matmul_precision("highest"):
@@ -226,53 +207,44 @@ def parity(args, arrays) -> dict:
 
 
 def time_to_accuracy(args, arrays) -> dict:
-    """The recipe for `--epochs` epochs from `--weights`: `make_train_epoch` per epoch, then
-    `make_evaluate` on the whole test split; the first epoch's compilation is timed apart."""
+    """The recipe for `--epochs` epochs from `--weights`: `train.train_epochs` (train an epoch,
+    then `make_evaluate` on the whole test split); each first call's compilation is timed apart."""
     check_backend(args)
-    config = config_for(args, epochs=args.epochs, batch_size=args.accuracy_batch, eval_batch_size=1000)
-    indices = common.train_subset_indices(len(arrays["train_labels"]), args.train_subset, args.seed)
-    mesh = train.make_mesh()
-    train_images = train.replicate(mesh, arrays["train_images"][indices])
-    train_labels = train.replicate(mesh, arrays["train_labels"][indices])
-    test_images = train.replicate(mesh, arrays["test_images"])
-    test_labels = train.replicate(mesh, arrays["test_labels"])
-    steps_per_epoch = int(train_images.shape[0]) // config.batch_size
-    model = train.build_model(config, num_classes=10)
-    optimizer, _ = train.make_optimizer(config, steps_per_epoch)
-    variables = convert.torch_to_flax(load_weights(args.weights), model)
-    state = train.replicate_tree(mesh, state_from_weights(config, optimizer, variables))
-    _, data_key = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
-    train_epoch = train.make_train_epoch(model, optimizer, config, mesh, steps_per_epoch)
-    evaluate = train.make_evaluate(model, config, mesh)
+    config = config_for(
+        args, epochs=args.epochs, batch_size=args.accuracy_batch, eval_batch_size=1000, train_subset=args.train_subset
+    )
+    dataset = data.Dataset(
+        data.Split(arrays["train_images"], arrays["train_labels"]),
+        data.Split(arrays["test_images"], arrays["test_labels"]),
+        tuple(str(n) for n in range(10)),
+        "benchmark arrays",
+    )
+    setup = train.prepare_run(config, dataset)
+    variables = convert.torch_to_flax(load_weights(args.weights), setup.model)
+    state = parallel.replicate_tree(setup.mesh, train.init_train_state(config, setup.optimizer, variables))
 
     history, reached, compile_total = [], None, 0.0
     started = time.perf_counter()
-    for epoch in range(config.epochs):
-        with train.CompileClock() as clock:
-            epoch_start = time.perf_counter()
-            state, metrics = train_epoch(state, train_images, train_labels, jax.random.fold_in(data_key, epoch))
-            metrics = jax.device_get(metrics)
-            seconds = time.perf_counter() - epoch_start
-            evaluation = jax.device_get(
-                evaluate({"params": state.params, "batch_stats": state.batch_stats}, test_images, test_labels)
-            )
+    for result in train.train_epochs(setup, state, 0, config.epochs):
         elapsed = time.perf_counter() - started
-        compile_total += clock.seconds
+        compile_seconds = result.compile_seconds + result.evaluation_compile_seconds
+        compile_total += compile_seconds
         row = {
-            "epoch": epoch + 1,
-            "train_loss": float(metrics["loss"]),
-            "train_accuracy": float(metrics["accuracy"]),
-            "test_accuracy": float(evaluation["accuracy"]),
-            "test_loss": float(evaluation["loss"]),
-            "seconds": seconds,
+            "epoch": result.epoch,
+            "train_loss": float(result.train["loss"]),
+            "train_accuracy": float(result.train["accuracy"]),
+            "test_accuracy": float(result.test["accuracy"]),
+            "test_loss": float(result.test["loss"]),
+            "seconds": result.seconds + result.compile_seconds,
             "elapsed": elapsed,
-            "compile_seconds": clock.seconds,
+            "compile_seconds": compile_seconds,
         }
         history.append(row)
         if reached is None and args.target is not None and row["test_accuracy"] >= args.target:
             reached = elapsed
-        if config.precision != "fp16" and int(metrics["first_nonfinite_step"]) >= 0:
-            raise FloatingPointError(f"the jaxres training loss became non-finite at epoch {epoch + 1}")
+        if config.precision != "fp16" and int(result.train["first_nonfinite_step"]) >= 0:
+            raise FloatingPointError(f"the jaxres training loss became non-finite at epoch {result.epoch}")
+    train_images, test_images = setup.train_images, setup.test_images
     return {
         "history": history,
         "final_accuracy": history[-1]["test_accuracy"],

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from benchmarks import common, torch_train
 from benchmarks.torch_reference import CustomResNet, torch_gradcam
+from jaxres.data import select_train_subset  # NumPy only: no jax in the PyTorch worker
 
 
 def configure_threads(threads: int) -> dict:
@@ -286,7 +287,7 @@ def time_to_accuracy(args, arrays) -> dict:
     """The recipe for `--epochs` epochs (device pipeline) from `--weights`; test accuracy per epoch."""
     device = torch_device(args)
     recipe = recipe_for(args, epochs=args.epochs, batch_size=args.accuracy_batch, eval_batch_size=1000)
-    indices = common.train_subset_indices(len(arrays["train_labels"]), args.train_subset, args.seed)
+    indices = select_train_subset(arrays["train_labels"], args.train_subset, args.seed)  # as jaxres
     train_images = torch.from_numpy(arrays["train_images"][indices]).to(device)
     train_labels = torch.from_numpy(arrays["train_labels"][indices].astype(np.int64)).to(device)
     test_images = torch.from_numpy(arrays["test_images"]).to(device)

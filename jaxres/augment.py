@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # per channel, on the [0, 1] scale
+from jaxres.config import MIX_METHODS, check_choice
 from jaxres.errors import JaxresError
 
 
@@ -84,7 +85,6 @@ def augment_batch(
 # loss must use: cross-entropy against soft targets. Label smoothing commutes with the
 # mixing (both are affine), so smooth before or after, it is the same.
 
-MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
 # each paper's CIFAR-10 setting: RICAP beta 0.3, mixup alpha 1, CutMix alpha (their beta) 1
 MIX_DEFAULT_ALPHA = {"ricap": 0.3, "mixup": 1.0, "cutmix": 1.0}
 
@@ -212,7 +212,6 @@ def mix_batch(
     inputs (labels as float32)."""
     if method == "none":
         return images, jnp.asarray(labels, jnp.float32)
+    check_choice("mix method", method, MIX_METHODS)
     functions = {"ricap": ricap, "mixup": mixup, "cutmix": cutmix}
-    if method not in functions:
-        raise JaxresError(f"unknown mix method {method!r}; choose one of {', '.join(MIX_METHODS)}")
     return functions[method](key, images, labels, MIX_DEFAULT_ALPHA[method] if alpha is None else alpha)

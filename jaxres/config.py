@@ -1,12 +1,25 @@
-"""Every training knob in one place. The defaults are the original recipe.
+"""Every training knob in one place: `TrainConfig`, the single description of a run.
 
-The recipe (David Page's fast CIFAR-10 ResNet-9, as the PyTorch course library ran it):
-24 epochs, batch 512, SGD with Nesterov momentum 0.9, weight decay 5e-4 (added to
-the gradient, as `torch.optim.SGD` does), label smoothing 0.2, and a one-cycle LR
-that rises linearly from 0 to `peak_lr` at epoch 5 and falls linearly to 0 at the end.
+The defaults are the original recipe (David Page's fast CIFAR-10 ResNet-9, as the PyTorch
+course library ran it): 24 epochs, batch 512, SGD with Nesterov momentum 0.9, weight decay
+5e-4 (added to the gradient, as `torch.optim.SGD` does), label smoothing 0.2, and a one-cycle
+LR that rises linearly from 0 to `peak_lr` at epoch 5 and falls linearly to 0 at the end.
 
-The command line (`python -m jaxres.train --help`) has one flag per field, spelled
-with dashes (`peak_lr` -> `--peak-lr`).
+Each field carries its help text in its metadata; `python -m jaxres.train --help` and the
+README's options table are generated from it (`jaxres.cli.options_table`). The command line
+has one flag per field, spelled with dashes (`peak_lr` -> `--peak-lr`).
+
+Fields are of two kinds. **Recipe** fields decide what is trained and reported (model,
+data augmentation, optimiser, precision, seed, ...): a resumed run must keep them.
+**Run options** only say where things are and how they are computed, not what
+(`RUN_OPTIONS`: the data path, cache folder, workdir, epoch loop, evaluation batch size,
+plot size): `--resume` accepts new values for them.
+
+Named presets (`PRESETS`, `--preset NAME`) are plain functions returning a config, in the
+style of big_vision's configs; flags given beside `--preset` override its values.
+
+This module imports nothing heavier than the standard library (no JAX), so the PyTorch
+side of the benchmarks can share it.
 """
 
 from __future__ import annotations
@@ -17,15 +30,31 @@ import math
 import numbers
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jaxres.errors import JaxresError
-from jaxres.models import MODELS, NORMS
 
+# The names every choice-valued knob accepts, defined once (models, augment and precision
+# check their own arguments against these too).
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
 TTA_MODES = ("none", "flip", "flip_translate")
 MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
+MODEL_NAMES = ("custom_resnet", "resnet18", "resnet34")
+NORMS = ("batch", "group", "layer", "ghost_batch")
+
+
+def check_choice(what: str, value, choices) -> None:
+    """Raise JaxresError `unknown {what} {value!r}; choose one of ...` unless value is in choices."""
+    if value not in choices:
+        raise JaxresError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def knob(default, help: str, *, shown: str | None = None, run_option: bool = False):
+    """A TrainConfig field: its default, its help text (for --help and the README table),
+    how the default reads there (`shown`, default `repr`-like), and whether it is a run
+    option (changeable on --resume) rather than part of the recipe."""
+    return dataclasses.field(default=default, metadata={"help": help, "shown": shown, "run_option": run_option})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,40 +62,86 @@ class TrainConfig:
     """One training run. Plain data: JSON-serialisable, hashable, immutable."""
 
     # Data
-    data: str = "cifar10"  # "cifar10" (TFDS), "shapes", or a path: archive, image folder, .tar(.gz)
-    cache_dir: str | None = None  # decoded-array cache; default $JAXRES_CACHE or ~/.cache/jaxres
-    train_subset: int | None = None  # use only the first N training images (after a seeded shuffle)
+    data: str = knob(
+        "cifar10",
+        "dataset source: `cifar10` (TFDS, else the official archive, downloaded once), `shapes` "
+        "(synthetic, offline), or a path: `cifar-10-python.tar.gz`, `cifar-10-batches-py/`, an image "
+        "folder `ROOT/{train,test}/<class>/*`, or a `.tar(.gz)` of one (see Data sources)",
+        run_option=True,
+    )
+    cache_dir: str | None = knob(
+        None, "where decoded arrays are cached", shown="`$JAXRES_CACHE` or `~/.cache/jaxres`", run_option=True
+    )
+    train_subset: int | None = knob(
+        None, "train on this many training images only (a seeded random subset)", shown="all"
+    )
     # Model
-    model: str = "custom_resnet"
-    width: float = 1.0  # scales every channel count
-    norm: str = "batch"  # batch | group | layer | ghost_batch
+    model: str = knob(
+        "custom_resnet",
+        "`custom_resnet` (ResNet-9, 6,573,130 parameters), `resnet18` (11,173,962) or `resnet34` "
+        "(21,282,122): the CIFAR variants (3x3 stem, no initial max-pool, global average pool)",
+    )
+    width: float = knob(1.0, "channel width multiplier (0.25 trains quickly on a CPU)")
+    norm: str = knob(
+        "batch",
+        "`batch`, `group` (gcd(32, C) groups), `layer` (over H, W, C) or `ghost_batch` (BatchNorm "
+        "statistics over virtual batches of 32 images; same variables as `batch`)",
+    )
     # Optimisation
-    epochs: int = 24
-    batch_size: int = 512
-    peak_lr: float = 0.4
-    peak_epoch: float | None = None  # None: 5/24 of the run (epoch 5 of 24)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.2
+    epochs: int = knob(24, "number of epochs")
+    batch_size: int = knob(512, "training batch size (a multiple of the device count)")
+    peak_lr: float = knob(
+        0.4,
+        "peak learning rate of the one-cycle schedule (also `--max-lr`); `auto` first runs the LR range "
+        "test (`jaxres.lr_find`) on the run's initial model and uses its suggestion (recorded in "
+        "`config.json`, plot in `lr_find.png`)",
+    )
+    peak_epoch: float | None = knob(
+        None, "epoch (fractional) at which the LR peaks", shown="5/24 of the run (epoch 5 of 24)"
+    )
+    momentum: float = knob(0.9, "SGD momentum")
+    nesterov: bool = knob(True, "Nesterov momentum")
+    weight_decay: float = knob(5e-4, "L2 weight decay added to the gradient, as `torch.optim.SGD`")
+    label_smoothing: float = knob(
+        0.2, "label smoothing of the cross-entropy (`optax.smooth_labels` + `softmax_cross_entropy`)"
+    )
     # Augmentation
-    crop_padding: int = 4
-    flip: bool = True
-    cutout_size: int = 8  # 0 disables cutout
-    mix: str = "none"  # none | ricap | mixup | cutmix: label-mixing augmentation
-    mix_alpha: float | None = None  # RICAP's beta / mixup's and CutMix's alpha; None: the method's default
+    crop_padding: int = knob(4, "pad-and-random-crop padding in pixels (0 disables)")
+    flip: bool = knob(True, "random horizontal flips")
+    cutout_size: int = knob(8, "side of the cutout square in pixels (0 disables)")
+    mix: str = knob(
+        "none",
+        "label-mixing augmentation after crop/flip/cutout, on the device: `ricap` (Takahashi et al. "
+        "2018: four images' crops patched into one, labels mixed by area), `mixup` (convex blend of two "
+        "images and labels) or `cutmix` (a box from another image, labels by area); the loss is the "
+        "label-smoothed cross-entropy against the mixed labels",
+    )
+    mix_alpha: float | None = knob(
+        None, "RICAP's beta, or mixup's / CutMix's alpha", shown="the method's: 0.3 for ricap, 1.0 otherwise"
+    )
     # Evaluation
-    tta: str = "none"  # none | flip | flip_translate: test-time augmentation (mean of logits)
+    tta: str = knob(
+        "none",
+        "test-time augmentation at every evaluation: `flip` (mean of the logits of the image and its "
+        "mirror) or `flip_translate` (also shifted by one pixel diagonally both ways: 6 views)",
+    )
     # Precision
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
-    initial_loss_scale: float = 2.0**15
-    loss_scale_growth_interval: int = 2000
+    precision: str = knob("fp32", "compute precision: `fp32`, `bf16`, or `fp16` with dynamic loss scaling")
+    initial_loss_scale: float = knob(2.0**15, "fp16 only: the initial dynamic loss scale", shown="2^15")
+    loss_scale_growth_interval: int = knob(2000, "fp16 only: finite steps before the loss scale doubles")
     # Run
-    epoch_loop: str = "auto"  # auto | scan | steps: how an epoch runs (see train.resolve_epoch_loop)
-    seed: int = 0
-    eval_batch_size: int = 1000
-    workdir: str = "runs/default"
-    misclassified_to_plot: int = 25
+    epoch_loop: str = knob(
+        "auto",
+        "how an epoch runs: `scan` (one compiled program per epoch), `steps` (a host loop of the "
+        "jitted step) or `auto` (steps on CPU, scan elsewhere; see How an epoch runs)",
+        run_option=True,
+    )
+    seed: int = knob(0, "random seed (same seed, same result on CPU)")
+    eval_batch_size: int = knob(1000, "evaluation batch size", run_option=True)
+    workdir: str = knob(
+        "runs/default", "output folder: config.json, metrics.jsonl, checkpoint, plots", run_option=True
+    )
+    misclassified_to_plot: int = knob(25, "misclassified test images shown in misclassified.png", run_option=True)
 
     def __post_init__(self):
         validate(self)
@@ -78,6 +153,14 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def recipe_differences(self, other: "TrainConfig") -> list[str]:
+        """The names of the recipe fields (not `RUN_OPTIONS`) in which `other` differs."""
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in RUN_OPTIONS and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -99,6 +182,50 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise JaxresError(f"config file {path} is not a JSON object of config fields")
         return cls.from_dict(values)
+
+
+RUN_OPTIONS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["run_option"])
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def quick(**overrides) -> TrainConfig:
+    """A small model on 10,000 CIFAR-10 images for 4 epochs: about 2 minutes and ~60 % test
+    accuracy on a 2-core CPU (the README's quick start).
+
+        python -m jaxres.train --preset quick --data ../shared/data/cifar10-jpeg.tar.gz
+    """
+    values = dict(width=0.25, epochs=4, batch_size=256, train_subset=10_000, workdir="runs/quick")
+    return TrainConfig(**{**values, **overrides})
+
+
+def recipe(**overrides) -> TrainConfig:
+    """The original recipe: ResNet-9 at width 1, 24 epochs of batch 512 on all of CIFAR-10
+    (the defaults; the intended use on a GPU).
+
+        python -m jaxres.train --preset recipe --data cifar10
+    """
+    return TrainConfig(**overrides)
+
+
+def shapes_demo(**overrides) -> TrainConfig:
+    """The synthetic shapes dataset (offline, with object masks for Grad-CAM's localisation
+    metrics): a small model for 3 epochs, a minute or two on a CPU.
+
+        python -m jaxres.train --preset shapes_demo
+    """
+    values = dict(data="shapes", width=0.25, epochs=3, batch_size=256, workdir="runs/shapes")
+    return TrainConfig(**{**values, **overrides})
+
+
+PRESETS: dict[str, Callable[..., TrainConfig]] = {"quick": quick, "recipe": recipe, "shapes_demo": shapes_demo}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """The config of the preset `name` (see `PRESETS`), with `overrides` applied."""
+    check_choice("preset", name, tuple(PRESETS))
+    return PRESETS[name](**overrides)
 
 
 def _check_types(config: TrainConfig) -> None:
@@ -149,22 +276,15 @@ def validate(config: TrainConfig) -> None:
         raise JaxresError("data must not be empty")
     if not config.workdir:
         raise JaxresError("workdir must not be empty")
-    if config.precision not in PRECISIONS:
-        raise JaxresError(
-            f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}"
-        )
-    if config.epoch_loop not in EPOCH_LOOPS:
-        raise JaxresError(
-            f"unknown epoch_loop {config.epoch_loop!r}; choose one of {', '.join(EPOCH_LOOPS)}"
-        )
-    if config.model not in MODELS:
-        raise JaxresError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(MODELS))}")
-    if config.norm not in NORMS:
-        raise JaxresError(f"unknown norm {config.norm!r}; choose one of {', '.join(NORMS)}")
-    if config.mix not in MIX_METHODS:
-        raise JaxresError(f"unknown mix {config.mix!r}; choose one of {', '.join(MIX_METHODS)}")
-    if config.tta not in TTA_MODES:
-        raise JaxresError(f"unknown tta {config.tta!r}; choose one of {', '.join(TTA_MODES)}")
+    for what, value, choices in (
+        ("precision", config.precision, PRECISIONS),
+        ("epoch_loop", config.epoch_loop, EPOCH_LOOPS),
+        ("model", config.model, MODEL_NAMES),
+        ("norm", config.norm, NORMS),
+        ("mix", config.mix, MIX_METHODS),
+        ("tta", config.tta, TTA_MODES),
+    ):
+        check_choice(what, value, choices)
     if config.peak_epoch is not None and not 0 <= config.peak_epoch <= config.epochs:
         raise JaxresError(
             f"peak_epoch must lie in [0, epochs={config.epochs}], got {config.peak_epoch}"

@@ -1052,3 +1052,15 @@ def make_shapes(num_train: int = 10000, num_test: int = 2000, image_size: int = 
         SHAPES_CLASSES,
         f"synthetic shapes (seed {seed}, {num_train} train / {num_test} test, {image_size}x{image_size})",
     )
+
+
+def select_train_subset(labels: np.ndarray, subset: int | None, seed: int) -> np.ndarray:
+    """Indices of the training images to use: all, or `subset` of them drawn with `seed` (sorted).
+
+    labels: int[N] -> int[min(subset, N)]. NumPy only: the PyTorch side of the benchmarks
+    draws the same images with it.
+    """
+    n = labels.shape[0]
+    if subset is None or subset >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:subset])

@@ -1,4 +1,5 @@
-"""Evaluate a trained run on its test split, with and without test-time augmentation.
+"""Evaluation: the jitted evaluation over a test split, test-time augmentation, and
+evaluating a saved run.
 
     python -m jaxres.evaluate --workdir RUN [--data SOURCE] [--tta none flip flip_translate]
 
@@ -7,83 +8,170 @@ Prints one line per TTA mode: test loss and accuracy on the whole test split.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from jaxres import checkpoint, train
-from jaxres.config import TTA_MODES
-from jaxres.errors import JaxresError, command_line
-
-
-def check_dataset_matches_run(dataset, info: dict, workdir) -> None:
-    """Raise JaxresError unless `dataset` (a jaxres.data.Dataset) is of the kind the run in
-    `workdir` was trained on: the same class names in the same order (the labels mean the
-    same) and the same image shape [H, W, 3]. info: the run's dataset.json
-    (`train.read_dataset_info`). Names which differs, showing both."""
-    where = f"the data ({dataset.source}) do not fit the run in {workdir} (trained on {info.get('source', '?')})"
-    run_names, data_names = list(info.get("class_names", [])), list(dataset.class_names)
-    if run_names != data_names:
-        raise JaxresError(f"{where}: class names differ: the run has {run_names}, the data have {data_names}")
-    run_shape = tuple(info.get("image_shape", ()))
-    for split in (dataset.train, dataset.test):
-        data_shape = tuple(split.images.shape[1:])
-        if data_shape != run_shape:
-            raise JaxresError(f"{where}: image shape differs: the run's images are {_shape(run_shape)}, these are {_shape(data_shape)}")
+from jaxres import augment, data, models, optim, parallel, rundir
+from jaxres.config import TTA_MODES, TrainConfig
 
 
-def _shape(shape) -> str:
-    return "x".join(map(str, shape))
+def shift_images(inputs: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Translate by (dy, dx) pixels, filling with zeros (the mean colour once normalised).
+
+    inputs: float[N, H, W, C] -> float[N, H, W, C].
+    """
+    if dy == 0 and dx == 0:
+        return inputs
+    height, width = inputs.shape[1:3]
+    pad = max(abs(dy), abs(dx))
+    padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width, :]
 
 
-def load_run_and_data(workdir, data: str | None = None, cache_dir: str | None = None):
+TTA_SHIFTS = {"none": [(0, 0)], "flip": [(0, 0)], "flip_translate": [(0, 0), (1, 1), (-1, -1)]}
+
+
+def predict_logits(model, variables, inputs: jax.Array, tta: str = "none") -> jax.Array:
+    """Inference-mode logits, averaged over test-time augmentations.
+
+    inputs: float32[N, H, W, 3] (normalised) -> float32[N, K]. tta: "none"; "flip" (the
+    image and its mirror); "flip_translate" (both, each also shifted by (1, 1) and
+    (-1, -1) pixels: 6 views). The mean is taken over logits.
+    """
+    views = []
+    for dy, dx in TTA_SHIFTS[tta]:
+        shifted = shift_images(inputs, dy, dx)
+        views.append(shifted)
+        if tta != "none":
+            views.append(shifted[:, :, ::-1, :])
+    logits = [model.apply(variables, view, train=False) for view in views]
+    return sum(logits) / len(logits)
+
+
+def make_evaluate(model, config: TrainConfig, mesh: Mesh, tta: str | None = None):
+    """`evaluate(variables, images, labels) -> {loss, accuracy, predictions}`, compiled.
+
+    images: uint8[N, H, W, 3]; labels: int32[N]. Runs in batches of eval_batch_size
+    (the last one padded and masked) with BatchNorm in inference mode and the test-time
+    augmentation `tta` (default `config.tta`; see `predict_logits`). loss is the
+    training criterion (label-smoothed cross-entropy) averaged over the N images;
+    predictions: int32[N]. Batches run in a `lax.scan` or a host loop, as
+    `config.epoch_loop` says (see `parallel.resolve_epoch_loop`).
+    """
+    tta = config.tta if tta is None else tta
+    batch_size = config.eval_batch_size
+    batch_sharding = parallel.batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
+
+    def padded_batches(images, labels):
+        n = images.shape[0]
+        num_batches = -(-n // batch_size)
+        pad = num_batches * batch_size - n
+        shape = lambda x: x.reshape(num_batches, batch_size, *x.shape[1:])  # noqa: E731
+        valid = jnp.arange(num_batches * batch_size) < n
+        images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
+        return shape(images), shape(jnp.pad(labels, (0, pad))), shape(valid)
+
+    def evaluate_batch(variables, batch_images, batch_labels, batch_valid):
+        inputs = jax.lax.with_sharding_constraint(augment.normalize(batch_images), batch_sharding)
+        logits = predict_logits(model, variables, inputs, tta)
+        losses = optim.smoothed_cross_entropy(logits, batch_labels, config.label_smoothing)
+        predictions = jnp.argmax(logits, -1).astype(jnp.int32)
+        correct = (predictions == batch_labels) & batch_valid
+        return jnp.where(batch_valid, losses, 0.0).sum(), correct.sum(), predictions
+
+    def summarize(n, loss_sums, correct, predictions):
+        return {
+            "loss": loss_sums.sum() / n,
+            "accuracy": correct.sum() / n,
+            "predictions": predictions.reshape(-1)[:n],
+        }
+
+    if parallel.resolve_epoch_loop(config.epoch_loop) == "scan":
+
+        def scanned(variables, images, labels):
+            batches = padded_batches(images, labels)
+            _, outputs = jax.lax.scan(lambda _, batch: (None, evaluate_batch(variables, *batch)), None, batches)
+            return summarize(images.shape[0], *outputs)
+
+        return jax.jit(scanned, out_shardings=replicated)
+
+    pad = jax.jit(padded_batches, out_shardings=replicated)
+    run_batch = jax.jit(
+        lambda variables, batches, index: evaluate_batch(variables, *(x[index] for x in batches)),
+        out_shardings=replicated,
+    )
+    finish = jax.jit(
+        lambda n, outputs: summarize(n, *(jnp.stack(x) for x in zip(*outputs))),
+        static_argnums=0,
+        out_shardings=replicated,
+    )
+
+    def stepped(variables, images, labels):
+        batches = pad(images, labels)
+        outputs = [run_batch(variables, batches, index) for index in range(batches[0].shape[0])]
+        return finish(images.shape[0], outputs)
+
+    return stepped
+
+
+# --------------------------------------------------------------------------- a saved run
+
+
+def load_for_inference(workdir):
+    """(model, variables, config) of a trained run, for evaluation or Grad-CAM.
+
+    model: the Flax module, computing in float32 whatever precision trained it; variables:
+    {"params", "batch_stats"} as restored from the checkpoint (verified, every leaf checked
+    against the model's); config: the run's TrainConfig.
+    """
+    config = rundir.load_config(workdir)
+    info = rundir.read_dataset_info(workdir)
+    model = models.from_config(dataclasses.replace(config, precision="fp32"), num_classes=len(info["class_names"]))
+    # Only the structure is needed: eval_shape skips the (slow to compile) random init.
+    image_shape = tuple(info["image_shape"])
+    template = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), image_shape))
+    state, _ = rundir.read_checkpoint(workdir)
+    found = {name: state.get(name, {}) for name in template} if isinstance(state, dict) else state
+    variables = rundir.fit_state_dict(rundir.checkpoint_path(workdir), found, template)
+    return model, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}, config
+
+
+def load_run_and_data(workdir, data_source: str | None = None, cache_dir: str | None = None):
     """(model, variables, config, dataset) of the trained run in `workdir` and the dataset
-    `data` (default: the one it was trained on; cache_dir: default the run's), checked with
-    `check_dataset_matches_run` before anything is computed. config.data and
+    `data_source` (default: the one it was trained on; cache_dir: default the run's), checked
+    with `rundir.check_data_fits_run` before anything is computed. config.data and
     config.cache_dir are the ones used."""
-    model, variables, config = checkpoint.load_for_inference(workdir)
-    config = dataclasses.replace(config, data=data or config.data, cache_dir=cache_dir or config.cache_dir)
-    dataset = train.load_data(config, progress=sys.stderr.isatty())
-    check_dataset_matches_run(dataset, train.read_dataset_info(workdir), workdir)
+    model, variables, config = load_for_inference(workdir)
+    config = dataclasses.replace(config, data=data_source or config.data, cache_dir=cache_dir or config.cache_dir)
+    dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=sys.stderr.isatty())
+    rundir.check_data_fits_run(workdir, dataset)
     return model, variables, config, dataset
 
 
-def evaluate_run(workdir, data: str | None = None, tta_modes=TTA_MODES, cache_dir: str | None = None) -> dict:
+def evaluate_run(workdir, data_source: str | None = None, tta_modes=TTA_MODES, cache_dir: str | None = None) -> dict:
     """{tta mode: {"loss", "accuracy"}} for the run in `workdir` on its test split.
 
-    data: the dataset source (default: the one the run was trained on); it must have the
+    data_source: the dataset (default: the one the run was trained on); it must have the
     run's class names and image shape (JaxresError otherwise).
     """
-    model, variables, config, dataset = load_run_and_data(workdir, data, cache_dir)
-    mesh = train.make_mesh()
-    images = train.replicate(mesh, dataset.test.images)
-    labels = train.replicate(mesh, dataset.test.labels)
-    variables = train.replicate_tree(mesh, variables)
+    model, variables, config, dataset = load_run_and_data(workdir, data_source, cache_dir)
+    mesh = parallel.make_mesh()
+    images = parallel.replicate(mesh, dataset.test.images)
+    labels = parallel.replicate(mesh, dataset.test.labels)
+    variables = parallel.replicate_tree(mesh, variables)
     results = {}
     for mode in tta_modes:
-        evaluation = jax.device_get(train.make_evaluate(model, config, mesh, tta=mode)(variables, images, labels))
+        evaluation = jax.device_get(make_evaluate(model, config, mesh, tta=mode)(variables, images, labels))
         results[mode] = {"loss": float(evaluation["loss"]), "accuracy": float(evaluation["accuracy"])}
     return results
 
 
-@command_line
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxres.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a run directory written by python -m jaxres.train")
-    parser.add_argument("--data", help="dataset source (default: the run's own); it must have the run's classes and image size")
-    parser.add_argument("--cache-dir", help="decoded-array cache (default: the run's)")
-    parser.add_argument("--tta", nargs="+", default=list(TTA_MODES), choices=TTA_MODES, help="TTA modes to compare")
-    args = parser.parse_args(argv)
-    results = evaluate_run(args.workdir, args.data, args.tta, args.cache_dir)
-    baseline = results.get("none")
-    print(f"{'tta':<16}{'test_loss':>10}{'test_acc':>10}{'gain':>8}")
-    for mode, result in results.items():
-        gain = f"{100 * (result['accuracy'] - baseline['accuracy']):+.2f}" if baseline else ""
-        print(f"{mode:<16}{result['loss']:>10.4f}{100 * result['accuracy']:>9.2f}%{gain:>8}")
-    return 0
+if __name__ == "__main__":  # `python -m jaxres.evaluate`: the command line lives in jaxres.cli
+    from jaxres import cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.evaluate_main())

@@ -27,12 +27,11 @@ No `lax.scan` over the steps: XLA:CPU runs convolutions inside loops many times 
 (jax-ml/jax#12868), and the host must watch for divergence anyway, so this is a host
 loop of one jitted step (one device; the data stay on it).
 
-Command line: `python -m jaxres.lr_find --data cifar10 --model custom_resnet --out lr_find.png`.
+Command line (`jaxres.cli.lr_find_main`): `python -m jaxres.lr_find --data cifar10 --model custom_resnet --out lr_find.png`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -43,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.figure import Figure
 
-from jaxres import augment, models
+from jaxres import augment, data, models, optim
 from jaxres.config import TrainConfig
-from jaxres.errors import JaxresError, command_line, figure_output_path
+from jaxres.errors import JaxresError
 
 
 MAX_STEPS = 100_000  # a sweep records a few floats per step; more steps than this is a typo
@@ -227,10 +227,14 @@ def lr_range_test(
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _optimizer(momentum: float, nesterov: bool, weight_decay: float) -> optax.GradientTransformation:
-    """The training optimizer (train.make_optimizer) without its LR: coupled weight decay, then
-    (Nesterov) momentum; the step multiplies by -lr, as optax.sgd's last stage does."""
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=nesterov))
+    """The training optimizer (`optim.sgd`: coupled weight decay, then (Nesterov) momentum and
+    the LR) with its LR a value in the optimizer state (`optax.inject_hyperparams`), set step
+    by step. Cached: one object per setting, so the jitted step compiles once for it."""
+    return optax.inject_hyperparams(optim.sgd, static_args=("momentum", "nesterov", "weight_decay"))(
+        learning_rate=0.0, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
 
 
 @functools.partial(
@@ -245,18 +249,17 @@ def _range_test_step(
     the batch's loss before the step.  images: uint8[B, H, W, 3]; labels: int32[B]; lr: float32[].
     Compiled once per (model, hyperparameters, batch shape), shared by every sweep."""
     inputs = augment.normalize(images)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, model.num_classes), label_smoothing)
 
     def loss_fn(params):
         collections = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
         logits, updates = model.apply(collections, inputs, train=True, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        loss = optim.smoothed_cross_entropy(logits, labels, label_smoothing).mean()
         return loss, updates.get("batch_stats", batch_stats)
 
     (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    opt_state.hyperparams["learning_rate"] = lr
     updates, opt_state = _optimizer(momentum, nesterov, weight_decay).update(grads, opt_state, params)
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
-    return params, new_batch_stats, opt_state, loss
+    return optax.apply_updates(params, updates), new_batch_stats, opt_state, loss
 
 
 # --------------------------------------------------------------------------- from a training config
@@ -278,13 +281,11 @@ def range_test_for_config(
     init key from `config.seed`); images are normalised, not augmented. Precision: bf16
     runs in bf16, fp16 in fp32 (no loss scaling here), fp32 in fp32.
     """
-    from jaxres import train  # the trainer imports this module lazily too
-
     if config.precision == "fp16":
         config = dataclasses.replace(config, precision="fp32")
-    indices = train.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
+    indices = data.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
     images, labels = dataset.train.images[indices], dataset.train.labels[indices].astype(np.int32)
-    model = train.build_model(config, len(dataset.class_names))
+    model = models.from_config(config, len(dataset.class_names))
     init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
     variables = models.init_variables(model, init_key, images.shape[1:])
     return lr_range_test(
@@ -316,7 +317,6 @@ def suggest_peak_lr(config: TrainConfig, dataset, **options: Any) -> float:
 
 def plot_lr_range(result: LRFindResult):
     """Loss (raw and smoothed) against LR on a log axis, the minimum and the suggestion marked."""
-    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
@@ -339,71 +339,7 @@ def plot_lr_range(result: LRFindResult):
     return figure
 
 
-# --------------------------------------------------------------------------- command line
+if __name__ == "__main__":  # `python -m jaxres.lr_find`: the command line lives in jaxres.cli
+    from jaxres import cli
 
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxres.lr_find",
-        description="LR range test: train briefly with an exponentially growing LR and suggest the "
-        "peak LR of the one-cycle schedule (the LR of the lowest smoothed loss / 10).",
-    )
-    parser.add_argument("--data", default=defaults.data, help="dataset, as for jaxres.train (default: %(default)s)")
-    parser.add_argument("--cache-dir", default=None, help="decoded-array cache (as for jaxres.train)")
-    parser.add_argument("--train-subset", type=int, default=None, help="use this many training images only")
-    parser.add_argument("--model", default=defaults.model, help=f"{', '.join(sorted(models.MODELS))} (default: %(default)s)")
-    parser.add_argument("--width", type=float, default=defaults.width, help="channel width multiplier (default: %(default)s)")
-    parser.add_argument("--norm", default=defaults.norm, help=f"{', '.join(models.NORMS)} (default: %(default)s)")
-    parser.add_argument("--precision", default=defaults.precision, help="fp32 | bf16 (fp16 runs as fp32) (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="(default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default: %(default)s)")
-    parser.add_argument("--min-lr", type=float, default=1e-4, help="first LR (default: %(default)s)")
-    parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
-    parser.add_argument("--out", default="lr_find.png", help="the plot; its suffix (.png, .pdf, .svg, ...) sets the format (default: %(default)s)")
-    return parser
-
-
-@command_line
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from jaxres import data
-    from jaxres.plots import save_figure
-
-    out = figure_output_path(args.out)
-    config = TrainConfig(
-        data=args.data,
-        cache_dir=args.cache_dir,
-        train_subset=args.train_subset,
-        model=args.model,
-        width=args.width,
-        norm=args.norm,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        label_smoothing=args.label_smoothing,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=sys.stderr.isatty())
-    result = range_test_for_config(config, dataset, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
-    path = save_figure(plot_lr_range(result), out)
-    ending = "stopped when the loss diverged" if result.stopped_early else "ran all steps"
-    print(
-        f"swept LR {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} in {len(result.lrs)} steps ({ending}); "
-        f"lowest smoothed loss {result.smoothed_losses.min():.4f} at LR {result.min_loss_lr:.3g}"
-    )
-    print(f"suggested peak LR: {result.suggested_lr:.4g}  (plot: {path})")
-    if still_falling_at_the_end(result):
-        print(
-            "warning: the smoothed loss was still falling at the largest LR; the suggestion may be too low "
-            "(try a larger --max-lr)",
-            file=sys.stderr,
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.lr_find_main())

@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxres import precision
+from jaxres.config import MODEL_NAMES, NORMS, check_choice
 from jaxres.errors import JaxresError
-
-NORMS = ("batch", "group", "layer", "ghost_batch")
 GHOST_BATCH_SIZE = 32  # images per virtual batch of the "ghost_batch" norm
 
 # PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)) is
@@ -70,6 +70,7 @@ def make_norm(norm: str, dtype: Any, train: bool, name: str | None = None) -> nn
     "ghost_batch" is BatchNorm over virtual batches of GHOST_BATCH_SIZE images
     (`GhostBatchNorm`), with the same variables as "batch".
     """
+    check_choice("norm", norm, NORMS)
     if norm == "batch":
         return nn.BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
@@ -82,7 +83,7 @@ def make_norm(norm: str, dtype: Any, train: bool, name: str | None = None) -> nn
         return _GroupNormAuto(num_groups_max=32, dtype=dtype, name=name)
     if norm == "layer":
         return _GroupNormAuto(num_groups_max=1, dtype=dtype, name=name)
-    raise JaxresError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    raise AssertionError(f"norm {norm!r} is in config.NORMS but has no layer here")
 
 
 class _GroupNormAuto(nn.Module):
@@ -221,8 +222,6 @@ class CustomResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        if self.norm not in NORMS:
-            raise JaxresError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
         stage = functools.partial(ResidualStage, norm=self.norm, dtype=self.dtype)
         x = jnp.asarray(images, self.dtype)
@@ -332,8 +331,6 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        if self.norm not in NORMS:
-            raise JaxresError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
         x = jnp.asarray(images, self.dtype)
         # prep is ResNet-9's stem too: conv3x3 norm ReLU, output perturbed for Grad-CAM
@@ -364,7 +361,7 @@ class ResNet34(ResNet):
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
 
 
-MODELS = {"custom_resnet": CustomResNet, "resnet18": ResNet18, "resnet34": ResNet34}
+MODELS = dict(zip(MODEL_NAMES, (CustomResNet, ResNet18, ResNet34)))  # config.MODEL_NAMES: custom_resnet, resnet18, resnet34
 
 
 def create_model(
@@ -376,10 +373,8 @@ def create_model(
     dtype: Any = jnp.float32,
 ) -> nn.Module:
     """The model registered as `name` (see `MODELS`), built with the given options."""
-    if name not in MODELS:
-        raise JaxresError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    if norm not in NORMS:
-        raise JaxresError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    check_choice("model", name, MODEL_NAMES)
+    check_choice("norm", norm, NORMS)
     if not width > 0:
         raise JaxresError(f"width must be positive, got {width}")
     return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype)
@@ -403,3 +398,15 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape=(32, 32, 3)) ->
     """
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return {name: value for name, value in variables.items() if name in ("params", "batch_stats")}
+
+
+def from_config(config, num_classes: int) -> nn.Module:
+    """The model a run's `jaxres.config.TrainConfig` describes (model, width, norm, and the
+    compute dtype of its precision), with `num_classes` outputs."""
+    return create_model(
+        config.model,
+        num_classes=num_classes,
+        width=config.width,
+        norm=config.norm,
+        dtype=precision.compute_dtype(config.precision),
+    )

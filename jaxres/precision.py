@@ -19,15 +19,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxres.errors import JaxresError
+from jaxres.config import PRECISIONS, check_choice
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
 def compute_dtype(precision: str):
     """The compute dtype of `precision` in {fp32, bf16, fp16}."""
-    if precision not in COMPUTE_DTYPES:
-        raise JaxresError(f"unknown precision {precision!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
+    check_choice("precision", precision, PRECISIONS)
     return COMPUTE_DTYPES[precision]
 
 

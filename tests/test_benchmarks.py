@@ -44,13 +44,13 @@ def images_uint8(count: int, seed: int = 0) -> np.ndarray:
 def test_both_sides_build_the_same_model():
     import jax
 
-    from jaxres import augment, convert, train
+    from jaxres import augment, convert, models, optim, train
     from jaxres.config import TrainConfig
     from jaxres.models import count_params
 
     torch_model = torch_model_with_random_statistics().eval()
     config = TrainConfig(width=WIDTH)
-    flax_model = train.build_model(config, num_classes=10)
+    flax_model = models.from_config(config, num_classes=10)
     variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
     assert count_params(variables["params"]) == sum(p.numel() for p in torch_model.parameters())
 
@@ -69,7 +69,7 @@ def test_both_sides_build_the_same_model():
 
 
 def test_weights_round_trip_through_the_shared_npz(tmp_path):
-    from jaxres import convert, train
+    from jaxres import convert, models, optim, train
     from jaxres.config import TrainConfig
 
     from benchmarks import worker_torch
@@ -80,7 +80,7 @@ def test_weights_round_trip_through_the_shared_npz(tmp_path):
     loaded = worker_torch.load_weights(args.weights)
     assert set(loaded) == set(state)
     assert float(np.abs(loaded["prep.conv_block.norm.running_mean"]).max()) > 0  # calibrated, not the fresh zeros
-    model = train.build_model(TrainConfig(width=WIDTH), num_classes=10)
+    model = models.from_config(TrainConfig(width=WIDTH), num_classes=10)
     back = convert.flax_to_torch(convert.torch_to_flax(loaded, model), model)
     assert set(back) == set(loaded)
     for name, array in loaded.items():
@@ -100,7 +100,7 @@ def two_training_steps(dtype):
     import jax
     import jax.numpy as jnp
 
-    from jaxres import convert, models, train
+    from jaxres import convert, models, optim, train
     from jaxres.config import TrainConfig
 
     steps_per_epoch, epochs = 2, 2  # peak at step round(5/24 * 2 * 2) = 1: the 2nd step has LR peak_lr
@@ -110,7 +110,7 @@ def two_training_steps(dtype):
     flax_model = models.create_model(config.model, num_classes=10, width=WIDTH, dtype=dtype)
     variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), variables)
-    optimizer, _ = train.make_optimizer(config, steps_per_epoch)
+    optimizer, _ = optim.make_optimizer(config, steps_per_epoch)
     from benchmarks.worker_jax import state_from_weights
 
     state = state_from_weights(config, optimizer, variables)
@@ -175,10 +175,10 @@ def test_two_training_steps_match_jaxres():
 
 
 def test_one_cycle_schedule_matches_jaxres():
-    from jaxres import train
+    from jaxres import optim
 
     for total, peak in [(24, 5), (100, 21), (10, 0), (7, 7)]:
-        schedule = train.one_cycle_lr(0.4, total, peak)
+        schedule = optim.one_cycle_lr(0.4, total, peak)
         for step in range(total + 3):
             assert torch_train.one_cycle_lr(step, 0.4, total, peak) == pytest.approx(float(schedule(step)), abs=1e-7), (total, peak, step)
     recipe = torch_train.Recipe(epochs=24)
@@ -186,12 +186,21 @@ def test_one_cycle_schedule_matches_jaxres():
     assert schedule(0) == 0.0 and schedule(50) == pytest.approx(0.4) and schedule(240) == 0.0
 
 
-def test_train_subset_matches_jaxres():
-    from jaxres.train import select_train_subset
+def test_train_subset_is_a_seeded_sorted_sample_and_needs_no_jax():
+    """Both workers draw the training subset with jaxres.data.select_train_subset, which the
+    PyTorch worker imports without jax."""
+    from jaxres.data import select_train_subset
 
     labels = np.zeros(1000, np.int32)
-    for subset in (None, 10, 999, 5000):
-        np.testing.assert_array_equal(common.train_subset_indices(1000, subset, seed=4), select_train_subset(labels, subset, 4))
+    np.testing.assert_array_equal(select_train_subset(labels, None, 4), np.arange(1000))
+    np.testing.assert_array_equal(select_train_subset(labels, 5000, 4), np.arange(1000))
+    for subset in (10, 999):
+        chosen = select_train_subset(labels, subset, 4)
+        assert chosen.shape == (subset,) and np.all(np.diff(chosen) > 0) and chosen.max() < 1000
+        np.testing.assert_array_equal(chosen, select_train_subset(labels, subset, 4))
+        assert not np.array_equal(chosen, select_train_subset(labels, subset, 5))
+    code = "import sys, jaxres.data; sys.exit('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

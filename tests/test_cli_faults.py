@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres import checkpoint, evaluate, train
+from jaxres import cli, evaluate, models, rundir, train
 from jaxres import gradcam as cam_lib
 from jaxres.config import TrainConfig
 from jaxres.data import CIFAR10_CLASSES
@@ -31,13 +31,13 @@ def cifar_run(tmp_path_factory):
     """A run directory of an all-zero model of the 10 CIFAR-10 classes on 32x32 images."""
     workdir = tmp_path_factory.mktemp("cifar-run")
     config = TrainConfig(data="cifar10", width=0.0625, eval_batch_size=16, workdir=str(workdir))
-    model = train.build_model(config, len(CIFAR10_CLASSES))
+    model = models.from_config(config, len(CIFAR10_CLASSES))
     template = jax.eval_shape(lambda: train.initial_state_template(config, model, (32, 32, 3)))
     state = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), template)
-    checkpoint.atomic_write_bytes(workdir / checkpoint.CONFIG_NAME, config.to_json().encode())
+    rundir.atomic_write_bytes(workdir / rundir.CONFIG_NAME, config.to_json().encode())
     info = {"class_names": list(CIFAR10_CLASSES), "image_shape": [32, 32, 3], "source": "tensorflow-datasets cifar10"}
-    (workdir / train.DATA_INFO_NAME).write_text(json.dumps(info))
-    checkpoint.save_checkpoint(workdir, state)
+    (workdir / rundir.DATA_INFO_NAME).write_text(json.dumps(info))
+    rundir.save_checkpoint(workdir, state)
     return workdir
 
 
@@ -79,46 +79,46 @@ def no_computing(monkeypatch):
     def computing(*args, **kwargs):
         raise AssertionError("the command computed before it checked its input")
 
-    monkeypatch.setattr(train, "make_evaluate", computing)
+    monkeypatch.setattr(evaluate, "make_evaluate", computing)
     monkeypatch.setattr(cam_lib, "_predict", computing)
 
 
 # --------------------------------------------------------------------------- the data must be the run's kind
 
 
-@pytest.mark.parametrize("main", [evaluate.main, cam_lib.main], ids=["evaluate", "gradcam"])
+@pytest.mark.parametrize("main", [cli.evaluate_main, cam_lib.main], ids=["evaluate", "gradcam"])
 def test_data_with_other_classes_is_named_before_computing(main, cifar_run, no_computing, capsys, tmp_path):
     """Issue 11 item 13: a CIFAR-10 run with --data shapes (evaluate used to print 16.95%, gradcam
     raised IndexError)."""
-    argv = ["--workdir", cifar_run, "--data", "shapes"] + ([] if main is evaluate.main else ["--out", tmp_path / "c.png"])
+    argv = ["--workdir", cifar_run, "--data", "shapes"] + ([] if main is cli.evaluate_main else ["--out", tmp_path / "c.png"])
     status, _, err = run_command(main, argv, capsys)
     assert status == 2
     assert_one_error_line(err, "class names differ", "'airplane'", "'truck'", "'circle'", "'ring'", str(cifar_run))
     assert not (tmp_path / "c.png").exists()
 
 
-@pytest.mark.parametrize("main", [evaluate.main, cam_lib.main], ids=["evaluate", "gradcam"])
+@pytest.mark.parametrize("main", [cli.evaluate_main, cam_lib.main], ids=["evaluate", "gradcam"])
 def test_data_with_other_image_shape_is_named_before_computing(main, cifar_run, no_computing, capsys, tmp_path):
     tree = image_tree(tmp_path / "small", size=8, test_per_class=1)
     argv = ["--workdir", cifar_run, "--data", tree, "--cache-dir", tmp_path / "cache"]
-    status, _, err = run_command(main, argv + ([] if main is evaluate.main else ["--out", tmp_path / "c.png"]), capsys)
+    status, _, err = run_command(main, argv + ([] if main is cli.evaluate_main else ["--out", tmp_path / "c.png"]), capsys)
     assert status == 2
     assert_one_error_line(err, "image shape differs", "32x32x3", "8x8x3")
 
 
-def test_check_dataset_matches_run_accepts_the_runs_kind(cifar_run, cifar_like_tree, tmp_path):
+def test_check_data_fits_run_accepts_the_runs_kind(cifar_run, cifar_like_tree, tmp_path):
     from jaxres.data import load_dataset
 
     dataset = load_dataset(cifar_like_tree, cache_dir=tmp_path / "cache", progress=False)
-    evaluate.check_dataset_matches_run(dataset, train.read_dataset_info(cifar_run), cifar_run)  # no error
+    rundir.check_data_fits_run(cifar_run, dataset)  # no error
     renamed = dataclasses.replace(dataset, class_names=tuple(reversed(dataset.class_names)))
     with pytest.raises(JaxresError, match="class names differ"):  # same names, other order: other labels
-        evaluate.check_dataset_matches_run(renamed, train.read_dataset_info(cifar_run), cifar_run)
+        rundir.check_data_fits_run(cifar_run, renamed)
 
 
 def test_evaluate_on_data_of_the_runs_kind(cifar_run, cifar_like_tree, capsys, tmp_path):
     argv = ["--workdir", cifar_run, "--data", cifar_like_tree, "--cache-dir", tmp_path / "cache", "--tta", "none"]
-    status, out, err = run_command(evaluate.main, argv, capsys)
+    status, out, err = run_command(cli.evaluate_main, argv, capsys)
     assert status == 0, err
     # the all-zero model predicts class 0: right on the 3 airplanes of 30 test images
     assert "10.00%" in out.splitlines()[1]
@@ -199,18 +199,18 @@ def test_figure_output_path_in_a_folder_that_cannot_be_written(tmp_path, monkeyp
 
 
 def test_evaluate_reports_an_unreadable_checkpoint(cifar_run, monkeypatch, capsys):
-    culprit = str(checkpoint.checkpoint_path(cifar_run))
+    culprit = str(rundir.checkpoint_path(cifar_run))
 
     def unreadable(workdir):
         raise PermissionError(errno.EACCES, "Permission denied", culprit)
 
-    monkeypatch.setattr(checkpoint, "load_for_inference", unreadable)
-    status, _, err = run_command(evaluate.main, ["--workdir", cifar_run], capsys)
+    monkeypatch.setattr(evaluate, "load_for_inference", unreadable)
+    status, _, err = run_command(cli.evaluate_main, ["--workdir", cifar_run], capsys)
     assert status == 2
     assert_one_error_line(err, f"error: {culprit}: Permission denied")
 
 
 def test_evaluate_names_a_missing_workdir(tmp_path, capsys):
-    status, _, err = run_command(evaluate.main, ["--workdir", tmp_path / "nowhere"], capsys)
+    status, _, err = run_command(cli.evaluate_main, ["--workdir", tmp_path / "nowhere"], capsys)
     assert status == 2
     assert_one_error_line(err, "nowhere")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxres import checkpoint, train
+from jaxres import cli, evaluate, rundir, train
 from jaxres.config import TrainConfig
 from jaxres.data import Dataset
 from jaxres.errors import JaxresError
@@ -71,8 +71,8 @@ def without_timings(row: dict) -> dict:
 def run_record(workdir) -> tuple[bytes, list[dict]]:
     """(the checkpoint's state as bytes, metrics.jsonl's rows less timings), after checking that
     metrics.jsonl holds exactly the checkpoint's rows."""
-    state, history = checkpoint.read_checkpoint(workdir)
-    rows = train.read_metrics(workdir)
+    state, history = rundir.read_checkpoint(workdir)
+    rows = rundir.read_metrics(workdir)
     assert rows == history
     return flax.serialization.msgpack_serialize(state), [without_timings(row) for row in rows]
 
@@ -148,7 +148,7 @@ def test_a_kill_at_any_write_then_resume_gives_the_uninterrupted_run(reference, 
         kill_at_rename(patch, index, when)
         with pytest.raises(Killed):
             run(config, dataset)
-    run(config, dataset, resume=checkpoint.checkpoint_path(workdir).is_file())  # as a user would: resume if there is a checkpoint
+    run(config, dataset, resume=rundir.checkpoint_path(workdir).is_file())  # as a user would: resume if there is a checkpoint
     assert run_record(workdir) == reference[1]
     assert temporaries(workdir) == []
 
@@ -172,12 +172,12 @@ def test_a_checkpoint_garbled_in_the_middle_is_refused_on_every_load(reference, 
     (workdir / "checkpoint.msgpack").write_bytes(bytes(data))
     damaged = r"checkpoint .*checkpoint.msgpack is damaged: digest mismatch"
     with pytest.raises(JaxresError, match=damaged):
-        checkpoint.load_for_inference(workdir)
+        evaluate.load_for_inference(workdir)
     with pytest.raises(JaxresError, match=damaged):
-        checkpoint.restore_checkpoint(workdir, None)
+        rundir.restore_checkpoint(workdir, None)
     with pytest.raises(JaxresError, match=damaged):
         run(config_for(workdir), dataset, resume=True)
-    assert train.main(["--resume", "--workdir", str(workdir)]) == 2  # found before the data is loaded
+    assert cli.train_main(["--resume", "--workdir", str(workdir)]) == 2  # found before the data is loaded
     assert "digest mismatch" in single_error_line(capsys)
 
 
@@ -186,7 +186,7 @@ def test_a_checkpoint_that_does_not_fit_the_edited_config_names_the_leaf(referen
     edited = json.loads((workdir / "config.json").read_text()) | {"width": 0.125}
     (workdir / "config.json").write_text(json.dumps(edited))
     with pytest.raises(JaxresError, match=r"leaf params/\S+ is float32\[.*\] in the checkpoint, the model expects float32\["):
-        checkpoint.load_for_inference(workdir)
+        evaluate.load_for_inference(workdir)
 
 
 def test_a_torn_metrics_line_is_named_and_resume_restores_the_checkpoint_rows(reference, half_run, dataset, tmp_path):
@@ -194,7 +194,7 @@ def test_a_torn_metrics_line_is_named_and_resume_restores_the_checkpoint_rows(re
     text = (workdir / "metrics.jsonl").read_text()
     (workdir / "metrics.jsonl").write_text(text[: len(text) // 2])
     with pytest.raises(JaxresError, match=r"metrics.jsonl line 1 is not valid JSON"):
-        train.read_metrics(workdir)
+        rundir.read_metrics(workdir)
     run(config_for(workdir), dataset, resume=True)
     assert run_record(workdir) == reference[1]
 
@@ -203,22 +203,22 @@ def test_a_dataset_json_that_is_not_json_is_named(reference, tmp_path):
     workdir = copy_run(reference[0], tmp_path)
     (workdir / "dataset.json").write_text('{"class_names": ["a", ')
     with pytest.raises(JaxresError, match=r"dataset.json is not valid JSON"):
-        checkpoint.load_for_inference(workdir)
+        evaluate.load_for_inference(workdir)
     (workdir / "dataset.json").write_text('{"classes": 4}')
     with pytest.raises(JaxresError, match=r"dataset.json is not a jaxres dataset.json"):
-        checkpoint.load_for_inference(workdir)
+        evaluate.load_for_inference(workdir)
 
 
 def test_non_finite_metrics_are_written_as_null_and_read_back_as_nan(tmp_path):
     rows = [{"epoch": 1, "train_loss": math.nan, "test_loss": math.inf, "lr": 0.1}]
-    text = train.metrics_text(rows)
+    text = rundir.metrics_text(rows)
 
     def reject(constant):
         raise ValueError(f"strict JSON has no {constant}")
 
     assert json.loads(text, parse_constant=reject) == {"epoch": 1, "train_loss": None, "test_loss": None, "lr": 0.1}
     (tmp_path / "metrics.jsonl").write_text(text)
-    [row] = train.read_metrics(tmp_path)
+    [row] = rundir.read_metrics(tmp_path)
     assert math.isnan(row["train_loss"]) and math.isnan(row["test_loss"]) and row["lr"] == 0.1
 
 
@@ -230,7 +230,7 @@ def test_every_run_file_is_written_0644(reference):
 def test_resuming_on_other_data_is_refused(half_run, dataset, tmp_path):
     workdir = copy_run(half_run, tmp_path)
     renamed = Dataset(dataset.train, dataset.test, ("w", "x", "y", "z"), dataset.source)
-    with pytest.raises(JaxresError, match="data differs from its dataset.json in class_names"):
+    with pytest.raises(JaxresError, match="class names differ: the run has"):
         run(config_for(workdir), renamed, resume=True)
 
 
@@ -238,11 +238,11 @@ def test_resuming_on_other_data_is_refused(half_run, dataset, tmp_path):
 
 
 def test_resume_with_nothing_to_resume_is_an_error_before_any_data(tmp_path, capsys):
-    assert train.main(["--resume", "--workdir", str(tmp_path / "nothing")]) == 2
+    assert cli.train_main(["--resume", "--workdir", str(tmp_path / "nothing")]) == 2
     line = single_error_line(capsys)
     assert "nothing to resume" in line and "does not exist" in line
     (tmp_path / "typo").mkdir()
-    assert train.main(["--resume", "--workdir", str(tmp_path / "typo"), "--data", "shapes", "--epochs", "1"]) == 2
+    assert cli.train_main(["--resume", "--workdir", str(tmp_path / "typo"), "--data", "shapes", "--epochs", "1"]) == 2
     assert "nothing to resume" in single_error_line(capsys)
     assert list((tmp_path / "typo").iterdir()) == []
 
@@ -251,14 +251,14 @@ def test_an_unwritable_workdir_is_named_before_any_data(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
     for workdir, message in [(a_file, "is a file, not a folder"), (a_file / "run", "cannot write to --workdir")]:
-        assert train.main(["--data", MISSING_DATA, "--workdir", str(workdir)]) == 2
+        assert cli.train_main(["--data", MISSING_DATA, "--workdir", str(workdir)]) == 2
         assert message in single_error_line(capsys)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_workdir_is_named_before_any_data(tmp_path, capsys):
     (tmp_path / "locked").mkdir(mode=0o555)
-    assert train.main(["--data", MISSING_DATA, "--workdir", str(tmp_path / "locked")]) == 2
+    assert cli.train_main(["--data", MISSING_DATA, "--workdir", str(tmp_path / "locked")]) == 2
     assert "cannot write to --workdir" in single_error_line(capsys)
 
 
@@ -267,7 +267,7 @@ def test_an_io_error_anywhere_in_the_trainer_is_one_error_line(monkeypatch, tmp_
         raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/config.json")
 
     monkeypatch.setattr(train, "train_and_evaluate", failing)
-    assert train.main(["--data", "shapes", "--workdir", str(tmp_path / "run")]) == 2
+    assert cli.train_main(["--data", "shapes", "--workdir", str(tmp_path / "run")]) == 2
     assert single_error_line(capsys) == "error: /somewhere/config.json: Permission denied"
 
 
@@ -295,17 +295,17 @@ def test_a_folder_of_someone_elses_files_is_refused_and_left_alone(tmp_path, cap
     contents = {name: f'{{"my own": "{name}"}}\n' for name in files}
     for name, text in contents.items():
         (workdir / name).write_text(text)
-    assert train.main(["--data", MISSING_DATA, "--workdir", str(workdir)]) == 2
+    assert cli.train_main(["--data", MISSING_DATA, "--workdir", str(workdir)]) == 2
     assert "not a jaxres run" in single_error_line(capsys)
     assert {path.name: path.read_text() for path in workdir.iterdir()} == contents
 
 
 def test_an_empty_folder_and_a_run_killed_before_its_first_checkpoint_are_usable(tmp_path):
     (tmp_path / "empty").mkdir()
-    train.check_workdir(tmp_path / "empty", resume=False)
+    rundir.check_workdir(tmp_path / "empty", resume=False)
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "config.json").write_text(TrainConfig().to_json())
-    train.check_workdir(tmp_path / "started", resume=False)
+    rundir.check_workdir(tmp_path / "started", resume=False)
 
 
 # ------------------------------------------------------------------ flags (item 7)
@@ -327,7 +327,7 @@ def test_an_empty_folder_and_a_run_killed_before_its_first_checkpoint_are_usable
     ],
 )
 def test_impossible_flags_are_named_before_any_work(tmp_path, capsys, flags, field):
-    assert train.main(["--data", MISSING_DATA, "--workdir", str(tmp_path / "run"), *flags]) == 2
+    assert cli.train_main(["--data", MISSING_DATA, "--workdir", str(tmp_path / "run"), *flags]) == 2
     line = single_error_line(capsys)
     assert line.startswith(f"error: {field} must"), line
     assert not (tmp_path / "run").exists()
@@ -377,13 +377,13 @@ def test_an_fp16_epoch_with_every_step_skipped_stops_the_run(tmp_path):
 def test_a_non_finite_test_loss_stops_the_run_and_keeps_the_checkpoint(half_run, dataset, tmp_path, monkeypatch):
     workdir = copy_run(half_run, tmp_path)
     before = (workdir / "checkpoint.msgpack").read_bytes()
-    real_make_evaluate = train.make_evaluate
+    real_make_evaluate = evaluate.make_evaluate
 
     def make_evaluate(*args, **kwargs):
         evaluate = real_make_evaluate(*args, **kwargs)
         return lambda *inputs: {**evaluate(*inputs), "loss": np.float32(np.nan)}
 
-    monkeypatch.setattr(train, "make_evaluate", make_evaluate)
+    monkeypatch.setattr(evaluate, "make_evaluate", make_evaluate)
     with pytest.raises(train.NonFiniteLossError, match=r"test loss after epoch 2 is nan.*\(epoch 1\) in .* is intact"):
         run(config_for(workdir), dataset, resume=True)
     assert (workdir / "checkpoint.msgpack").read_bytes() == before

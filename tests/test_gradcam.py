@@ -554,7 +554,7 @@ def test_trained_model_localises_shapes_and_fails_randomisation():
 def fake_run(monkeypatch, model, variables, images):
     """`load_for_inference`, `load_dataset` and `read_dataset_info` replaced by the test model,
     six images and their dataset.json."""
-    from jaxres import checkpoint, data, train
+    from jaxres import data, evaluate, rundir
     from jaxres.config import TrainConfig
 
     labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
@@ -571,9 +571,9 @@ def fake_run(monkeypatch, model, variables, images):
         return dataset
 
     info = {"class_names": list(dataset.class_names), "image_shape": list(split.images.shape[1:]), "source": "fake"}
-    monkeypatch.setattr(checkpoint, "load_for_inference", load_for_inference)
+    monkeypatch.setattr(evaluate, "load_for_inference", load_for_inference)
     monkeypatch.setattr(data, "load_dataset", load_dataset)
-    monkeypatch.setattr(train, "read_dataset_info", lambda workdir: info)
+    monkeypatch.setattr(rundir, "read_dataset_info", lambda workdir: info)
     return calls
 
 
@@ -660,11 +660,11 @@ def test_cli_argument_parsing():
 @pytest.mark.slow
 def test_cli_end_to_end_on_a_trained_run(tmp_path):
     """Train a tiny model for one epoch with `python -m jaxres.train`, then explain it."""
-    from jaxres import train
+    from jaxres import cli
 
     workdir = tmp_path / "run"
     argv = ["--data", "shapes", "--width", "0.125", "--epochs", "1", "--train-subset", "256", "--batch-size", "128", "--workdir", str(workdir)]
-    assert train.main(argv) == 0
+    assert cli.train_main(argv) == 0
     out = tmp_path / "cams.png"
     assert cam_lib.main(["--workdir", str(workdir), "--misclassified", "4", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"

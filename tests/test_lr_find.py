@@ -9,7 +9,7 @@ import optax
 import pytest
 from matplotlib.figure import Figure
 
-from jaxres import lr_find
+from jaxres import cli, lr_find
 from jaxres.config import TrainConfig
 from jaxres.data import Dataset, Split
 from jaxres.errors import JaxresError
@@ -82,7 +82,7 @@ def test_a_sweep_that_never_turns_is_flagged(result):
 
 
 def test_step_optimizer_is_the_training_sgd():
-    """Coupled weight decay + Nesterov trace, times -lr, equals train.make_optimizer's chain at a fixed LR."""
+    """Coupled weight decay + Nesterov trace, times -lr, equals optim.make_optimizer's chain at a fixed LR."""
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
     reference = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.3, momentum=0.9, nesterov=True))
@@ -126,7 +126,7 @@ def test_impossible_arguments_are_named(dataset):
 
 def test_cli_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys):
     out = tmp_path / "plot.png"
-    code = lr_find.main(
+    code = cli.lr_find_main(
         ["--data", "shapes", "--width", "0.0625", "--batch-size", "32", "--train-subset", "64", "--steps", "4",
          "--min-lr", "0.01", "--max-lr", "0.1", "--out", str(out)]
     )  # fmt: skip
@@ -135,9 +135,9 @@ def test_cli_prints_the_suggestion_and_writes_the_plot(tmp_path, capsys):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    assert lr_find.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert cli.lr_find_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
-    assert lr_find.main(["--model", "vgg", "--data", "shapes"]) == 2
+    assert cli.lr_find_main(["--model", "vgg", "--data", "shapes"]) == 2
     assert "unknown model 'vgg'" in capsys.readouterr().err
 
 
@@ -159,22 +159,20 @@ def loaded_sources(monkeypatch):
 @pytest.mark.parametrize("out, message", [("x.txt", "has the suffix .txt"), (".", "is a folder")])
 def test_cli_checks_the_output_before_the_sweep(tmp_path, capsys, loaded_sources, out, message):
     """Issue 11 item 12: --out x.txt raised ValueError after the whole sweep."""
-    assert lr_find.main(["--data", "somewhere", "--out", str(tmp_path / out)]) == 2
+    assert cli.lr_find_main(["--data", "somewhere", "--out", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and message in err and err.count("\n") == 1
     assert loaded_sources == []
 
 
 def test_cli_reports_an_unreadable_dataset_without_traceback(tmp_path, capsys, loaded_sources):
-    assert lr_find.main(["--data", "/data/photos", "--out", str(tmp_path / "x.png")]) == 2
+    assert cli.lr_find_main(["--data", "/data/photos", "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err == "error: /data/photos/train: Permission denied\n"
     assert loaded_sources == ["/data/photos"]
 
 
 def test_max_lr_is_the_peak_lr_flag_and_takes_auto():
-    from jaxres import train
-
-    parser = train.build_parser()
+    parser = cli.train_parser()
     assert parser.parse_args(["--max-lr", "0.3"]).peak_lr == 0.3
     assert parser.parse_args(["--peak-lr", "AUTO"]).peak_lr == "auto"
     with pytest.raises(SystemExit):
@@ -184,12 +182,10 @@ def test_max_lr_is_the_peak_lr_flag_and_takes_auto():
 def test_trainer_with_max_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(tmp_path, capsys):
     import json
 
-    from jaxres import train
-
     workdir = tmp_path / "run"
     args = ["--data", "shapes", "--width", "0.0625", "--batch-size", "32", "--train-subset", "64",
             "--eval-batch-size", "500", "--epochs", "1", "--max-lr", "auto", "--workdir", str(workdir)]  # fmt: skip
-    assert train.main(args) == 0
+    assert cli.train_main(args) == 0
     saved = json.loads((workdir / "config.json").read_text())
     assert (workdir / "lr_find.png").is_file()
     out = capsys.readouterr().out
@@ -201,5 +197,5 @@ def test_trainer_with_max_lr_auto_runs_the_range_test_and_trains_at_its_suggesti
 
     assert saved["peak_lr"] == lr_find.suggest_peak_lr(config, data.load_dataset("shapes", progress=False))
     # a checkpoint there is not silently replaced by a new sweep and run
-    assert train.main(args) == 2
+    assert cli.train_main(args) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxres import checkpoint
+from jaxres import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     import json, os, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
-    from jaxres import models, train
+    from jaxres import models, optim, parallel, train
     from tests.helpers import quiet, random_dataset, tiny_config
     assert jax.device_count() == 4, jax.devices()
     dataset = random_dataset()
@@ -60,13 +60,13 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
         # run's initial state, in the compute dtype `dtype`; returns (state, metrics) on the host
         config = tiny_config("unused", epochs=1, epoch_loop=loop)
         model = models.create_model(config.model, num_classes=4, width=config.width, norm=config.norm, dtype=dtype)
-        optimizer, _ = train.make_optimizer(config, steps_per_epoch=4)
-        state = train.init_train_state(config, model, optimizer, jax.random.PRNGKey(0), (32, 32, 3))
+        optimizer, _ = optim.make_optimizer(config, steps_per_epoch=4)
+        state = train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
         state = jax.tree_util.tree_map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, jax.device_get(state))
         mesh = mesh_of(devices)
         epoch = train.make_train_epoch(model, optimizer, config, mesh, steps)
-        put = lambda x: train.replicate(mesh, x)
-        state, metrics = epoch(train.replicate_tree(mesh, state), put(dataset.train.images), put(dataset.train.labels), jax.random.PRNGKey(5))
+        put = lambda x: parallel.replicate(mesh, x)
+        state, metrics = epoch(parallel.replicate_tree(mesh, state), put(dataset.train.images), put(dataset.train.labels), jax.random.PRNGKey(5))
         return jax.device_get(state), jax.device_get(metrics)
 
     def relative_difference(a, b):
@@ -131,10 +131,10 @@ MULTI_HOST_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import jax
-    from jaxres import train
+    from jaxres import parallel, train
     process_id, port = int(sys.argv[1]), sys.argv[2]
     if process_id >= 0:
-        train.initialize_distributed(f"localhost:{{port}}", 2, process_id)
+        parallel.initialize_distributed(f"localhost:{{port}}", 2, process_id)
     from tests.helpers import random_dataset, tiny_config, quiet
     name = f"process{{process_id}}" if process_id >= 0 else "single"
     config = tiny_config(os.path.join({tmp!r}, name), epochs=1)
@@ -146,7 +146,7 @@ MULTI_HOST_SCRIPT = textwrap.dedent(
 
 
 def read_checkpoint_leaves(workdir):
-    state, _ = checkpoint.read_checkpoint(workdir)
+    state, _ = rundir.read_checkpoint(workdir)
     return jax.tree_util.tree_leaves(state["params"])
 
 

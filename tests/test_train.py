@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxres import checkpoint, precision, train
+from jaxres import evaluate, models, optim, parallel, precision, rundir, train
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
 from tests.helpers import quiet, random_dataset, tiny_config
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_one_cycle_lr_matches_numpy_interpolation():
-    schedule = train.one_cycle_lr(0.4, total_steps=240, peak_step=50)
+    schedule = optim.one_cycle_lr(0.4, total_steps=240, peak_step=50)
     steps = np.arange(0, 241)
     expected = np.interp(steps, [0, 50, 240], [0.0, 0.4, 0.0])
     np.testing.assert_allclose(np.asarray(schedule(steps)), expected, rtol=1e-6, atol=1e-7)
@@ -34,7 +34,7 @@ def test_one_cycle_lr_matches_numpy_interpolation():
 
 def test_default_recipe_peaks_at_epoch_five_of_twenty_four():
     config = TrainConfig()
-    _, schedule = train.make_optimizer(config, steps_per_epoch=97)
+    _, schedule = optim.make_optimizer(config, steps_per_epoch=97)
     rates = np.asarray(schedule(np.arange(24 * 97)))
     assert rates.argmax() == 5 * 97
     assert rates.max() == pytest.approx(0.4)
@@ -49,9 +49,9 @@ def test_label_smoothed_loss_matches_hand_computation():
     targets = np.array([[0.8 + 0.2 / 3, 0.2 / 3, 0.2 / 3], [0.2 / 3, 0.8 + 0.2 / 3, 0.2 / 3]])
     log_softmax = np.asarray(logits) - np.log(np.exp(np.asarray(logits)).sum(-1, keepdims=True))
     expected = -(targets * log_softmax).sum(-1).mean()
-    assert float(train.smoothed_cross_entropy(logits, labels, smoothing)) == pytest.approx(expected, rel=1e-6)
+    assert float(optim.smoothed_cross_entropy(logits, labels, smoothing).mean()) == pytest.approx(expected, rel=1e-6)
     # and without smoothing, plain cross-entropy: -log p(label)
-    assert float(train.smoothed_cross_entropy(logits, labels, 0.0)) == pytest.approx(
+    assert float(optim.smoothed_cross_entropy(logits, labels, 0.0).mean()) == pytest.approx(
         -(log_softmax[0, 0] + log_softmax[1, 1]) / 2, rel=1e-6
     )
 
@@ -59,7 +59,7 @@ def test_label_smoothed_loss_matches_hand_computation():
 def test_optimizer_is_torch_style_nesterov_sgd_with_coupled_weight_decay():
     """Three steps against a NumPy transcription of torch.optim.SGD(nesterov=True, weight_decay)."""
     config = TrainConfig(epochs=1, peak_lr=0.3, peak_epoch=0.5, weight_decay=0.01, momentum=0.9)
-    optimizer, schedule = train.make_optimizer(config, steps_per_epoch=4)
+    optimizer, schedule = optim.make_optimizer(config, steps_per_epoch=4)
     params = {"w": jnp.array([1.0, -2.0, 0.5])}
     grads = [np.array([0.1, 0.2, -0.3]), np.array([-0.5, 0.1, 0.0]), np.array([0.3, 0.3, 0.3])]
     state = optimizer.init(params)
@@ -90,9 +90,9 @@ def test_fp16_step_with_overflowing_gradients_is_skipped_and_scale_backs_off():
     config = TrainConfig(
         width=0.0625, batch_size=8, precision="fp16", initial_loss_scale=2.0**60, epochs=1, peak_epoch=0
     )
-    model = train.build_model(config, num_classes=4)
-    optimizer, _ = train.make_optimizer(config, steps_per_epoch=10)
-    state = train.init_train_state(config, model, optimizer, jax.random.PRNGKey(0), (32, 32, 3))
+    model = models.from_config(config, num_classes=4)
+    optimizer, _ = optim.make_optimizer(config, steps_per_epoch=10)
+    state = train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     labels = jnp.arange(8) % 4
     step = jax.jit(lambda s, k: train.train_step(s, images, labels, k, model=model, optimizer=optimizer, config=config))
@@ -137,7 +137,7 @@ def test_run_writes_config_metrics_checkpoint_and_plots(finished_run):
 
 
 def test_load_for_inference_restores_the_trained_variables(finished_run, dataset):
-    model, variables, config = checkpoint.load_for_inference(finished_run.config.workdir)
+    model, variables, config = evaluate.load_for_inference(finished_run.config.workdir)
     assert config == finished_run.config
     chex.assert_trees_all_close(variables["params"], jax.device_get(finished_run.state.params))
     logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
@@ -177,7 +177,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(datase
     config = tiny_config(tmp_path / "nan")
     train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
     saved = (tmp_path / "nan" / "checkpoint.msgpack").read_bytes()
-    monkeypatch.setattr(train, "smoothed_cross_entropy", lambda logits, labels, smoothing: jnp.log(-jnp.mean(logits**2)))
+    monkeypatch.setattr(optim, "smoothed_cross_entropy", lambda logits, labels, smoothing: jnp.log(-jnp.mean(logits**2)))
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite at epoch 2, step 1.*epoch 1\) in .* is intact"):
         train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, resume=True)
     assert (tmp_path / "nan" / "checkpoint.msgpack").read_bytes() == saved
@@ -194,14 +194,14 @@ def test_corrupt_checkpoint_is_reported_by_path(tmp_path, dataset):
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "file.bin"
-    checkpoint.atomic_write_bytes(target, b"old")
+    rundir.atomic_write_bytes(target, b"old")
 
     def failing_replace(source, destination):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        checkpoint.atomic_write_bytes(target, b"new")
+        rundir.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"], "the temporary file must be cleaned up"
 
@@ -253,42 +253,42 @@ def test_shift_images_matches_numpy():
     x = np.random.default_rng(0).normal(size=(2, 5, 6, 3)).astype(np.float32)
     expected = np.zeros_like(x)
     expected[:, 1:, 2:] = x[:, :-1, :-2]  # content moves down 1 and right 2
-    np.testing.assert_array_equal(train.shift_images(jnp.asarray(x), 1, 2), expected)
+    np.testing.assert_array_equal(evaluate.shift_images(jnp.asarray(x), 1, 2), expected)
     expected = np.zeros_like(x)
     expected[:, :-1, :-1] = x[:, 1:, 1:]
-    np.testing.assert_array_equal(train.shift_images(jnp.asarray(x), -1, -1), expected)
+    np.testing.assert_array_equal(evaluate.shift_images(jnp.asarray(x), -1, -1), expected)
 
 
 def test_flip_tta_is_the_mean_of_image_and_mirror_logits():
     config = TrainConfig(width=0.0625)
-    model = train.build_model(config, num_classes=4)
+    model = models.from_config(config, num_classes=4)
     variables = jax.device_get(
-        train.init_train_state(config, model, train.make_optimizer(config, 1)[0], jax.random.PRNGKey(0), (32, 32, 3))
+        train.init_train_state(config, optim.make_optimizer(config, 1)[0], models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
     )
     variables = {"params": variables.params, "batch_stats": variables.batch_stats}
     inputs = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
     plain = model.apply(variables, inputs)
     mirrored = model.apply(variables, inputs[:, :, ::-1])
-    np.testing.assert_allclose(train.predict_logits(model, variables, inputs, "flip"), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(evaluate.predict_logits(model, variables, inputs, "flip"), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
     # mirror-invariant by construction
     np.testing.assert_allclose(
-        train.predict_logits(model, variables, inputs, "flip"),
-        train.predict_logits(model, variables, inputs[:, :, ::-1], "flip"),
+        evaluate.predict_logits(model, variables, inputs, "flip"),
+        evaluate.predict_logits(model, variables, inputs[:, :, ::-1], "flip"),
         rtol=1e-5, atol=1e-6,
     )
     # six views: image and mirror, each unshifted and shifted by (1, 1) and (-1, -1)
-    views = [train.shift_images(inputs, dy, dx) for dy, dx in [(0, 0), (1, 1), (-1, -1)]]
+    views = [evaluate.shift_images(inputs, dy, dx) for dy, dx in [(0, 0), (1, 1), (-1, -1)]]
     expected = sum(model.apply(variables, v) + model.apply(variables, v[:, :, ::-1]) for v in views) / 6
-    np.testing.assert_allclose(train.predict_logits(model, variables, inputs, "flip_translate"), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(evaluate.predict_logits(model, variables, inputs, "flip_translate"), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_in_steps_and_scan_modes_agree_and_count_every_image(finished_run, dataset):
-    model, variables, config = checkpoint.load_for_inference(finished_run.config.workdir)
-    mesh = train.make_mesh()
+    model, variables, config = evaluate.load_for_inference(finished_run.config.workdir)
+    mesh = parallel.make_mesh()
     results = {}
     for loop in ("steps", "scan"):
-        evaluate = train.make_evaluate(model, dataclasses.replace(config, epoch_loop=loop, eval_batch_size=16), mesh)
-        results[loop] = jax.device_get(evaluate(variables, dataset.test.images, dataset.test.labels))
+        evaluate_test = evaluate.make_evaluate(model, dataclasses.replace(config, epoch_loop=loop, eval_batch_size=16), mesh)
+        results[loop] = jax.device_get(evaluate_test(variables, dataset.test.images, dataset.test.labels))
     assert results["steps"]["predictions"].shape == (40,)  # 40 images in batches of 16: the last is padded
     np.testing.assert_array_equal(results["steps"]["predictions"], results["scan"]["predictions"])
     assert results["steps"]["accuracy"] == pytest.approx(np.mean(results["steps"]["predictions"] == dataset.test.labels))
@@ -300,9 +300,9 @@ def test_mixing_step_trains_on_mixed_soft_labels(mix):
     """A step with label mixing runs, is finite, and its loss is the cross-entropy against
     the mixed soft labels (not the hard ones)."""
     config = TrainConfig(width=0.0625, batch_size=8, epochs=1, peak_epoch=0, mix=mix, crop_padding=0, flip=False, cutout_size=0)
-    model = train.build_model(config, num_classes=4)
-    optimizer, _ = train.make_optimizer(config, steps_per_epoch=10)
-    state = train.init_train_state(config, model, optimizer, jax.random.PRNGKey(0), (32, 32, 3))
+    model = models.from_config(config, num_classes=4)
+    optimizer, _ = optim.make_optimizer(config, steps_per_epoch=10)
+    state = train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     labels = jnp.arange(8) % 4
     key = jax.random.PRNGKey(3)

@@ -1,0 +1,276 @@
+"""Every command's command line, built from `TrainConfig`'s fields.
+
+    python -m jaxres.train      `train_main`: train (or resume) a run
+    python -m jaxres.lr_find    `lr_find_main`: the LR range test for a config
+    python -m jaxres.evaluate   `evaluate_main`: a saved run on its test split, with TTA
+
+A config field `peak_lr` is the flag `--peak-lr`; its help text and default come from the
+field's metadata (`jaxres.config.knob`), which also makes the README's options table
+(`options_table`; `python -m jaxres.cli` prints it). Each command is wrapped in
+`jaxres.errors.command_line`: a JaxresError or OSError prints one `error:` line and exits
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+
+from jaxres import config as config_lib
+from jaxres import data, evaluate, lr_find, parallel, plots, rundir, train
+from jaxres.config import TTA_MODES, TrainConfig
+from jaxres.errors import command_line, figure_output_path
+
+AUTO = "auto"  # --peak-lr auto: run the LR range test first
+
+
+# --------------------------------------------------------------------------- flags from the config
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _float_or_auto(text: str):
+    return AUTO if text.lower() == AUTO else float(text)
+
+
+_float_or_auto.__name__ = "float or 'auto'"
+
+
+def shown_default(field: dataclasses.Field) -> str:
+    """How a field's default reads in --help and the README: its metadata's `shown`, else the value."""
+    if field.metadata.get("shown"):
+        return field.metadata["shown"]
+    if isinstance(field.default, bool):
+        return "on" if field.default else "off"
+    return f"`{field.default}`" if isinstance(field.default, str) else f"{field.default:g}"
+
+
+def _plain(text: str) -> str:
+    return text.replace("`", "")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """One flag per TrainConfig field in `names` (default: all), with the field's help and
+    default; a flag left out parses as None (the config's default, or the saved run's)."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    for name in fields if names is None else names:
+        field, hint = fields[name], hints[name]
+        help_text = f"{_plain(field.metadata['help'])} (default: {_plain(shown_default(field))})"
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if kind is bool:
+            parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        parse = _optional(kind) if type(None) in typing.get_args(hint) else kind
+        flags = [flag_name(name)]
+        if name == "peak_lr":  # the one-cycle schedule's maximum: --max-lr is the same flag
+            flags.append("--max-lr")
+            parse = _float_or_auto
+        parser.add_argument(*flags, type=parse, default=None, metavar=name.upper(), help=help_text)
+
+
+def given_fields(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields a command line sets (flags left out are absent)."""
+    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+# Flags of `python -m jaxres.train` that are not config fields: (flags, add_argument options, README default).
+TRAIN_EXTRA_FLAGS = (
+    (("--preset",), dict(choices=sorted(config_lib.PRESETS), help="start from a named config (jaxres.config.PRESETS: "
+     "quick, recipe, shapes_demo); flags given beside it override its values"), ""),
+    (("--resume",), dict(action="store_true", help="continue the run in --workdir from its last checkpoint (flags may "
+     "be omitted: the saved config is reused; run options such as --data, --cache-dir or --epoch-loop may change, "
+     "the recipe may not)"), ""),
+    (("--progress",), dict(action=argparse.BooleanOptionalAction, default=None, help="a progress bar per epoch"),
+     "when stderr is a terminal"),
+)  # fmt: skip
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxres.train",
+        description="Train the custom ResNet (ResNet-9) on CIFAR-10 with a one-cycle schedule, "
+        "label smoothing and on-device augmentation. Defaults are the original 24-epoch recipe.",
+    )
+    add_config_flags(parser)
+    for flags, options, _ in TRAIN_EXTRA_FLAGS:
+        parser.add_argument(*flags, **options)
+    distributed = parser.add_argument_group("multi-host (see README)")
+    distributed.add_argument("--coordinator-address", help="host:port of process 0 (jax.distributed.initialize)")
+    distributed.add_argument("--num-processes", type=int, help="number of processes in the run")
+    distributed.add_argument("--process-id", type=int, help="this process's index")
+    return parser
+
+
+def options_table() -> str:
+    """The README's table of `python -m jaxres.train`'s options (Markdown), from the same
+    metadata as --help (tests/test_cli.py checks that the README holds it verbatim)."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for field in dataclasses.fields(TrainConfig):
+        flag = f"`{flag_name(field.name)}`"
+        if isinstance(field.default, bool):
+            flag = f"`{flag_name(field.name)}/--no-{field.name.replace('_', '-')}`"
+        if field.name == "peak_lr":
+            flag += " (or `--max-lr`)"
+        rows.append(f"| {flag} | {shown_default(field)} | {field.metadata['help']} |")
+    for flags, options, default in TRAIN_EXTRA_FLAGS:
+        flag = f"`{flags[0]}/--no-{flags[0][2:]}`" if options.get("action") is argparse.BooleanOptionalAction else f"`{flags[0]}`"
+        rows.append(f"| {flag} | {default} | {options['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The config the flags ask for: flags given, over the preset's values (`--preset`), over
+    the saved config when resuming, over the defaults.
+
+    Also says whether the peak LR is still to be found by the range test (`--peak-lr auto`);
+    when resuming, the saved run's peak LR stands (it was found, or given, when the run began).
+    """
+    given = given_fields(args)
+    auto_lr = given.get("peak_lr") == AUTO
+    if auto_lr:
+        del given["peak_lr"]
+    preset = {}
+    if args.preset:  # only what the preset sets: on --resume the saved run fills in the rest
+        chosen, defaults = config_lib.preset(args.preset), TrainConfig()
+        preset = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainConfig)
+                  if getattr(chosen, f.name) != getattr(defaults, f.name)}  # fmt: skip
+    workdir = given.get("workdir", preset.get("workdir", TrainConfig.workdir))
+    saved_path = Path(workdir) / rundir.CONFIG_NAME
+    if args.resume and saved_path.is_file():
+        saved = dataclasses.asdict(TrainConfig.load(saved_path))
+        return TrainConfig.from_dict({**saved, **preset, **given, "workdir": workdir}), False
+    return TrainConfig.from_dict({**preset, **given}), auto_lr
+
+
+def find_peak_lr(config: TrainConfig, dataset, log: Callable[[str], None] = print) -> TrainConfig:
+    """`config` with the peak LR the LR range test suggests for it (`--peak-lr auto`).
+
+    The sweep (jaxres.lr_find.range_test_for_config, its default range and steps) starts
+    from the same initial model as the run; its plot is written to WORKDIR/lr_find.png.
+    """
+    result = lr_find.range_test_for_config(config, dataset)
+    if jax.process_index() == 0:
+        workdir = Path(config.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        plots.save_figure(lr_find.plot_lr_range(result), workdir / "lr_find.png")
+    log(
+        f"LR range test: lowest smoothed loss at LR {result.min_loss_lr:.3g}; "
+        f"peak LR set to {result.suggested_lr:.4g} (plot: {Path(config.workdir) / 'lr_find.png'})"
+    )
+    return dataclasses.replace(config, peak_lr=float(result.suggested_lr))
+
+
+@command_line
+def train_main(argv: list[str] | None = None) -> int:
+    """`python -m jaxres.train`: 0 when the run finished, 2 on an error, 130 when interrupted."""
+    args = train_parser().parse_args(argv)
+    try:
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        config, auto_lr = config_from_args(args)
+        is_main = jax.process_index() == 0
+        log = print if is_main else (lambda _: None)
+        dataset = None
+        rundir.check_workdir(Path(config.workdir), args.resume, writable=is_main)  # before any data is loaded
+        if auto_lr:
+            progress = sys.stderr.isatty() if args.progress is None else args.progress
+            dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress and is_main)
+            config = find_peak_lr(config, dataset, log)
+        result = train.train_and_evaluate(config, resume=args.resume, dataset=dataset, progress=args.progress, log=log)
+    except KeyboardInterrupt:
+        if rundir.checkpoint_path(args.workdir or TrainConfig.workdir).is_file():
+            print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        else:
+            print("interrupted before the first checkpoint; start the run again", file=sys.stderr)
+        return 130
+    if result.history and jax.process_index() == 0:
+        final = result.history[-1]
+        print(f"final test accuracy {100 * final['test_accuracy']:.2f}% — outputs in {config.workdir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- python -m jaxres.lr_find
+
+LR_FIND_FIELDS = (
+    "data", "cache_dir", "train_subset", "model", "width", "norm", "precision", "batch_size",
+    "momentum", "nesterov", "weight_decay", "label_smoothing", "seed",
+)  # fmt: skip
+
+
+def lr_find_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxres.lr_find",
+        description="LR range test: train briefly with an exponentially growing LR and suggest the "
+        "peak LR of the one-cycle schedule (the LR of the lowest smoothed loss / 10). The run's "
+        "options are those of python -m jaxres.train (fp16 runs as fp32).",
+    )
+    add_config_flags(parser, LR_FIND_FIELDS)
+    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default: %(default)s)")
+    parser.add_argument("--min-lr", type=float, default=1e-4, help="first LR (default: %(default)s)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default: %(default)s)")
+    parser.add_argument("--out", default="lr_find.png", help="the plot; its suffix (.png, .pdf, .svg, ...) sets the format (default: %(default)s)")
+    return parser
+
+
+@command_line
+def lr_find_main(argv: list[str] | None = None) -> int:
+    args = lr_find_parser().parse_args(argv)
+    out = figure_output_path(args.out)
+    config = TrainConfig.from_dict(given_fields(args))
+    dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=sys.stderr.isatty())
+    result = lr_find.range_test_for_config(config, dataset, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps)
+    path = plots.save_figure(lr_find.plot_lr_range(result), out)
+    ending = "stopped when the loss diverged" if result.stopped_early else "ran all steps"
+    print(
+        f"swept LR {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} in {len(result.lrs)} steps ({ending}); "
+        f"lowest smoothed loss {result.smoothed_losses.min():.4f} at LR {result.min_loss_lr:.3g}"
+    )
+    print(f"suggested peak LR: {result.suggested_lr:.4g}  (plot: {path})")
+    if lr_find.still_falling_at_the_end(result):
+        print(
+            "warning: the smoothed loss was still falling at the largest LR; the suggestion may be too low "
+            "(try a larger --max-lr)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- python -m jaxres.evaluate
+
+
+@command_line
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxres.evaluate", description=evaluate.__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="a run directory written by python -m jaxres.train")
+    parser.add_argument("--data", help="dataset source (default: the run's own); it must have the run's classes and image size")
+    parser.add_argument("--cache-dir", help="decoded-array cache (default: the run's)")
+    parser.add_argument("--tta", nargs="+", default=list(TTA_MODES), choices=TTA_MODES, help="TTA modes to compare")
+    args = parser.parse_args(argv)
+    results = evaluate.evaluate_run(args.workdir, args.data, args.tta, args.cache_dir)
+    baseline = results.get("none")
+    print(f"{'tta':<16}{'test_loss':>10}{'test_acc':>10}{'gain':>8}")
+    for mode, result in results.items():
+        gain = f"{100 * (result['accuracy'] - baseline['accuracy']):+.2f}" if baseline else ""
+        print(f"{mode:<16}{result['loss']:>10.4f}{100 * result['accuracy']:>9.2f}%{gain:>8}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m jaxres.cli: the README's options table
+    print(options_table(), end="")
