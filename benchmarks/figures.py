@@ -37,7 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from jaxres import augment, data, evaluate, gradcam, lr_find, plots, rundir, train
+from jaxres import augment, data, evaluate, gradcam, lr_find, plots, rundir
 from jaxres.errors import JaxresError, command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@
 #
 # Extra arguments go to `python -m benchmarks.run` (e.g. --budget-seconds 480).
 #
-# What it runs, in this order (see benchmarks/run.py):
+# What it runs, in this order (see gpu_plan in benchmarks/plans.py, and benchmarks/run.py):
 #   1. parity: the same weights in both frameworks, logits and Grad-CAM compared (no TF32);
 #   2. time to accuracy: the full recipe in each framework (width 1, all 50,000 images,
 #      24 epochs, batch 512, fp16 with loss scaling / AMP + GradScaler), target 94%;

@@ -157,10 +157,8 @@ def profile_jax(args) -> dict:
     config = TrainConfig(width=args.width, batch_size=args.batch)
     model = models.from_config(config, num_classes=10)
     optimizer, _ = optim.make_optimizer(config, args.steps)
-    from benchmarks.worker_jax import state_from_weights
-
     mesh = parallel.make_mesh()
-    state = parallel.replicate_tree(mesh, state_from_weights(config, optimizer, random_variables(model)))
+    state = parallel.replicate_tree(mesh, train.init_train_state(config, optimizer, random_variables(model)))
     rng = np.random.default_rng(0)
     images = parallel.replicate(mesh, rng.integers(0, 256, (max(4096, args.steps * args.batch), 32, 32, 3), dtype=np.uint8))
     labels = parallel.replicate(mesh, rng.integers(0, 10, (images.shape[0],), dtype=np.int32))

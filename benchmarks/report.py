@@ -54,6 +54,26 @@ def fmt_percent(value) -> str:
     return f"{100 * value:.2f}%" if common.is_number(value) else "–"
 
 
+def fmt_or_dash(value, spec: str) -> str:
+    """`value` formatted with the format spec `spec` (e.g. ".2e"), or '–' when it is None."""
+    return "–" if value is None else format(value, spec)
+
+
+def table_row(*cells: str) -> str:
+    """One markdown table row; an empty cell stays a single space (`| a | | |`)."""
+    return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+
+def table_header(*titles: str) -> list[str]:
+    """A markdown table's heading row and the separator row under it."""
+    return [table_row(*titles), "|" + "---|" * len(titles)]
+
+
+def not_measured_text(row: dict) -> str:
+    """Why a row has no measurements: the reason it was skipped, or its error (cut to 80 characters)."""
+    return row.get("skipped") or "failed: " + row["error"][:80]
+
+
 def describe_variant(label: str, worker: dict) -> str:
     """How the PyTorch side of a comparison ran, in words."""
     parts = []
@@ -127,25 +147,21 @@ def other_load(row: dict) -> float | None:
 
 
 def throughput_table(results: dict) -> list[str]:
-    lines = [
-        "| measure | setting | jaxres img/s | PyTorch img/s | PyTorch side | JAX/PyTorch | others' CPU (cores) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header("measure", "setting", "jaxres img/s", "PyTorch img/s", "PyTorch side", "JAX/PyTorch", "others' CPU (cores)")
     for row in results["rows"]:
         if row["task"] not in TASK_TITLES:
             continue
         title = TASK_TITLES[row["task"]]
         if "skipped" in row or "error" in row:
-            lines.append(f"| {title} | {setting_text(row)} | – | – | {row.get('skipped') or 'failed: ' + row['error'][:80]} | – | – |")
+            lines.append(table_row(title, setting_text(row), "–", "–", not_measured_text(row), "–", "–"))
             continue
         jax_worker = row["workers"]["jax"]
         load = other_load(row)
         for label, worker, ratio in comparisons(row):
-            lines.append(
-                f"| {title} | {setting_text(row)} | {fmt_summary(jax_worker['throughput'])} | "
-                f"{fmt_summary(worker['throughput'])} | {describe_variant(label, worker)} | {fmt_ratio(ratio)} | "
-                f"{'–' if load is None else f'{load:.2f}'} |"
-            )
+            lines.append(table_row(
+                title, setting_text(row), fmt_summary(jax_worker["throughput"]), fmt_summary(worker["throughput"]),
+                describe_variant(label, worker), fmt_ratio(ratio), fmt_or_dash(load, ".2f"),
+            ))
     return lines
 
 
@@ -168,13 +184,13 @@ def accuracy_table(results: dict) -> list[str]:
     rows = [r for r in results["rows"] if r["task"] == "accuracy"]
     if not rows:
         return []
-    lines = [
-        "| setting | jaxres test acc | PyTorch test acc | jaxres wall s | PyTorch wall s | wall JAX/PyTorch | to target: jaxres / PyTorch s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        "setting", "jaxres test acc", "PyTorch test acc", "jaxres wall s", "PyTorch wall s", "wall JAX/PyTorch",
+        "to target: jaxres / PyTorch s",
+    )
     for row in rows:
         if "skipped" in row or "error" in row:
-            lines.append(f"| {setting_text(row) if 'setting' in row else row['name']} | {row.get('skipped') or 'failed: ' + row['error'][:80]} | | | | | |")
+            lines.append(table_row(setting_text(row) if "setting" in row else row["name"], not_measured_text(row), "", "", "", "", ""))
             continue
         j, t = row["workers"]["jax"], row["workers"]["torch"]
         target = "–"
@@ -182,10 +198,10 @@ def accuracy_table(results: dict) -> list[str]:
             fmt = lambda values: ", ".join(f"{v:.1f}" if v is not None else "not reached" for v in values)  # noqa: E731
             target = f"{fmt(j['seconds_to_target'])} / {fmt(t['seconds_to_target'])}"
         acc = lambda w: fmt_percent(w["final_accuracy"]["median"])  # noqa: E731
-        lines.append(
-            f"| {setting_text(row)} | {acc(j)} | {acc(t)} | {fmt_summary(j['wall_seconds'])} | "
-            f"{fmt_summary(t['wall_seconds'])} | {fmt_ratio(row['ratios'].get('wall_seconds jax/torch'))} | {target} |"
-        )
+        lines.append(table_row(
+            setting_text(row), acc(j), acc(t), fmt_summary(j["wall_seconds"]), fmt_summary(t["wall_seconds"]),
+            fmt_ratio(row["ratios"].get("wall_seconds jax/torch")), target,
+        ))
     return lines
 
 
@@ -200,11 +216,10 @@ def second_run_text(jax_worker: dict) -> str:
 
 
 def warmup_table(results: dict) -> list[str]:
-    lines = [
-        "| row | jaxres first call s | jaxres compile s | PyTorch side | PyTorch first call s | first-call overhead JAX / PyTorch s "
-        "| jaxres second run: first call s, compile s, overhead s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        "row", "jaxres first call s", "jaxres compile s", "PyTorch side", "PyTorch first call s",
+        "first-call overhead JAX / PyTorch s", "jaxres second run: first call s, compile s, overhead s",
+    )
     count = 0
     for row in results["rows"]:
         if row["task"] not in TASK_TITLES or "workers" not in row:
@@ -212,17 +227,14 @@ def warmup_table(results: dict) -> list[str]:
         j = row["workers"]["jax"]
         for label, worker, _ in comparisons(row):
             count += 1
-            lines.append(
-                f"| {row['name']} | {fmt_number(j.get('first_call_seconds'))} | {fmt_number(j.get('compile_seconds'))} | "
-                f"{describe_variant(label, worker)} | {fmt_number(worker.get('first_call_seconds'))} | "
-                f"{fmt_number(j.get('first_call_overhead_seconds'))} / {fmt_number(worker.get('first_call_overhead_seconds'))} "
-                f"| {second_run_text(j)} |"
-            )
+            overheads = f"{fmt_number(j.get('first_call_overhead_seconds'))} / {fmt_number(worker.get('first_call_overhead_seconds'))}"
+            lines.append(table_row(
+                row["name"], fmt_number(j.get("first_call_seconds")), fmt_number(j.get("compile_seconds")),
+                describe_variant(label, worker), fmt_number(worker.get("first_call_seconds")), overheads, second_run_text(j),
+            ))
     for row in results["rows"]:
         if row["task"] == "accuracy" and "workers" in row:
-            lines.append(
-                f"| {row['name']} | – | {fmt_number(row['workers']['jax'].get('compile_seconds'))} | eager | – | – | – |"
-            )
+            lines.append(table_row(row["name"], "–", fmt_number(row["workers"]["jax"].get("compile_seconds")), "eager", "–", "–", "–"))
             count += 1
     return lines if count else []
 
@@ -230,7 +242,7 @@ def warmup_table(results: dict) -> list[str]:
 def memory_table(results: dict) -> list[str]:
     gpu = results.get("device") == "gpu"
     unit = "device peak MiB" if gpu else "peak host RSS MiB"
-    lines = [f"| row | jaxres {unit} | PyTorch side | PyTorch {unit} | JAX/PyTorch |", "|---|---|---|---|---|"]
+    lines = table_header("row", f"jaxres {unit}", "PyTorch side", f"PyTorch {unit}", "JAX/PyTorch")
     count = 0
     for row in results["rows"]:
         if "workers" not in row:
@@ -238,7 +250,7 @@ def memory_table(results: dict) -> list[str]:
         if row["task"] == "accuracy":
             j, t = row["workers"]["jax"], row["workers"]["torch"]
             ratio = j["memory_mib"] / t["memory_mib"] if common.is_number(j.get("memory_mib")) and common.is_number(t.get("memory_mib")) and t["memory_mib"] else None
-            lines.append(f"| {row['name']} | {fmt_number(j.get('memory_mib'))} | device pipeline | {fmt_number(t.get('memory_mib'))} | {fmt_number(ratio)} |")
+            lines.append(table_row(row["name"], fmt_number(j.get("memory_mib")), "device pipeline", fmt_number(t.get("memory_mib")), fmt_number(ratio)))
             count += 1
             continue
         j = row["workers"]["jax"]
@@ -248,10 +260,10 @@ def memory_table(results: dict) -> list[str]:
             children = worker.get("memory", {}).get("children_rss_mib")
             if label == "torch-loader" and children and not gpu:
                 extra = f" (+{children:,.0f} in loader workers)"
-            lines.append(
-                f"| {row['name']} | {fmt_number(j.get('memory_mib'))} | {describe_variant(label, worker)} | "
-                f"{fmt_number(worker.get('memory_mib'))}{extra} | {fmt_number(ratio)} |"
-            )
+            lines.append(table_row(
+                row["name"], fmt_number(j.get("memory_mib")), describe_variant(label, worker),
+                fmt_number(worker.get("memory_mib")) + extra, fmt_number(ratio),
+            ))
             count += 1
     return lines if count else []
 
@@ -259,17 +271,15 @@ def memory_table(results: dict) -> list[str]:
 def parity_table(results: dict) -> list[str]:
     if not results.get("parity"):
         return []
-    lines = [
-        "| width | images | max abs logit | max abs difference | relative | argmax agreement | Grad-CAM max abs diff | passed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        "width", "images", "max abs logit", "max abs difference", "relative", "argmax agreement", "Grad-CAM max abs diff", "passed"
+    )
     for p in results["parity"]:
-        cam = p.get("cam_max_abs_difference")
-        lines.append(
-            f"| {p['width']:g} | {p['images']} | {p['max_abs_logit']:.3g} | {p['max_abs_difference']:.2e} | "
-            f"{p['relative_difference']:.2e} | {p['argmax_agreement']:.3f} | {'–' if cam is None else f'{cam:.2e}'} | "
-            f"{'yes' if p['passed'] else 'NO'} |"
-        )
+        lines.append(table_row(
+            f"{p['width']:g}", str(p["images"]), f"{p['max_abs_logit']:.3g}", f"{p['max_abs_difference']:.2e}",
+            f"{p['relative_difference']:.2e}", f"{p['argmax_agreement']:.3f}", fmt_or_dash(p.get("cam_max_abs_difference"), ".2e"),
+            "yes" if p["passed"] else "NO",
+        ))
     return lines
 
 

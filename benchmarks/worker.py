@@ -21,7 +21,6 @@ The worker imports only its own framework; both read the same decoded CIFAR-10 a
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time

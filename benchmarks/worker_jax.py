@@ -80,27 +80,50 @@ def timed(function):
 # --------------------------------------------------------------------------- repeated tasks
 
 
-class TrainSession:
+def shared_variables(args, model) -> dict:
+    """The `--weights` npz (a PyTorch state_dict) as `model`'s Flax variables."""
+    return convert.torch_to_flax(load_weights(args.weights), model)
+
+
+def timed_measurement(function, images: int) -> tuple:
+    """(`function()`'s result, the 'measurement' message of that call: {images, seconds, compile_seconds})."""
+    result, seconds, compile_seconds = timed(function)
+    return result, {"images": images, "seconds": seconds, "compile_seconds": compile_seconds}
+
+
+class Session:
+    """What every repeated task's session shares: the backend check, the model of
+    `config_for(args, **config_overrides)` on this process's mesh, the 'ready' message's
+    description and the 'finished' message's device memory. Subclasses add `measure()`."""
+
+    def __init__(self, args, **config_overrides):
+        check_backend(args)
+        self.args = args
+        self.config = config_for(args, **config_overrides)
+        self.mesh = parallel.make_mesh()
+        self.model = models.from_config(self.config, num_classes=10)
+
+    def describe(self) -> dict:
+        return describe_common(self.config)
+
+    def device_memory(self) -> dict:
+        return device_memory()
+
+
+class TrainSession(Session):
     """`measure()`: one `make_train_epoch` call of `args.steps` steps (shuffle, gather,
     augment, step: the real code path)."""
 
     def __init__(self, args, arrays):
-        check_backend(args)
-        self.args = args
-        self.config = config_for(args)
-        self.mesh = parallel.make_mesh()
-        self.model = models.from_config(self.config, num_classes=10)
+        super().__init__(args)
         optimizer, _ = optim.make_optimizer(self.config, steps_per_epoch=args.steps)
-        variables = convert.torch_to_flax(load_weights(args.weights), self.model)
-        self.state = parallel.replicate_tree(self.mesh, train.init_train_state(self.config, optimizer, variables))
+        state = train.init_train_state(self.config, optimizer, shared_variables(args, self.model))
+        self.state = parallel.replicate_tree(self.mesh, state)
         self.images = parallel.replicate(self.mesh, arrays["train_images"])
         self.labels = parallel.replicate(self.mesh, arrays["train_labels"])
         self.train_epoch = train.make_train_epoch(self.model, optimizer, self.config, self.mesh, args.steps)
         self.key = jax.random.PRNGKey(args.seed)
         self.calls = 0
-
-    def describe(self) -> dict:
-        return describe_common(self.config)
 
     def measure(self) -> dict:
         key = jax.random.fold_in(self.key, self.calls)
@@ -110,75 +133,51 @@ class TrainSession:
             self.state, metrics = self.train_epoch(self.state, self.images, self.labels, key)
             return self.state, jax.device_get(metrics)
 
-        (_, metrics), seconds, compile_seconds = timed(run)
-        return {
-            "images": self.args.steps * self.args.batch,
-            "seconds": seconds,
-            "compile_seconds": compile_seconds,
-            "loss": float(metrics["loss"]),
-        }
-
-    def device_memory(self) -> dict:
-        return device_memory()
+        (_, metrics), measurement = timed_measurement(run, self.args.steps * self.args.batch)
+        return {**measurement, "loss": float(metrics["loss"])}
 
 
-class EvalSession:
+class EvalSession(Session):
     """`measure()`: `make_evaluate` over the first `eval_images` test images."""
 
     def __init__(self, args, arrays):
-        check_backend(args)
-        self.args = args
-        self.config = config_for(args)
-        mesh = parallel.make_mesh()
-        self.model = models.from_config(self.config, num_classes=10)
-        variables = convert.torch_to_flax(load_weights(args.weights), self.model)
-        self.variables = parallel.replicate_tree(mesh, variables)
-        self.images = parallel.replicate(mesh, arrays["test_images"][: args.eval_images])
-        self.labels = parallel.replicate(mesh, arrays["test_labels"][: args.eval_images])
-        self.evaluate = evaluate.make_evaluate(self.model, self.config, mesh)
+        super().__init__(args)
+        self.variables = parallel.replicate_tree(self.mesh, shared_variables(args, self.model))
+        self.images = parallel.replicate(self.mesh, arrays["test_images"][: args.eval_images])
+        self.labels = parallel.replicate(self.mesh, arrays["test_labels"][: args.eval_images])
+        self.evaluate = evaluate.make_evaluate(self.model, self.config, self.mesh)
 
     def describe(self) -> dict:
-        return {**describe_common(self.config), "eval_batch": self.config.eval_batch_size}
+        return {**super().describe(), "eval_batch": self.config.eval_batch_size}
 
     def measure(self) -> dict:
-        result, seconds, compile_seconds = timed(lambda: jax.device_get(self.evaluate(self.variables, self.images, self.labels)))
-        return {
-            "images": int(self.images.shape[0]),
-            "seconds": seconds,
-            "compile_seconds": compile_seconds,
-            "accuracy": float(result["accuracy"]),
-        }
-
-    def device_memory(self) -> dict:
-        return device_memory()
+        result, measurement = timed_measurement(
+            lambda: jax.device_get(self.evaluate(self.variables, self.images, self.labels)), int(self.images.shape[0])
+        )
+        return {**measurement, "accuracy": float(result["accuracy"])}
 
 
-class GradcamSession:
+class GradcamSession(Session):
     """`measure()`: `jaxres.gradcam.gradcam` (layer3, predicted class) of `gradcam_images` test
     images in batches of `gradcam_batch`, the maps copied to the host (as the PyTorch side)."""
 
     def __init__(self, args, arrays):
-        check_backend(args)
-        self.args = args
-        self.config = config_for(args, precision="fp32")
-        mesh = parallel.make_mesh()
-        self.model = models.from_config(self.config, num_classes=10)
-        self.variables = parallel.replicate_tree(mesh, convert.torch_to_flax(load_weights(args.weights), self.model))
+        super().__init__(args, precision="fp32")
+        self.variables = parallel.replicate_tree(self.mesh, shared_variables(args, self.model))
         images = arrays["test_images"][: args.gradcam_images]
-        self.batches = [parallel.replicate(mesh, images[i : i + args.gradcam_batch]) for i in range(0, len(images), args.gradcam_batch)]
+        self.batches = [
+            parallel.replicate(self.mesh, images[i : i + args.gradcam_batch]) for i in range(0, len(images), args.gradcam_batch)
+        ]
 
     def describe(self) -> dict:
-        return {**describe_common(self.config), "gradcam_batch": self.args.gradcam_batch}
+        return {**super().describe(), "gradcam_batch": self.args.gradcam_batch}
 
     def measure(self) -> dict:
         def run():
             return [np.asarray(gradcam.gradcam(self.model, self.variables, batch)) for batch in self.batches]
 
-        _, seconds, compile_seconds = timed(run)
-        return {"images": sum(int(b.shape[0]) for b in self.batches), "seconds": seconds, "compile_seconds": compile_seconds}
-
-    def device_memory(self) -> dict:
-        return device_memory()
+        _, measurement = timed_measurement(run, sum(int(b.shape[0]) for b in self.batches))
+        return measurement
 
 
 SESSIONS = {"train": TrainSession, "eval": EvalSession, "gradcam": GradcamSession}
@@ -197,7 +196,7 @@ def parity(args, arrays) -> dict:
     check_backend(args)
     config = config_for(args, precision="fp32")
     model = models.from_config(config, num_classes=10)
-    variables = convert.torch_to_flax(load_weights(args.weights), model)
+    variables = shared_variables(args, model)
     images = arrays["test_images"][: args.parity_images]
     with jax.default_matmul_precision("highest"):
         apply = jax.jit(lambda v, x: model.apply(v, augment.normalize(x), train=False))
@@ -220,7 +219,7 @@ def time_to_accuracy(args, arrays) -> dict:
         "benchmark arrays",
     )
     setup = train.prepare_run(config, dataset)
-    variables = convert.torch_to_flax(load_weights(args.weights), setup.model)
+    variables = shared_variables(args, setup.model)
     state = parallel.replicate_tree(setup.mesh, train.init_train_state(config, setup.optimizer, variables))
 
     history, reached, compile_total = [], None, 0.0

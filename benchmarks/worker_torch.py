@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common, torch_train
+from benchmarks import torch_train
 from benchmarks.torch_reference import CustomResNet, torch_gradcam
 from jaxres.data import select_train_subset  # NumPy only: no jax in the PyTorch worker
 

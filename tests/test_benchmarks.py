@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks import common, report, run, torch_train  # noqa: E402
+from benchmarks import common, plans, report, rows, run, torch_train  # noqa: E402
 from benchmarks.torch_reference import CustomResNet as TorchResNet  # noqa: E402
 
 WIDTH = 0.0625
@@ -44,7 +44,7 @@ def images_uint8(count: int, seed: int = 0) -> np.ndarray:
 def test_both_sides_build_the_same_model():
     import jax
 
-    from jaxres import augment, convert, models, optim, train
+    from jaxres import augment, convert, models
     from jaxres.config import TrainConfig
     from jaxres.models import count_params
 
@@ -69,7 +69,7 @@ def test_both_sides_build_the_same_model():
 
 
 def test_weights_round_trip_through_the_shared_npz(tmp_path):
-    from jaxres import convert, models, optim, train
+    from jaxres import convert, models
     from jaxres.config import TrainConfig
 
     from benchmarks import worker_torch
@@ -111,9 +111,7 @@ def two_training_steps(dtype):
     variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), variables)
     optimizer, _ = optim.make_optimizer(config, steps_per_epoch)
-    from benchmarks.worker_jax import state_from_weights
-
-    state = state_from_weights(config, optimizer, variables)
+    state = train.init_train_state(config, optimizer, variables)
     step = jax.jit(lambda s, x, y: train.train_step(s, x, y, jax.random.PRNGKey(0), model=flax_model, optimizer=optimizer, config=config))
 
     recipe = torch_train.Recipe(width=WIDTH, epochs=epochs, batch_size=32, channels_last=False)
@@ -290,7 +288,7 @@ def fake_raw() -> dict:
 
 
 def test_summarize_workers_ratios_pair_by_pair():
-    workers, ratios, memory = run.summarize_workers(fake_raw(), device="cpu")
+    workers, ratios, memory = rows.summarize_workers(fake_raw(), device="cpu")
     assert workers["jax"]["throughput"]["values"] == [100.0, 50.0, 100.0]
     ratio = ratios["jax/torch-device"]
     assert ratio["values"] == [2.0, 1.0, 4.0] and ratio["median"] == 2.0  # (100/50, 50/50, 100/25)
@@ -303,7 +301,7 @@ def test_summarize_workers_ratios_pair_by_pair():
 
 
 def fake_results() -> dict:
-    workers, ratios, memory = run.summarize_workers(fake_raw(), device="cpu")
+    workers, ratios, memory = rows.summarize_workers(fake_raw(), device="cpu")
     return {
         "name": "test",
         "created": "2026-01-01T00:00:00+00:00",
@@ -366,16 +364,16 @@ def test_report_command_writes_the_readme_section(tmp_path):
 
 def test_plans():
     parser = run.build_parser()
-    quick = run.make_plan(parser.parse_args(["--quick", "--suite", "cpu"]))
+    quick = plans.make_plan(parser.parse_args(["--quick", "--suite", "cpu"]))
     assert (quick.widths, quick.batches, quick.precisions, quick.repeats) == ([0.25], [128], ["fp32", "bf16"], 5)
     assert quick.loader_rows == "first"  # the DataLoader pipeline is timed on the fp32 row
     assert quick.repeats >= 5 and quick.accuracy_subset and quick.accuracy_width == 0.25
-    full = run.make_plan(parser.parse_args(["--suite", "cpu"]))
+    full = plans.make_plan(parser.parse_args(["--suite", "cpu"]))
     assert (full.widths, full.batches, full.accuracy_subset) == ([0.25, 1.0], [128, 512], None)
-    gpu = run.make_plan(parser.parse_args(["--suite", "gpu"]))
+    gpu = plans.make_plan(parser.parse_args(["--suite", "gpu"]))
     assert gpu.precisions == ["fp16", "bf16", "fp32"] and gpu.accuracy_epochs == 24 and gpu.accuracy_target == 0.94
     assert gpu.budget_seconds and gpu.budget_seconds < 600
-    smoke_on_cpu = run.make_plan(parser.parse_args(["--suite", "gpu", "--device", "cpu", "--smoke"]))
+    smoke_on_cpu = plans.make_plan(parser.parse_args(["--suite", "gpu", "--device", "cpu", "--smoke"]))
     # on a CPU: bf16 through PyTorch's CPU autocast, no fp16 (a GPU's)
     assert smoke_on_cpu.precisions == ["bf16", "fp32"] and smoke_on_cpu.accuracy_precision == "fp32"
 
