@@ -92,7 +92,7 @@ class TrainConfig:
     batch_size: int = knob(512, "training batch size (a multiple of the device count)")
     peak_lr: float = knob(
         0.4,
-        "peak learning rate of the one-cycle schedule (also `--max-lr`); `auto` first runs the LR range "
+        "peak learning rate of the one-cycle schedule; `auto` first runs the LR range "
         "test (`jaxres.lr_find`) on the run's initial model and uses its suggestion (recorded in "
         "`config.json`, plot in `lr_find.png`)",
     )

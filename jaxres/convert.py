@@ -41,6 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxres.errors import JaxresError
+from jaxres.models import init_variables
 
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 
@@ -51,8 +52,6 @@ _STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
 
 def _template(model) -> dict:
     """Shapes and dtypes of `model`'s params (and batch_stats), without computing anything."""
-    from jaxres.models import init_variables
-
     return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
 
 

@@ -82,7 +82,8 @@ def test_a_sweep_that_never_turns_is_flagged(result):
 
 
 def test_step_optimizer_is_the_training_sgd():
-    """Coupled weight decay + Nesterov trace, times -lr, equals optim.make_optimizer's chain at a fixed LR."""
+    """The sweep's optimizer, its LR set in the state (inject_hyperparams), equals coupled weight
+    decay + Nesterov SGD written out with optax's primitives at that LR."""
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
     reference = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.3, momentum=0.9, nesterov=True))
@@ -91,8 +92,9 @@ def test_step_optimizer_is_the_training_sgd():
     ref_params, ref_state = params, reference.init(params)
     for _ in range(3):
         grads = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+        ours_state.hyperparams["learning_rate"] = jnp.float32(0.3)
         updates, ours_state = ours.update(grads, ours_state, ours_params)
-        ours_params = jax.tree_util.tree_map(lambda p, u: p - 0.3 * u, ours_params, updates)
+        ours_params = optax.apply_updates(ours_params, updates)
         updates, ref_state = reference.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
     np.testing.assert_allclose(ours_params["w"], ref_params["w"], rtol=1e-6, atol=1e-7)
