@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from jaxres import data
-from jaxres.data import CIFAR10_CLASSES, SHAPES_CLASSES, Dataset, Split, load_dataset, make_shapes
+from jaxres.data import CIFAR10_CLASSES, Dataset, Split, load_dataset
 from jaxres.errors import JaxresError
+from jaxres.shapes import SHAPES_CLASSES, make_shapes
 from tests.helpers import (
     check_official_dataset,
     files_under,

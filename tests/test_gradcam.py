@@ -60,7 +60,7 @@ def variables(model):
 @pytest.fixture(scope="module")
 def images():
     """Six synthetic-shape images (structured, so maps are not degenerate)."""
-    from jaxres.data import make_shapes
+    from jaxres.shapes import make_shapes
 
     return make_shapes(num_train=1, num_test=6, seed=0).test.images
 
@@ -426,7 +426,7 @@ def test_trained_model_localises_shapes_and_fails_randomisation():
     more than chance, and re-initialising the model decorrelates the maps (Adebayo 2018)."""
     import optax
 
-    from jaxres.data import make_shapes
+    from jaxres.shapes import make_shapes
 
     dataset = make_shapes(num_train=2048, num_test=64, seed=0)
     model = CustomResNet(width=WIDTH, num_classes=len(dataset.class_names))
