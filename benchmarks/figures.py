@@ -37,7 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from jaxres import augment, data, evaluate, gradcam, lr_find, plots, rundir
+from jaxres import augment, cam_metrics, data, evaluate, gradcam, lr_find, plots, rundir
 from jaxres.errors import JaxresError, command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,8 +245,8 @@ def shapes_figures(workdir: Path, out: Path, count: int = 8) -> dict:
     chosen = np.array((first + [i for i in range(len(test.labels)) if i not in first])[:count])
     shown = data.Split(test.images[chosen], test.labels[chosen], test.masks[chosen])
     cams = np.asarray(gradcam.gradcam(model, variables, shown.images, layer=CAM_LAYER))
-    scores = np.asarray(gradcam.energy_pointing_game(cams, shown.masks, per_image=True))
-    baseline = float(gradcam.pointing_game_baseline(shown.masks))
+    scores = np.asarray(cam_metrics.energy_pointing_game(cams, shown.masks, per_image=True))
+    baseline = float(cam_metrics.pointing_game_baseline(shown.masks))
     predictions = predict_labels(model, variables, test.images)
     figure = shapes_cams_figure(shown, cams, predictions[chosen], scores, dataset.class_names, CAM_LAYER, baseline)
     save(figure, out, "shapes_cams.png")

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxres import data, evaluate, gradcam
+from jaxres import cam_metrics, data, evaluate, gradcam
 from jaxres.errors import JaxresError
 
 
@@ -38,13 +38,13 @@ def evaluate_localisation(model, variables, split: data.Split, count: int, batch
                     for i in range(0, len(images), batch_size)
                 ]
             )
-            row = {"layer": layer, "method": method, "pointing_game": float(gradcam.energy_pointing_game(cams, masks))}
+            row = {"layer": layer, "method": method, "pointing_game": float(cam_metrics.energy_pointing_game(cams, masks))}
             if layer == last:
-                scores = gradcam.deletion_insertion(model, variables, images, cams, steps=16)
+                scores = cam_metrics.deletion_insertion(model, variables, images, cams, steps=16)
                 row["deletion_auc"] = float(np.mean(scores.deletion))
                 row["insertion_auc"] = float(np.mean(scores.insertion))
             rows.append(row)
-    return {"images": int(len(images)), "baseline": float(gradcam.pointing_game_baseline(masks)), "rows": rows}
+    return {"images": int(len(images)), "baseline": float(cam_metrics.pointing_game_baseline(masks)), "rows": rows}
 
 
 def markdown(report: dict) -> str:

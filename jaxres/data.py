@@ -14,11 +14,15 @@
 * a ``.tar`` / ``.tar.gz`` / ``.tgz`` (also ``.tar.bz2`` / ``.tar.xz``) holding such a tree; it is
   decoded straight from the archive, never extracted to disk.
 * ``"shapes"``: a synthetic dataset of coloured shapes on textured backgrounds with object masks
-  (`make_shapes`), for tests of training and of Grad-CAM localisation.
+  (`jaxres.shapes.make_shapes`), for tests of training and of Grad-CAM localisation.
 
 Every file source is decoded once and cached as an uncompressed ``.npz`` in the cache folder
 (`default_cache_dir`), keyed by the source's absolute path, sizes and modification times; a
 later load of the same source reads the cache (well under a second for CIFAR-10).
+
+This module holds the dispatch, the cache and the ``cifar10`` source (tensorflow-datasets, the
+download); the files themselves are read by `jaxres.readers`, the shapes made by `jaxres.shapes`,
+and `Split` / `Dataset` live in `jaxres.datasets` (all three are below this module).
 
 Labels of an image tree are the indices of the class folders in sorted order; images are taken
 in sorted file-name order within each class, classes in label order. Hidden files and folders
@@ -28,35 +32,26 @@ cannot be read or decoded (also a broken link with an image extension) is an err
 
 from __future__ import annotations
 
-import bz2
-import contextlib
-import dataclasses
 import functools
-import gzip
 import hashlib
 import importlib
 import importlib.util
-import io
-import itertools
-import lzma
-import math
-import multiprocessing
 import os
 import pathlib
-import pickle
 import re
 import sys
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from jaxres import runtime
+from jaxres import readers, runtime, shapes
+from jaxres.datasets import ACCEPTED_SOURCES, SPLIT_NAMES, Dataset, Split
 from jaxres.download import download_file
 from jaxres.errors import JaxresError
+from jaxres.readers import OFFICIAL_FOLDER, OFFICIAL_TRAIN_FILES  # noqa: F401 - public names of jaxres.data
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -73,14 +68,6 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the [0, 1] scale
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-SHAPES_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
-
-SPLIT_NAMES = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-OFFICIAL_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-OFFICIAL_TEST_FILE = "test_batch"
-OFFICIAL_META_FILE = "batches.meta"
-OFFICIAL_FOLDER = "cifar-10-batches-py"
 # The official archive where its authors publish it (torchvision and TFDS fetch the same file).
 CIFAR10_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -88,58 +75,6 @@ CIFAR10_URL_VARIABLE = "JAXRES_CIFAR10_URL"  # environment variable overriding t
 DOWNLOADS_FOLDER = "downloads"  # inside the cache folder
 
 CACHE_FORMAT_VERSION = 1
-DECODE_CHUNK_SIZE = 500  # images per task sent to a decoding worker
-MIN_IMAGES_FOR_WORKERS = 4000  # below this, a worker pool costs more than it saves
-MIN_ARCHIVE_BYTES_FOR_WORKERS = 4 << 20  # the same for tar archives, whose image count comes late
-MAX_DECODE_WORKERS = 8
-
-ACCEPTED_SOURCES = (
-    "'cifar10' (tensorflow-datasets, else the official archive downloaded once), 'shapes' (synthetic), or a path to: the official "
-    "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ folder; an image folder "
-    "ROOT/train/<class>/*.png|jpg + ROOT/test/<class>/*; a .tar/.tar.gz/.tgz holding such folders"
-)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Split:
-    """One split of a dataset, in host memory.
-
-    images: uint8[N, H, W, 3] (RGB); labels: int32[N] in [0, num_classes);
-    masks: bool[N, H, W] object masks, or None (only the synthetic 'shapes' source has them).
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    masks: np.ndarray | None = None
-
-    def __post_init__(self):
-        images, labels, masks = self.images, self.labels, self.masks
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise JaxresError(f"Split images must be uint8[N, H, W, 3], got {images.dtype}{list(images.shape)}")
-        if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-            raise JaxresError(
-                f"Split labels must be int32[{images.shape[0]}] to match the images, "
-                f"got {labels.dtype}{list(labels.shape)}"
-            )
-        if masks is not None and (masks.dtype != np.bool_ or masks.shape != images.shape[:3]):
-            raise JaxresError(f"Split masks must be bool{list(images.shape[:3])}, got {masks.dtype}{list(masks.shape)}")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A train and a test split sharing one image size and one list of class names.
-
-    class_names: the name of each label, in label order. source: where the data came from,
-    for humans (logs, dataset.json).
-    """
-
-    train: Split
-    test: Split
-    class_names: tuple[str, ...]
-    source: str
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,17 +87,38 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def load_dataset(source: str, cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Dataset:
-    """Loads a dataset from `source` (see the module docstring for what it may be).
+    """Loads a whole dataset into host memory as uint8 arrays.
 
-    cache_dir: where decoded file sources are cached (default `default_cache_dir()`).
-    progress: show a progress bar while decoding, when stderr is a terminal.
-    Raises JaxresError naming the culprit for a missing or unrecognised source and for bad data.
+    `source` names a dataset ("cifar10", "shapes") or a path (the official CIFAR-10
+    archive or its folder, an image-folder tree, a tar of one); the module docstring says
+    what each may be. A file source is decoded once and cached as an .npz in `cache_dir`,
+    keyed by its files' absolute paths, sizes and modification times, so a later load of
+    the same, unchanged source only reads the cache. "shapes" is generated each time
+    (`jaxres.shapes.make_shapes()`, deterministic).
+
+    Args:
+      source: "cifar10", "shapes", or a path (str or os.PathLike; "~" is expanded).
+      cache_dir: the folder for decoded-array caches and the downloaded archive
+        (default `default_cache_dir()`: $JAXRES_CACHE, else ~/.cache/jaxres).
+      progress: whether to show a progress bar while decoding or downloading, when
+        stderr is a terminal.
+
+    Returns:
+      A `Dataset`: train and test `Split`s of images uint8[N, H, W, 3] (RGB) and labels
+      int32[N] (plus masks bool[N, H, W] for "shapes"), the class names in label order,
+      and a description of the source.
+
+    Raises:
+      JaxresError: naming the culprit, for a path that does not exist or is not a
+        dataset, a damaged archive, an image that cannot be decoded or has another size,
+        inconsistent class folders, and for "cifar10" when neither tensorflow-datasets
+        nor the download of the official archive works (saying why, and what to do).
     """
     source = os.fspath(source)
     cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     show_progress = progress and sys.stderr.isatty()
     if source == "shapes":
-        return make_shapes()
+        return shapes.make_shapes()
     if source == "cifar10":
         return _load_cifar10(cache_dir, show_progress)
     path = pathlib.Path(source).expanduser()
@@ -170,15 +126,15 @@ def load_dataset(source: str, cache_dir: str | os.PathLike | None = None, *, pro
         raise JaxresError(f"dataset source {source!r} not found: no such file or folder. Accepted: {ACCEPTED_SOURCES}")
     path = path.resolve()
     if path.is_dir():
-        official_folder = _find_official_folder(path)
+        official_folder = readers.find_official_folder(path)
         if official_folder is not None:
-            loader = functools.partial(_load_official_folder, official_folder)
-            fingerprint = _files_fingerprint(official_folder / name for name in _official_file_names())
+            loader = functools.partial(readers.load_official_folder, official_folder)
+            fingerprint = _files_fingerprint(official_folder / name for name in readers.official_file_names())
             return _cached(cache_dir, "official-" + path.name, fingerprint, loader)
-        root = _find_tree_root(path)
-        entries = _list_tree_entries(root)
+        root = readers.find_tree_root(path)
+        entries = readers.list_tree_entries(root)
         fingerprint = _files_fingerprint(entry.path for entry in entries)
-        loader = functools.partial(_load_image_tree, root, entries, show_progress)
+        loader = functools.partial(readers.load_image_tree, root, entries, show_progress)
         return _cached(cache_dir, "folder-" + path.name, fingerprint, loader)
     if path.is_file() and tarfile.is_tarfile(path):
         return _load_cached_tar(path, cache_dir, show_progress)
@@ -260,483 +216,10 @@ def _write_cache(path: pathlib.Path, dataset: Dataset) -> None:
             os.unlink(temp_name)
 
 
-# ----------------------------------------------------------------------------------------------
-# Image decoding (in a pool of forked workers for large sources)
-
-
-# Where an image's bytes are: a file path, or (offset, size) into the uncompressed archive bytes.
-ImageLocation = str | tuple[int, int]
-
-
-def _decode_image(name: str, encoded: bytes | str) -> np.ndarray:
-    """Decodes one PNG/JPEG (`encoded`: its bytes or a file path) to uint8[H, W, 3] RGB.
-
-    Grayscale (also 16-bit), palette, RGBA, CMYK... are converted to RGB (alpha is dropped).
-    Raises JaxresError naming `name` when the image cannot be decoded.
-    """
-    try:
-        with Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as image:
-            if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grayscale PNG: keep the top 8 bits
-                gray = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise JaxresError(f"cannot decode image {name}: {err}") from None
-
-
-def _decode_image_chunk(
-    chunk: Sequence[tuple[str, ImageLocation]], archive_bytes: bytes | None
-) -> np.ndarray | list[np.ndarray]:
-    """Decodes (name, location) pairs: uint8[n, H, W, 3] when all have one size, else a list of
-    uint8[H, W, 3] (so the caller can name the odd one)."""
-    images = []
-    for name, location in chunk:
-        if isinstance(location, tuple):
-            offset, size = location
-            images.append(_decode_image(name, archive_bytes[offset : offset + size]))
-        else:
-            images.append(_decode_image(name, location))
-    return np.stack(images) if len({image.shape for image in images}) == 1 else images
-
-
-# Decoding workers are forked: each inherits the archive bytes (copy-on-write) through the pool
-# initializer, which parks them here, so tasks carry only offsets. Set in worker processes only.
-_worker_archive_bytes: bytes | None = None
-
-
-def _set_worker_archive_bytes(archive_bytes: bytes | None) -> None:
-    global _worker_archive_bytes
-    _worker_archive_bytes = archive_bytes
-
-
-def _decode_image_chunk_in_worker(chunk: Sequence[tuple[str, ImageLocation]]) -> np.ndarray | list[np.ndarray]:
-    return _decode_image_chunk(chunk, _worker_archive_bytes)
-
-
-def _fork_is_safe() -> bool:
-    """Whether worker processes may be forked: fork exists and JAX's runtime has not started.
-
-    JAX's runtime is multithreaded (JAX warns that forking it may deadlock), so once it runs we
-    decode in this process instead; spawned workers would re-import the user's main script.
-    """
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return False
-    xla_bridge = sys.modules.get("jax._src.xla_bridge")
-    if xla_bridge is None:
-        return True
-    backends_started = getattr(xla_bridge, "backends_are_initialized", None)
-    return backends_started is not None and not backends_started()
-
-
-def _default_decode_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, MAX_DECODE_WORKERS))
-
-
-def _decode_images(
-    named_locations: Iterable[tuple[str, ImageLocation]],
-    *,
-    archive_bytes: bytes | None = None,
-    expected_count: int | None,
-    show_progress: bool,
-    workers: int | None = None,
-) -> np.ndarray:
-    """Decodes images into uint8[N, H, W, 3], in input order.
-
-    named_locations: (name for messages, file path or (offset, size) into `archive_bytes`).
-    workers: None picks one per CPU (at most MAX_DECODE_WORKERS) for large inputs when forking is
-    safe (`_fork_is_safe`), else 1. With several workers, chunks are decoded in forked processes
-    while `named_locations` is still being produced (e.g. parsed from a tar). Raises JaxresError
-    naming the file for an undecodable image or one whose size differs from the first image's.
-    """
-    from tqdm import tqdm
-
-    if workers is None:
-        small = expected_count is not None and expected_count < MIN_IMAGES_FOR_WORKERS
-        workers = 1 if small or not _fork_is_safe() else _default_decode_workers()
-    name_chunks: list[list[str]] = []
-
-    def chunks() -> Iterator[list[tuple[str, ImageLocation]]]:
-        iterator = iter(named_locations)
-        while chunk := list(itertools.islice(iterator, DECODE_CHUNK_SIZE)):
-            name_chunks.append([name for name, _ in chunk])
-            yield chunk
-
-    decoded: list[np.ndarray | list[np.ndarray]] = []
-    with contextlib.ExitStack() as stack:
-        if workers > 1:  # forked before the progress bar starts its monitor thread
-            pool = multiprocessing.get_context("fork").Pool(workers, _set_worker_archive_bytes, (archive_bytes,))
-            stack.enter_context(pool)
-            results = pool.imap(_decode_image_chunk_in_worker, chunks())
-        else:
-            results = (_decode_image_chunk(chunk, archive_bytes) for chunk in chunks())
-        bar = stack.enter_context(
-            tqdm(total=expected_count, unit="img", desc="decoding images", disable=not show_progress)
-        )
-        for images in results:
-            decoded.append(images)
-            bar.update(len(images))
-    if not decoded:
-        return np.zeros((0, 0, 0, 3), np.uint8)
-    first_name, reference_shape = name_chunks[0][0], decoded[0][0].shape
-    for names, images in zip(name_chunks, decoded):
-        for name, image in zip(names, images) if isinstance(images, list) else [(names[0], images[0])]:
-            if image.shape != reference_shape:
-                raise JaxresError(
-                    f"image {name} is {image.shape[1]}x{image.shape[0]} pixels but {first_name} is "
-                    f"{reference_shape[1]}x{reference_shape[0]}: all images of a dataset must have one size"
-                )
-    return np.concatenate(decoded)
-
-
-# ----------------------------------------------------------------------------------------------
-# Image-folder trees: ROOT/{train,test}/<class>/<image>, on disk or inside a tar
-
-
-@dataclasses.dataclass(frozen=True)
-class _TreeEntry:
-    """One image of a tree: its split, class folder and file name, and its `path`: the file's
-    path (folders) or the member's name (archives)."""
-
-    split: str
-    class_name: str
-    file_name: str
-    path: str
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not _is_hidden(name)
-
-
-def _assemble_tree(
-    entries: Sequence[_TreeEntry],
-    images: np.ndarray,
-    class_folders: dict[str, set[str]],
-    where: str,
-    source: str,
-) -> Dataset:
-    """Builds the Dataset from decoded tree images (uint8[N, H, W, 3], aligned with `entries`).
-
-    class_folders: split -> every class folder seen (also empty ones). Class names are the
-    sorted train folders; test must have the same. Raises JaxresError naming what is wrong.
-    """
-    for split in SPLIT_NAMES:
-        if not class_folders.get(split):
-            raise JaxresError(
-                f"{where} has no {split}/<class>/ folders with images (expected {split}/<class>/*.png|jpg)"
-            )
-    train_classes, test_classes = set(class_folders["train"]), set(class_folders["test"])
-    if train_classes != test_classes:
-        raise JaxresError(
-            f"{where}: train and test have different class folders; only in train: "
-            f"{sorted(train_classes - test_classes)}, only in test: {sorted(test_classes - train_classes)}"
-        )
-    class_names = tuple(sorted(train_classes))
-    counts = {(entry.split, entry.class_name) for entry in entries}
-    for split in SPLIT_NAMES:
-        for class_name in class_names:
-            if (split, class_name) not in counts:
-                raise JaxresError(f"class folder {split}/{class_name} in {where} has no PNG or JPEG images")
-    label_of = {name: label for label, name in enumerate(class_names)}
-    splits = []
-    for split in SPLIT_NAMES:
-        indices = [i for i, entry in enumerate(entries) if entry.split == split]
-        indices.sort(key=lambda i: (label_of[entries[i].class_name], entries[i].file_name))
-        labels = np.asarray([label_of[entries[i].class_name] for i in indices], np.int32)
-        splits.append(Split(images[np.asarray(indices, np.int64)], labels))
-    return Dataset(splits[0], splits[1], class_names, source)
-
-
-def _has_splits(folder: pathlib.Path) -> bool:
-    return all((folder / split).is_dir() for split in SPLIT_NAMES)
-
-
-def _find_tree_root(path: pathlib.Path) -> pathlib.Path:
-    """`path` if it holds train/ and test/, else its single subfolder that does."""
-    if _has_splits(path):
-        return path
-    subfolders = [child for child in path.iterdir() if child.is_dir() and not _is_hidden(child.name)]
-    if len(subfolders) == 1 and _has_splits(subfolders[0]):
-        return subfolders[0]
-    raise JaxresError(
-        f"folder {path} is not a dataset: expected {path}/train/<class>/*.png|jpg and {path}/test/<class>/*, "
-        f"the same one level down, or the official {OFFICIAL_FOLDER} files. Accepted: {ACCEPTED_SOURCES}"
-    )
-
-
-def _list_tree_entries(root: pathlib.Path) -> list[_TreeEntry]:
-    """The images under root/{train,test}/<class>/, in sorted order.
-
-    Every class folder also appears once as an entry with file_name '' and the folder's path,
-    so that empty folders are noticed and folder changes alter the cache key.
-    """
-    entries = []
-    for split in SPLIT_NAMES:
-        for class_dir in sorted((root / split).iterdir()):
-            if _is_hidden(class_dir.name):
-                continue
-            if not class_dir.is_dir():
-                if _is_image_name(class_dir.name):
-                    raise JaxresError(
-                        f"image {class_dir} is not inside a class folder: expected {split}/<class>/{class_dir.name}"
-                    )
-                continue
-            entries.append(_TreeEntry(split, class_dir.name, "", str(class_dir)))
-            for file in sorted(class_dir.iterdir()):
-                if _is_image_name(file.name) and _is_image_file(file):
-                    entries.append(_TreeEntry(split, class_dir.name, file.name, str(file)))
-    return entries
-
-
-def _is_image_file(path: pathlib.Path) -> bool:
-    """Whether `path` is a file (or a link to one) to decode, not a folder; JaxresError naming
-    it when it cannot be followed (a broken link, a loop of links) or its folder not searched."""
-    try:
-        os.stat(path)
-    except OSError as error:
-        raise JaxresError(f"cannot read image {path}: {error.strerror or error}") from None
-    return path.is_file()
-
-
-def _load_image_tree(root: pathlib.Path, listed: Sequence[_TreeEntry], show_progress: bool) -> Dataset:
-    """Decodes the images of an image-folder tree listed by `_list_tree_entries`."""
-    class_folders: dict[str, set[str]] = {split: set() for split in SPLIT_NAMES}
-    for entry in listed:
-        class_folders[entry.split].add(entry.class_name)
-    entries = [entry for entry in listed if entry.file_name]
-    images = _decode_images(
-        ((entry.path, entry.path) for entry in entries), expected_count=len(entries), show_progress=show_progress
-    )
-    return _assemble_tree(entries, images, class_folders, f"image folder {root}", f"image folders at {root}")
-
-
-def _read_archive_bytes(path: pathlib.Path) -> bytes:
-    """The uncompressed bytes of a tar archive (plain, gzip, bzip2 or xz); JaxresError if damaged."""
-    with open(path, "rb") as file:
-        magic = file.read(6)
-    openers = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
-    opener = next((open_ for prefix, open_ in openers.items() if magic.startswith(prefix)), open)
-    try:
-        with opener(path, "rb") as file:
-            return file.read()
-    except (OSError, EOFError, lzma.LZMAError) as err:
-        raise JaxresError(f"cannot read archive {path}: {err}") from None
-
-
-def _tar_file_members(archive: tarfile.TarFile, path: pathlib.Path) -> Iterator[tarfile.TarInfo]:
-    """The regular-file and folder members of `archive`, lazily, in archive order."""
-    try:
-        for member in archive:
-            if member.isdir() or (member.isreg() and not member.issparse()):
-                yield member
-    except tarfile.TarError as err:
-        raise JaxresError(f"cannot read archive {path}: {err}") from None
-
-
-def _member_parts(name: str) -> tuple[str, ...]:
-    return tuple(part for part in name.split("/") if part not in ("", "."))
-
-
 def _load_cached_tar(path: pathlib.Path, cache_dir: pathlib.Path, show_progress: bool) -> Dataset:
     """A tar archive's Dataset through the decoded-array cache (keyed by the archive's size and mtime)."""
-    loader = functools.partial(_load_tar, path, show_progress)
+    loader = functools.partial(readers.load_tar, path, show_progress)
     return _cached(cache_dir, "tar-" + path.name, _files_fingerprint([path]), loader)
-
-
-def _load_tar(path: pathlib.Path, show_progress: bool) -> Dataset:
-    """Loads a tar archive holding an image tree or the official CIFAR-10 python batches."""
-    contents = _read_archive_bytes(path)
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(contents), mode="r:")
-    except tarfile.TarError as err:
-        raise JaxresError(f"cannot read archive {path}: {err}") from None
-    with archive:
-        members = _tar_file_members(archive, path)
-        head = []
-        for member in members:
-            head.append(member)
-            if member.isreg():
-                break
-        members = itertools.chain(head, members)
-        if head and head[-1].isreg() and _is_official_member(head[-1].name):
-            return _load_official_tar(path, contents, members)
-        return _load_tar_tree(path, contents, members, show_progress)
-
-
-def _load_tar_tree(
-    path: pathlib.Path, contents: bytes, members: Iterable[tarfile.TarInfo], show_progress: bool
-) -> Dataset:
-    """Decodes the image tree in a tar, straight from its (uncompressed) bytes `contents`.
-
-    The root is the archive's top level or its single top-level folder. Members are classified
-    while the workers decode earlier ones; problems are raised after decoding.
-    """
-    entries: list[_TreeEntry] = []
-    class_folders: dict[str, set[str]] = {split: set() for split in SPLIT_NAMES}
-    roots: set[str] = set()
-    misplaced: list[str] = []
-
-    def images_in_splits() -> Iterator[tuple[str, tuple[int, int]]]:
-        for member in members:
-            parts = _member_parts(member.name)
-            if any(_is_hidden(part) for part in parts):
-                continue
-            depth = 0 if parts[:1] and parts[0] in SPLIT_NAMES else 1
-            relative = parts[depth:]
-            if not relative or relative[0] not in SPLIT_NAMES:
-                continue
-            roots.add("/".join(parts[:depth]))
-            if member.isdir():
-                if len(relative) == 2:
-                    class_folders[relative[0]].add(relative[1])
-                continue
-            if not _is_image_name(relative[-1]):
-                continue
-            if len(relative) != 3:
-                misplaced.append(member.name)
-                continue
-            class_folders[relative[0]].add(relative[1])
-            entries.append(_TreeEntry(relative[0], relative[1], relative[2], member.name))
-            yield member.name, (member.offset_data, member.size)
-
-    workers = 1 if len(contents) < MIN_ARCHIVE_BYTES_FOR_WORKERS else None
-    images = _decode_images(
-        images_in_splits(), archive_bytes=contents, expected_count=None, show_progress=show_progress, workers=workers
-    )
-    where = f"archive {path}"
-    if len(roots) > 1:
-        raise JaxresError(f"{where} holds several dataset roots: {sorted(root + '/' for root in roots)}; keep one")
-    if misplaced:
-        raise JaxresError(
-            f"image {misplaced[0]} in {where} is not directly inside a class folder: expected <split>/<class>/<image>"
-        )
-    return _assemble_tree(entries, images, class_folders, where, f"image folders in {path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The official CIFAR-10 python archive: pickled batches
-
-
-def _official_file_names() -> tuple[str, ...]:
-    return (*OFFICIAL_TRAIN_FILES, OFFICIAL_TEST_FILE, OFFICIAL_META_FILE)
-
-
-def _is_official_member(name: str) -> bool:
-    """Whether a tar member belongs to the official archive (cifar-10-batches-py/...)."""
-    parts = _member_parts(name)
-    return parts[-1] in _official_file_names() or (len(parts) > 1 and parts[-2] == OFFICIAL_FOLDER)
-
-
-def _find_official_folder(path: pathlib.Path) -> pathlib.Path | None:
-    """`path` or `path/cifar-10-batches-py` when it holds the official batch files, else None."""
-    for folder in (path, path / OFFICIAL_FOLDER):
-        if (folder / OFFICIAL_META_FILE).is_file() and (folder / OFFICIAL_TEST_FILE).is_file():
-            return folder
-    return None
-
-
-@functools.cache
-def _numpy_pickle_globals() -> dict[tuple[str, str], object]:
-    """The only globals a CIFAR-10 batch pickle needs (numpy arrays and dtypes, bytes)."""
-    import codecs
-
-    core = "numpy._core" if importlib.util.find_spec("numpy._core") is not None else "numpy.core"
-    multiarray = importlib.import_module(f"{core}.multiarray")
-    numeric = importlib.import_module(f"{core}.numeric")
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
-    for module in ("numpy.core", "numpy._core"):
-        allowed[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{module}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{module}.numeric", "_frombuffer")] = numeric._frombuffer
-    return allowed
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """An unpickler that builds only numpy arrays and plain containers: loading a downloaded
-    archive must not run arbitrary code."""
-
-    def find_class(self, module: str, name: str):
-        allowed = _numpy_pickle_globals()
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
-        return allowed[(module, name)]
-
-
-def _unpickle_batch(data: bytes, name: str) -> dict:
-    """The dict in one official batch file (keys decoded to str); JaxresError naming `name` if corrupt."""
-    try:
-        batch = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as err:  # noqa: BLE001 - pickle raises many types on damaged data
-        raise JaxresError(f"cannot read CIFAR-10 batch {name}: {type(err).__name__}: {err}") from None
-    if not isinstance(batch, dict):
-        raise JaxresError(f"cannot read CIFAR-10 batch {name}: expected a dict, found {type(batch).__name__}")
-    return {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
-
-
-def _official_split(batches: Sequence[tuple[str, dict]], num_classes: int) -> Split:
-    """Concatenates official batches (b'data' uint8[n, 3072] in CHW order, b'labels') into a Split."""
-    images, labels = [], []
-    for name, batch in batches:
-        try:
-            data = np.asarray(batch["data"])
-            batch_labels = np.asarray(batch["labels"], dtype=np.int64)
-        except (KeyError, TypeError, ValueError) as err:
-            raise JaxresError(f"CIFAR-10 batch {name} lacks valid 'data' and 'labels': {err}") from None
-        well_formed = data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32
-        if not well_formed or batch_labels.shape != data.shape[:1]:
-            raise JaxresError(
-                f"CIFAR-10 batch {name} has data {data.dtype}{list(data.shape)} and {batch_labels.size} labels; "
-                "expected uint8[N, 3072] and N labels"
-            )
-        if batch_labels.size and (batch_labels.min() < 0 or batch_labels.max() >= num_classes):
-            raise JaxresError(f"CIFAR-10 batch {name} has labels outside [0, {num_classes})")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(batch_labels.astype(np.int32))
-    return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
-
-
-def _official_dataset(read_file, source: str) -> Dataset:
-    """Builds the Dataset from the official batch files; read_file(file_name) -> (bytes, display name)."""
-    meta_bytes, meta_name = read_file(OFFICIAL_META_FILE)
-    label_names = _unpickle_batch(meta_bytes, meta_name).get("label_names")
-    if not isinstance(label_names, list) or not label_names:
-        raise JaxresError(f"CIFAR-10 batch {meta_name} has no 'label_names' list")
-    class_names = tuple(name.decode() if isinstance(name, bytes) else str(name) for name in label_names)
-    splits = []
-    for file_names in (OFFICIAL_TRAIN_FILES, (OFFICIAL_TEST_FILE,)):
-        batches = []
-        for file_name in file_names:
-            data, name = read_file(file_name)
-            batches.append((name, _unpickle_batch(data, name)))
-        splits.append(_official_split(batches, len(class_names)))
-    return Dataset(splits[0], splits[1], class_names, source)
-
-
-def _load_official_folder(folder: pathlib.Path) -> Dataset:
-    def read_file(file_name: str) -> tuple[bytes, str]:
-        path = folder / file_name
-        if not path.is_file():
-            raise JaxresError(f"official CIFAR-10 folder {folder} lacks {file_name}")
-        return path.read_bytes(), str(path)
-
-    return _official_dataset(read_file, f"official CIFAR-10 python batches in {folder}")
-
-
-def _load_official_tar(path: pathlib.Path, contents: bytes, members: Iterable[tarfile.TarInfo]) -> Dataset:
-    by_name = {_member_parts(member.name)[-1]: member for member in members if member.isreg()}
-
-    def read_file(file_name: str) -> tuple[bytes, str]:
-        member = by_name.get(file_name)
-        if member is None:
-            raise JaxresError(f"official CIFAR-10 archive {path} lacks {OFFICIAL_FOLDER}/{file_name}")
-        return contents[member.offset_data : member.offset_data + member.size], f"{member.name} in {path}"
-
-    return _official_dataset(read_file, f"official CIFAR-10 python archive {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -890,168 +373,6 @@ def _load_tfds_cifar10(
         return Dataset(train, test, CIFAR10_CLASSES, f"tensorflow-datasets cifar10 in {data_dir}")
 
     return _cached(cache_dir, "tfds-cifar10", _files_fingerprint([data_dir / "cifar10", *prepared]), read)
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic shapes
-
-_CROSS_HALF_WIDTH = 1 / 3  # arm half-width of a cross, relative to its half-length
-_RING_INNER_RADIUS = 0.55  # hole radius of a ring, relative to its outer radius
-# Area of each shape at scale 1 (in the shape's own units), so all classes get the same pixel area.
-_SHAPE_UNIT_AREA = np.array(
-    [
-        np.pi,  # circle of radius 1
-        4.0,  # square of half-side 1
-        3 * np.sqrt(3) / 4,  # equilateral triangle of circumradius 1
-        8 * _CROSS_HALF_WIDTH - 4 * _CROSS_HALF_WIDTH**2,  # plus sign of half-length 1
-        np.pi * (1 - _RING_INNER_RADIUS**2),  # ring of outer radius 1
-    ]
-)
-# Radius of the circle around each shape at scale 1, so shapes stay inside the image.
-_SHAPE_BOUNDING_RADIUS = np.array([1.0, np.sqrt(2), 1.0, np.hypot(1, _CROSS_HALF_WIDTH), 1.0])
-_SHAPE_AREA_FRACTION = (0.10, 0.25)  # object area as a fraction of the image area
-_SUPERSAMPLING = 2  # sub-pixel samples per axis for anti-aliased edges
-_MIN_COLOUR_DISTANCE = 90.0  # RGB distance between the object colour and the background's colours
-
-
-def _shape_inside(class_index: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Whether the points (u, v) (shape units, centred, unrotated) lie inside shape `class_index`."""
-    name = SHAPES_CLASSES[class_index]
-    if name == "circle":
-        return u * u + v * v <= 1.0
-    if name == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 1.0
-    if name == "triangle":  # edges at distance 1/2 from the centre, one vertex pointing up
-        inside = np.ones(u.shape, bool)
-        for k in range(3):
-            normal_angle = np.pi / 2 + 2 * np.pi * k / 3  # Python floats keep u, v in float32
-            inside &= u * math.cos(normal_angle) + v * math.sin(normal_angle) <= 0.5
-        return inside
-    if name == "cross":
-        au, av = np.abs(u), np.abs(v)
-        return ((au <= _CROSS_HALF_WIDTH) & (av <= 1.0)) | ((av <= _CROSS_HALF_WIDTH) & (au <= 1.0))
-    if name == "ring":
-        squared_radius = u * u + v * v
-        return (squared_radius <= 1.0) & (squared_radius >= _RING_INNER_RADIUS**2)
-    raise AssertionError(name)
-
-
-def _shape_coverage(labels, centres, scales, angles, image_size: int) -> np.ndarray:
-    """Fraction of each pixel covered by its image's shape: float32[N, S, S].
-
-    labels: int32[N]; centres: float[N, 2] (x, y) in pixels; scales: float[N] pixels per shape
-    unit; angles: float[N] radians.
-    """
-    offsets = (np.arange(_SUPERSAMPLING) + 0.5) / _SUPERSAMPLING
-    axis = (np.arange(image_size)[:, None] + offsets[None, :]).reshape(-1).astype(np.float32)
-    coverage = np.zeros((labels.shape[0], image_size, image_size), np.float32)
-    for class_index in range(len(SHAPES_CLASSES)):
-        members = np.flatnonzero(labels == class_index)
-        if members.size == 0:
-            continue
-        cos = np.cos(angles[members]) / scales[members]
-        sin = np.sin(angles[members]) / scales[members]
-        dx = axis[None, :] - centres[members, 0, None]  # [M, S * supersampling], x offsets in pixels
-        dy = axis[None, :] - centres[members, 1, None]
-        # Rotate by -angle and scale to shape units; separable, so only the final sums are full-size.
-        u = (dx * cos[:, None]).astype(np.float32)[:, None, :] + (dy * sin[:, None]).astype(np.float32)[:, :, None]
-        v = (dy * cos[:, None]).astype(np.float32)[:, :, None] - (dx * sin[:, None]).astype(np.float32)[:, None, :]
-        inside = _shape_inside(class_index, u, v)
-        hits = inside.view(np.uint8)
-        sub_pixels = itertools.product(range(_SUPERSAMPLING), repeat=2)
-        samples_inside = sum(hits[:, i::_SUPERSAMPLING, j::_SUPERSAMPLING] for i, j in sub_pixels)
-        coverage[members] = samples_inside * np.float32(1 / _SUPERSAMPLING**2)
-    return coverage
-
-
-def _background_texture(rng: np.random.Generator, count: int, image_size: int) -> np.ndarray:
-    """Smooth random blobs mixed with stripes of random frequency and orientation: float32[N, S, S] in [0, 1]."""
-    grid = 5
-    coarse = rng.random((count, grid, grid), dtype=np.float32)
-    positions = np.linspace(0, grid - 1, image_size)
-    lower = np.minimum(np.floor(positions).astype(int), grid - 2)
-    weight = (positions - lower).astype(np.float32)
-    interpolation = np.zeros((image_size, grid), np.float32)  # bilinear upsampling as a matrix
-    interpolation[np.arange(image_size), lower] = 1 - weight
-    interpolation[np.arange(image_size), lower + 1] = weight
-    blobs = interpolation @ coarse @ interpolation.T
-    low, high = blobs.min(axis=(1, 2), keepdims=True), blobs.max(axis=(1, 2), keepdims=True)
-    blobs = (blobs - low) / np.maximum(high - low, 1e-6)
-    cycles = rng.uniform(1.5, 4.0, count).astype(np.float32)[:, None, None]
-    orientation = rng.uniform(0, np.pi, count).astype(np.float32)
-    phase = rng.uniform(0, 2 * np.pi, count).astype(np.float32)[:, None, None]
-    coordinate = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size
-    along = (
-        np.cos(orientation)[:, None, None] * coordinate[None, None, :]
-        + np.sin(orientation)[:, None, None] * coordinate[None, :, None]
-    )
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * cycles * along + phase)
-    mix = rng.uniform(0.2, 0.8, count).astype(np.float32)[:, None, None]
-    return mix * blobs + (1 - mix) * stripes
-
-
-def _distance_to_segment(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Euclidean distance from points[..., 3] to the segments start[..., 3]-end[..., 3]."""
-    direction = end - start
-    length_squared = np.maximum(np.sum(direction * direction, axis=-1, keepdims=True), 1e-6)
-    t = np.clip(np.sum((points - start) * direction, axis=-1, keepdims=True) / length_squared, 0, 1)
-    return np.linalg.norm(points - (start + t * direction), axis=-1)
-
-
-def _object_colours(rng: np.random.Generator, background_start: np.ndarray, background_end: np.ndarray) -> np.ndarray:
-    """A random colour per image that stands out from its background's colour range: float32[N, 3]."""
-    candidates = rng.uniform(0, 255, (16, *background_start.shape)).astype(np.float32)
-    distances = _distance_to_segment(candidates, background_start[None], background_end[None])  # [16, N]
-    good = distances >= _MIN_COLOUR_DISTANCE
-    choice = np.where(good.any(axis=0), good.argmax(axis=0), distances.argmax(axis=0))
-    return candidates[choice, np.arange(background_start.shape[0])]
-
-
-def _make_shapes_split(rng: np.random.Generator, count: int, image_size: int) -> Split:
-    """`count` class-balanced shape images: uint8[N, S, S, 3], labels int32[N], masks bool[N, S, S]."""
-    num_classes = len(SHAPES_CLASSES)
-    labels = rng.permutation(np.arange(count) % num_classes).astype(np.int32)
-    area = rng.uniform(*_SHAPE_AREA_FRACTION, count) * image_size**2
-    scales = np.sqrt(area / _SHAPE_UNIT_AREA[labels])
-    radii = scales * _SHAPE_BOUNDING_RADIUS[labels]
-    centres = rng.uniform(radii[:, None], image_size - radii[:, None], (count, 2))
-    angles = rng.uniform(0, 2 * np.pi, count)
-    background_start = rng.uniform(0, 255, (count, 3)).astype(np.float32)
-    background_end = rng.uniform(0, 255, (count, 3)).astype(np.float32)
-    object_colours = _object_colours(rng, background_start, background_end)
-    texture = _background_texture(rng, count, image_size)
-    coverage = _shape_coverage(labels, centres, scales, angles, image_size)
-    images = texture[..., None] * (background_end - background_start)[:, None, None, :]
-    images += background_start[:, None, None, :]
-    object_minus_background = object_colours[:, None, None, :] - images
-    object_minus_background *= coverage[..., None]
-    images += object_minus_background
-    return Split(np.clip(np.rint(images, out=images), 0, 255, out=images).astype(np.uint8), labels, coverage >= 0.5)
-
-
-def make_shapes(num_train: int = 10000, num_test: int = 2000, image_size: int = 32, seed: int = 0) -> Dataset:
-    """A synthetic dataset: one coloured shape per image (class = the shape) on a textured background.
-
-    Each image is uint8[image_size, image_size, 3]: a circle, square, triangle, cross or ring
-    (`SHAPES_CLASSES`) at a random position, rotation and colour, covering 10-25% of the image
-    (the same area distribution for every class, so neither size nor colour tells the class), on
-    a background of random colours mixing smooth blobs and stripes. Splits carry the object
-    masks (bool[N, H, W]); classes are balanced. The same arguments give identical arrays.
-    """
-    if num_train < 1 or num_test < 1:
-        raise JaxresError(
-            f"make_shapes needs at least one image per split, got num_train={num_train}, num_test={num_test}"
-        )
-    if image_size < 8:
-        raise JaxresError(f"make_shapes needs image_size >= 8 to draw recognisable shapes, got {image_size}")
-    train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
-    train_rng, test_rng = np.random.default_rng(train_seed), np.random.default_rng(test_seed)
-    return Dataset(
-        _make_shapes_split(train_rng, num_train, image_size),
-        _make_shapes_split(test_rng, num_test, image_size),
-        SHAPES_CLASSES,
-        f"synthetic shapes (seed {seed}, {num_train} train / {num_test} test, {image_size}x{image_size})",
-    )
 
 
 def select_train_subset(labels: np.ndarray, subset: int | None, seed: int) -> np.ndarray:

@@ -16,9 +16,8 @@ whole computation is one jitted function of (variables, images, targets), cached
 differentiable with respect to the images (a CAM can be part of a loss).
 
 Also here: `overlay` and `plot_cams` (the course library's image / heatmap / overlay
-view), localisation metrics (`energy_pointing_game`, `pointing_game_baseline`),
-faithfulness metrics (`deletion_insertion`, `confidence_change`) and the command line
-`python -m jaxres.gradcam --workdir RUN ...`.
+view) and the command line `python -m jaxres.gradcam --workdir RUN ...`. Scores of the
+maps (pointing game, deletion / insertion, confidence change) are in `jaxres.cam_metrics`.
 """
 
 from __future__ import annotations
@@ -29,17 +28,16 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxres import evaluate, plots
 from jaxres.augment import normalize as normalize_images
 from jaxres.errors import JaxresError, command_line, figure_output_path
 
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
-SCORES = ("probability", "logit")
 # The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
 # (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
 GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
@@ -47,7 +45,7 @@ XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab 
 _TITLE_CHARACTERS_PER_LINE = 64  # plot_cams wraps longer titles: its figure is 6.6 inches wide
 
 
-# --------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- checks (also used by jaxres.cam_metrics)
 
 
 def _check_layer(model, layer: str) -> None:
@@ -61,10 +59,11 @@ def _check_method(method: str) -> None:
         raise JaxresError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _check_images(images, stacklevel: int = 3) -> None:
-    """Shape [N, H, W, 3], and a warning (at the caller's caller, `stacklevel`) for concrete
-    float images whose values all lie in [0, 1]: pixels scaled to [0, 1], which jaxres would
-    normalise as nearly black images (traced images are not looked at)."""
+def check_images(images, stacklevel: int = 3) -> None:
+    """Raises JaxresError unless `images` is [N, H, W, 3]; warns for concrete float images
+    whose values all lie in [0, 1] (pixels scaled to [0, 1], which jaxres would normalise as
+    nearly black images; traced images are not looked at). `stacklevel` as in
+    `warnings.warn`, counted from here: 3 blames the caller of the public function."""
     shape = tuple(np.shape(images))
     if len(shape) != 4 or shape[-1] != 3:
         raise JaxresError(f"images must be [N, H, W, 3] pixel values (uint8 or float in [0, 255]), got shape {shape}")
@@ -82,8 +81,12 @@ def _is_concrete(value) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
-def _prepare_targets(targets, count: int, num_classes: int):
-    """None | int | ints[N] -> None or int32[N], checked where the values are known."""
+def prepare_targets(targets, count: int, num_classes: int):
+    """None | int | ints[N] -> None or int32[N], checked where the values are known.
+
+    Raises JaxresError for non-integer targets, a shape other than () or (count,), and
+    (concrete values only) a class outside [0, num_classes).
+    """
     if targets is None:
         return None
     if _is_concrete(targets):
@@ -106,8 +109,8 @@ def _prepare_targets(targets, count: int, num_classes: int):
     return values
 
 
-def _inference_variables(variables) -> dict:
-    """Only what inference needs: params and (if any) batch_stats."""
+def inference_variables(variables) -> dict:
+    """Only what inference needs: params and (if any) batch_stats. JaxresError without params."""
     if "params" not in variables:
         raise JaxresError("variables have no 'params' collection")
     return {name: variables[name] for name in ("params", "batch_stats") if name in variables}
@@ -124,7 +127,7 @@ def stage_activation_and_gradient(model, variables, inputs: jax.Array, targets: 
     float32[N, h, w, K], gradient float32[N, h, w, K]) where activation is the output
     of stage `layer` and gradient is d logits[n, targets[n]] / d activation[n].
     """
-    variables = _inference_variables(variables)
+    variables = inference_variables(variables)
     _, shapes = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"]), variables, inputs
     )
@@ -246,22 +249,41 @@ def gradcam(
 ) -> jax.Array:
     """Class activation maps of `images` for `targets`, explained at stage `layer`.
 
-    model: a jaxres Flax model (`model.STAGES` names the layers); variables: its
-    {"params", "batch_stats"} (others ignored); images: uint8 or float[N, H, W, 3]
-    pixel values in [0, 255] (a warning for concrete float images all in [0, 1]),
-    normalised here as in training; targets: None (each
-    image's predicted class), an int (one class for all) or ints[N]. The class score is
-    the pre-softmax logit; BatchNorm runs in inference mode.
+    One forward pass in inference mode (BatchNorm uses its running statistics) reads
+    the stage's output A and the logits; one backward pass gives dS/dA, the gradient
+    of each image's target class score S, its pre-softmax logit. `method` turns A and
+    dS/dA into a map (formulas in `cam_from_activation`), which is then optionally
+    ReLU'd, resized to the input and min-max normalised. The computation is jitted and
+    cached per (model, layer, method, flags), and usable under `jax.jit`, `jax.vmap`
+    and `jax.grad` (with respect to the images).
 
-    layer: one of `model.STAGES` (the stage's output, residual add included);
-    method: one of METHODS (formulas in `cam_from_activation`); relu: apply the final
-    ReLU; upsample: resize bilinearly to H x W (see `upsample`); normalize: min-max
-    per map to [0, 1] (after upsampling, as the course library; a flat map gives 0).
+    Args:
+      model: a jaxres Flax model; `model.STAGES` names its layers and
+        `model.num_classes` its classes.
+      variables: the model's variables, {"params": ..., "batch_stats": ...}; other
+        collections are ignored.
+      images: uint8 or float[N, H, W, 3] pixel values in [0, 255], normalised here as
+        in training. Concrete float images whose values all lie in [0, 1] give a
+        UserWarning (pixels scaled to [0, 1] would be seen as nearly black).
+      targets: the class to explain per image: None (each image's predicted class),
+        an int (one class for all images) or ints[N].
+      layer: one of `model.STAGES`; the map explains that stage's output (its
+        residual add included).
+      method: one of `METHODS`: "gradcam", "gradcam++", "hirescam", "xgradcam",
+        "layercam".
+      relu: whether to apply the final ReLU (as all the papers do).
+      normalize: whether to min-max normalise each map to [0, 1], after upsampling
+        as the course library does; a flat map gives zeros.
+      upsample: whether to resize the maps bilinearly to H x W (see `upsample`).
 
-    Returns float32[N, H, W] (or [N, h, w], the layer's resolution, when
-    upsample=False), on the device. Jitted and cached per (model, layer, method,
-    flags); usable under `jax.jit`, `jax.vmap` and `jax.grad` (w.r.t. images).
-    Raises JaxresError for a bad image shape, layer, method or target.
+    Returns:
+      float32[N, H, W] maps on the device, or float32[N, h, w] at the layer's
+      resolution when `upsample=False`.
+
+    Raises:
+      JaxresError: for images not shaped [N, H, W, 3], an unknown layer or method,
+        or targets that are not integers, not one per image, or out of the model's
+        class range.
 
     Against pytorch-grad-cam 1.5.7 on the same weights (`jaxres.convert`, its
     `target_layers=[model.<layer>]`, `ClassifierOutputTarget`), the normalised maps of
@@ -286,8 +308,8 @@ def gradcam(
     """
     _check_layer(model, layer)
     _check_method(method)
-    _check_images(images)
-    targets = _prepare_targets(targets, np.shape(images)[0], model.num_classes)
+    check_images(images)
+    targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
     return _gradcam(
         model,
         variables,
@@ -381,193 +403,6 @@ def plot_cams(
     return figure
 
 
-# --------------------------------------------------------------------------- localisation
-
-
-def energy_pointing_game(cams, masks, per_image: bool = False) -> jax.Array:
-    """Energy-based pointing game (Wang et al., Score-CAM 2020).
-
-    Per image, the share of the map's energy that falls inside the object:
-    sum(cam * mask) / sum(cam). cams: float[N, H, W], non-negative (negative values are
-    clipped to 0); masks: bool[N, H, W]. A map with no energy (all zeros, e.g. a flat
-    map after min-max normalisation) carries no localisation and is scored like a
-    uniform map, i.e. the mask's area fraction. Returns the mean over images, a float32
-    scalar (or float32[N] with per_image=True).
-    """
-    cams = jnp.maximum(jnp.asarray(cams, jnp.float32), 0.0)
-    masks = jnp.asarray(masks, bool)
-    if cams.ndim != 3 or cams.shape != masks.shape:
-        raise JaxresError(f"cams [N, H, W] and masks [N, H, W] must match, got {cams.shape} and {masks.shape}")
-    inside = jnp.sum(jnp.where(masks, cams, 0.0), axis=(1, 2))
-    total = jnp.sum(cams, axis=(1, 2))
-    area = jnp.mean(masks.astype(jnp.float32), axis=(1, 2))
-    scores = jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), area)
-    return scores if per_image else jnp.mean(scores)
-
-
-def pointing_game_baseline(masks) -> jax.Array:
-    """What a uniform (or, in expectation, random) map scores: the mean mask area fraction.
-
-    masks: bool[N, H, W] -> float32 scalar.
-    """
-    masks = jnp.asarray(masks, bool)
-    if masks.ndim != 3:
-        raise JaxresError(f"masks must be [N, H, W], got shape {masks.shape}")
-    return jnp.mean(masks.astype(jnp.float32))
-
-
-# --------------------------------------------------------------------------- faithfulness
-
-
-class DeletionInsertion(NamedTuple):
-    """Per-image areas under the curves and the curves themselves.
-
-    deletion, insertion: float32[N]; fractions: float32[steps + 1] (share of pixels
-    deleted / inserted at each step); deletion_curve, insertion_curve: float32[N, steps + 1].
-    """
-
-    deletion: jax.Array
-    insertion: jax.Array
-    fractions: jax.Array
-    deletion_curve: jax.Array
-    insertion_curve: jax.Array
-
-
-def _class_scores(model, variables, inputs, targets, score: str) -> jax.Array:
-    logits = model.apply(_inference_variables(variables), inputs, train=False)
-    if score == "probability":
-        logits = jax.nn.softmax(logits, axis=-1)
-    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-
-
-def gaussian_blur(inputs: jax.Array, size: int = 11, sigma: float = 5.0) -> jax.Array:
-    """Per-channel Gaussian blur with zero padding (RISE's insertion baseline).
-
-    inputs: float[N, H, W, C] -> float32[N, H, W, C]. On normalised images, the zero
-    padding is the dataset's mean colour.
-    """
-    offsets = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
-    weights = jnp.exp(-(offsets**2) / (2 * sigma**2))
-    weights = weights / jnp.sum(weights)
-    channels = inputs.shape[-1]
-    kernel = jnp.broadcast_to((weights[:, None] * weights[None, :])[:, :, None, None], (size, size, 1, channels))
-    return jax.lax.conv_general_dilated(
-        jnp.asarray(inputs, jnp.float32),
-        kernel,
-        window_strides=(1, 1),
-        padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels,
-    )
-
-
-def _check_faithfulness_inputs(model, images, cams, score):
-    _check_images(images, stacklevel=4)
-    shape = tuple(np.shape(cams))
-    if shape != tuple(np.shape(images))[:3]:
-        raise JaxresError(f"cams must be [N, H, W] matching the images {tuple(np.shape(images))[:3]}, got {shape}")
-    if score not in SCORES:
-        raise JaxresError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-
-
-@functools.partial(jax.jit, static_argnames=("model", "steps", "score", "insertion_baseline"))
-def _deletion_insertion(model, variables, images, cams, targets, *, steps, score, insertion_baseline):
-    inputs = normalize_images(images)
-    count, height, width, _ = inputs.shape
-    pixels = height * width
-    if targets is None:
-        targets = jnp.argmax(model.apply(_inference_variables(variables), inputs, train=False), axis=-1)
-    # rank[n, p]: position of pixel p in decreasing CAM order (ties: lower index first).
-    order = jnp.argsort(-jnp.reshape(cams, (count, pixels)), axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1).reshape(count, height, width, 1)
-    deletion_baseline = jnp.zeros_like(inputs)  # zero in normalised space: the mean colour
-    if insertion_baseline == "blur":
-        start = gaussian_blur(inputs)
-    else:
-        start = jnp.zeros_like(inputs)
-    changed_counts = (jnp.arange(steps + 1) * pixels) // steps
-
-    def scores_at(changed):
-        selected = rank < changed
-        deleted = jnp.where(selected, deletion_baseline, inputs)
-        inserted = jnp.where(selected, inputs, start)
-        both = _class_scores(model, variables, jnp.concatenate([deleted, inserted]), jnp.concatenate([targets, targets]), score)
-        return both[:count], both[count:]
-
-    deletion_curve, insertion_curve = jax.lax.map(scores_at, changed_counts)
-    deletion_curve, insertion_curve = deletion_curve.T, insertion_curve.T  # [N, steps + 1]
-    fractions = changed_counts.astype(jnp.float32) / pixels
-
-    def area(curve):  # trapezoid rule over the fraction of pixels changed
-        return jnp.sum((curve[:, 1:] + curve[:, :-1]) * 0.5 * jnp.diff(fractions), axis=-1)
-
-    return DeletionInsertion(area(deletion_curve), area(insertion_curve), fractions, deletion_curve, insertion_curve)
-
-
-def deletion_insertion(
-    model,
-    variables,
-    images,
-    cams,
-    targets=None,
-    steps: int = 32,
-    score: str = "probability",
-    insertion_baseline: str = "blur",
-) -> DeletionInsertion:
-    """Deletion and insertion curves and their AUCs (Petsiuk et al., RISE 2018).
-
-    Pixels are ranked by `cams` (highest first). Deletion: starting from the image, the
-    top k pixels are replaced by the baseline, zero in normalised space (the dataset's
-    mean colour). Insertion: starting from the baseline (`"blur"`: the image blurred by
-    an 11x11 Gaussian of sigma 5, as RISE; `"mean"`: the mean colour), the top k pixels
-    of the image are put back. k goes from 0 to H*W in `steps` equal steps; the curve is
-    the target class's score, by default its softmax probability (`score="logit"` for
-    the pre-softmax logit), and the AUC is the trapezoid area over the fraction of
-    pixels changed (in [0, 1]). A faithful map has a low deletion AUC and a high
-    insertion AUC.
-
-    images: uint8 or float[N, H, W, 3] pixels; cams: float[N, H, W] at input resolution;
-    targets: None (predicted class of the unchanged image), int or ints[N].
-    Costs steps + 1 forward passes over 2N images (sequential, `lax.map`). Jitted.
-    """
-    _check_faithfulness_inputs(model, images, cams, score)
-    if not isinstance(steps, int) or steps < 1:
-        raise JaxresError(f"steps must be a positive int, got {steps!r}")
-    if insertion_baseline not in ("blur", "mean"):
-        raise JaxresError(f"unknown insertion_baseline {insertion_baseline!r}; choose blur or mean")
-    targets = _prepare_targets(targets, np.shape(images)[0], model.num_classes)
-    return _deletion_insertion(
-        model, variables, images, cams, targets, steps=steps, score=score, insertion_baseline=insertion_baseline
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("model", "score"))
-def _confidence_change(model, variables, images, cams, targets, *, score):
-    inputs = normalize_images(images)
-    if targets is None:
-        targets = jnp.argmax(model.apply(_inference_variables(variables), inputs, train=False), axis=-1)
-    masked = inputs * jnp.asarray(cams, jnp.float32)[..., None]
-    both = _class_scores(model, variables, jnp.concatenate([masked, inputs]), jnp.concatenate([targets, targets]), score)
-    count = inputs.shape[0]
-    return both[:count] - both[count:]
-
-
-def confidence_change(model, variables, images, cams, targets=None, score: str = "probability") -> jax.Array:
-    """Score of the CAM-masked image minus score of the image, per image.
-
-    As pytorch-grad-cam's `CamMultImageConfidenceChange`: the normalised image is
-    multiplied by the map (float[N, H, W] in [0, 1]), so the pixels the map ignores
-    become 0 (the mean colour). score: "probability" (softmax of the target class, as
-    `ClassifierOutputSoftmaxTarget`) or "logit". Higher (less negative) is better: the
-    map kept what the model needed. images: uint8 or float[N, H, W, 3] pixels; targets:
-    None (predicted class of the image), int or ints[N]. Returns float32[N]. Jitted.
-    (This is not ROAD, which imputes removed pixels from their neighbours.)
-    """
-    _check_faithfulness_inputs(model, images, cams, score)
-    targets = _prepare_targets(targets, np.shape(images)[0], model.num_classes)
-    return _confidence_change(model, variables, images, cams, targets, score=score)
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -598,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _predicted_classes(model, variables, images):
-    return jnp.argmax(model.apply(_inference_variables(variables), normalize_images(images), train=False), axis=-1)
+    return jnp.argmax(model.apply(inference_variables(variables), normalize_images(images), train=False), axis=-1)
 
 
 def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -624,8 +459,6 @@ def round_robin_over_classes(indices, labels, count: int) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> str:
     """The CLI's work; returns the path written. Raises JaxresError on user mistakes."""
-    from jaxres import evaluate, plots
-
     if args.batch_size < 1:
         raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
     wanted = 16 if args.misclassified is None else args.misclassified

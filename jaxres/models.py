@@ -372,7 +372,31 @@ def create_model(
     norm: str = "batch",
     dtype: Any = jnp.float32,
 ) -> nn.Module:
-    """The model registered as `name` (see `MODELS`), built with the given options."""
+    """A jaxres image classifier by name: the custom ResNet (ResNet-9) or ResNet-18/34.
+
+    Builds the Flax module registered as `name` in `MODELS`, checking the options
+    first so that a mistake is reported before any computation. The module holds no
+    weights: make them with `init_variables(model, key)`, then call
+    `model.apply(variables, images, train=...)` on normalised float[N, H, W, 3] images
+    to get float32[N, num_classes] logits. Its stages (`model.STAGES`) are the layers
+    Grad-CAM can explain.
+
+    Args:
+      name: "custom_resnet" (`CustomResNet`), "resnet18" or "resnet34" (`ResNet`).
+      num_classes: the number of classes, the width of the logits.
+      width: a factor on every channel count (1.0: the full-size model; each count
+        is rounded and at least 1), e.g. 0.25 for a quick model.
+      norm: the normalisation layer, one of `NORMS`: "batch", "group", "layer",
+        "ghost_batch" (see `make_norm`).
+      dtype: the compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm
+        statistics stay float32.
+
+    Returns:
+      The unbound `flax.linen.Module`.
+
+    Raises:
+      JaxresError: for an unknown name or norm, or a width that is not positive.
+    """
     check_choice("model", name, MODEL_NAMES)
     check_choice("norm", norm, NORMS)
     if not width > 0:

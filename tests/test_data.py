@@ -1,5 +1,6 @@
-"""Tests of jaxres.data: every source on small fixtures written here, the cache, the errors,
-the synthetic shapes, and one load of the real CIFAR-10 copy (slow)."""
+"""Tests of jaxres.data and the modules it loads through (jaxres.readers, jaxres.shapes):
+every source on small fixtures written here, the cache, the errors, the synthetic shapes,
+and one load of the real CIFAR-10 copy (slow)."""
 
 import io
 import os
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres import data
-from jaxres.data import CIFAR10_CLASSES, SHAPES_CLASSES, Dataset, Split, load_dataset, make_shapes
+from jaxres import data, readers
+from jaxres.data import CIFAR10_CLASSES, Dataset, Split, load_dataset
 from jaxres.errors import JaxresError
+from jaxres.shapes import SHAPES_CLASSES, make_shapes
 from tests.helpers import (
     check_official_dataset,
     files_under,
@@ -308,7 +310,7 @@ def forbid(monkeypatch, *names):
         raise AssertionError("decoded again instead of reading the cache")
 
     for name in names:
-        monkeypatch.setattr(data, name, fail)
+        monkeypatch.setattr(readers, name, fail)
 
 
 @pytest.mark.parametrize("kind", ["folder", "tar", "official"])
@@ -523,12 +525,12 @@ def test_non_rgb_images_become_rgb():
     gray16 = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000
     buffer = io.BytesIO()
     Image.fromarray(gray16).save(buffer, format="PNG")
-    decoded = data._decode_image("gray16.png", buffer.getvalue())
+    decoded = readers._decode_image("gray16.png", buffer.getvalue())
     assert decoded.dtype == np.uint8 and decoded.shape == (4, 4, 3)
     np.testing.assert_array_equal(decoded, np.repeat((gray16 >> 8)[..., None], 3, axis=-1))
     buffer = io.BytesIO()
     Image.fromarray(np.full((4, 4), 77, np.uint8)).convert("P").save(buffer, format="PNG")
-    np.testing.assert_array_equal(data._decode_image("palette.png", buffer.getvalue()), np.full((4, 4, 3), 77))
+    np.testing.assert_array_equal(readers._decode_image("palette.png", buffer.getvalue()), np.full((4, 4, 3), 77))
 
 
 def test_split_checks_its_arrays():
@@ -555,18 +557,18 @@ def archive_of(images: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, 
 def worker_pool_allowed(monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("forked decoding workers are used on Linux")
-    if not data._fork_is_safe():
+    if not readers._fork_is_safe():
         pytest.skip("JAX's runtime already started in this process; forking it is unsafe")
-    monkeypatch.setattr(data, "DECODE_CHUNK_SIZE", 7)  # many chunks from few images
+    monkeypatch.setattr(readers, "DECODE_CHUNK_SIZE", 7)  # many chunks from few images
 
 
 def test_worker_pool_decodes_like_one_process(tmp_path, worker_pool_allowed):
     encoded = [(f"train/c/{i}.png", encode_image("x.png", random_image(i))) for i in range(60)]
     archive_bytes, locations = archive_of(encoded)
-    serial = data._decode_images(
+    serial = readers._decode_images(
         locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=1
     )
-    pooled = data._decode_images(
+    pooled = readers._decode_images(
         iter(locations), archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2
     )
     np.testing.assert_array_equal(serial, pooled)
@@ -575,7 +577,7 @@ def test_worker_pool_decodes_like_one_process(tmp_path, worker_pool_allowed):
     for i in range(20):
         paths.append(str(tmp_path / f"{i}.png"))
         Path(paths[-1]).write_bytes(encode_image("x.png", random_image(i)))
-    from_files = data._decode_images([(p, p) for p in paths], expected_count=20, show_progress=False, workers=2)
+    from_files = readers._decode_images([(p, p) for p in paths], expected_count=20, show_progress=False, workers=2)
     np.testing.assert_array_equal(from_files, serial[:20])
 
 
@@ -585,7 +587,7 @@ def test_worker_pool_names_the_culprit(worker_pool_allowed, odd_index):
     encoded[33] = ("train/c/broken.png", b"not an image")
     archive_bytes, locations = archive_of(encoded)
     with pytest.raises(JaxresError, match=r"cannot decode image train/c/broken\.png"):
-        data._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
+        readers._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
     encoded[33] = (f"train/c/{33}.png", encode_image("x.png", random_image(33)))
     encoded[odd_index] = ("train/c/odd.png", encode_image("x.png", random_image(0, size=9)))
     archive_bytes, locations = archive_of(encoded)
@@ -594,7 +596,7 @@ def test_worker_pool_names_the_culprit(worker_pool_allowed, odd_index):
     else:
         culprit = r"image train/c/odd\.png is 9x9 pixels but train/c/0\.png is 8x8"
     with pytest.raises(JaxresError, match=culprit):
-        data._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
+        readers._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import numpy as np
 
 from benchmarks import figures
-from jaxres import data, gradcam
+from jaxres import cam_metrics, data, shapes
 
 
 def test_one_per_class_takes_the_first_image_of_each_class_in_label_order():
@@ -13,12 +13,12 @@ def test_one_per_class_takes_the_first_image_of_each_class_in_label_order():
 
 
 def test_figures_are_small_pngs(tmp_path):
-    dataset = data.make_shapes(num_train=8, num_test=40)
+    dataset = shapes.make_shapes(num_train=8, num_test=40)
     test = dataset.test
     shown = data.Split(test.images[:8], test.labels[:8], test.masks[:8])
     cams = np.random.default_rng(0).random((8, 32, 32)).astype(np.float32)  # float32[8, 32, 32] in [0, 1]
     predictions = (test.labels + (np.arange(40) % 3 == 0)) % len(dataset.class_names)
-    scores = np.asarray(gradcam.energy_pointing_game(cams, shown.masks, per_image=True))
+    scores = np.asarray(cam_metrics.energy_pointing_game(cams, shown.masks, per_image=True))
     made = [
         figures.save(figures.misclassified_figure(dataset, predictions), tmp_path, "misclassified.png"),
         figures.save(
