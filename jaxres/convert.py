@@ -120,6 +120,13 @@ def _name_table(model) -> tuple[dict[str, tuple[str, tuple[str, ...], Any]], set
     return table, batch_norm_modules
 
 
+def _check_names(missing: list[str], unexpected: list[str], kind: str, what: str) -> None:
+    """Raise JaxresError `what: missing {kind}(s): ...; unexpected {kind}(s): ...` if any."""
+    problems = [f"{label} {kind}(s): {', '.join(names)}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if problems:
+        raise JaxresError(f"{what}: " + "; ".join(problems))
+
+
 def torch_to_flax(state_dict: Mapping[str, Any], model) -> dict:
     """A PyTorch `state_dict` of `model`'s twin -> Flax `{"params", ["batch_stats"]}`.
 
@@ -136,13 +143,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model) -> dict:
     expected_extra = {f"{module}.{NUM_BATCHES_TRACKED}" for module in batch_norm_modules}
     missing = sorted(set(table) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(table) - expected_extra)
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing key(s): {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected key(s): {', '.join(unexpected)}")
-        raise JaxresError(f"state_dict does not match {type(model).__name__}: " + "; ".join(problems))
+    _check_names(missing, unexpected, "key", f"state_dict does not match {type(model).__name__}")
 
     flat: dict[str, dict[tuple[str, ...], jax.Array]] = {}
     for name, (collection, path, leaf) in table.items():
@@ -176,13 +177,7 @@ def flax_to_torch(variables: Mapping[str, Any], model, tensors: bool = False) ->
     expected = {(collection, path): (name, leaf) for name, (collection, path, leaf) in table.items()}
     missing = sorted("/".join((c, *p)) for c, p in set(expected) - set(given))
     unexpected = sorted("/".join((c, *p)) for c, p in set(given) - set(expected))
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing variable(s): {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected variable(s): {', '.join(unexpected)}")
-        raise JaxresError(f"variables do not match {type(model).__name__}: " + "; ".join(problems))
+    _check_names(missing, unexpected, "variable", f"variables do not match {type(model).__name__}")
 
     state_dict: dict[str, Any] = {}
     for (collection, path), (name, leaf) in expected.items():

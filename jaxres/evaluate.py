@@ -134,7 +134,8 @@ def load_for_inference(workdir):
     model = models.from_config(dataclasses.replace(config, precision="fp32"), num_classes=len(info["class_names"]))
     # Only the structure is needed: eval_shape skips the (slow to compile) random init.
     image_shape = tuple(info["image_shape"])
-    template = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), image_shape))
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), image_shape))
+    template = {name: shapes[name] for name in ("params", "batch_stats") if name in shapes}  # checked in this order
     state, _ = rundir.read_checkpoint(workdir)
     found = {name: state.get(name, {}) for name in template} if isinstance(state, dict) else state
     variables = rundir.fit_state_dict(rundir.checkpoint_path(workdir), found, template)

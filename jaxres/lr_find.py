@@ -159,15 +159,33 @@ def lr_range_test(
 ) -> LRFindResult:
     """Run the LR range test on `model` from `variables` (left unchanged) and suggest a peak LR.
 
-    images: uint8 (or float in [0, 255])[N, H, W, 3] pixel values, normalised here as in
-    training, not augmented; labels: int[N]. Each step takes `batch_size` images (random
-    order, reshuffled every pass, from `key`) and one SGD step at LR
-    `exponential_lrs(min_lr, max_lr, steps)[i]`, with the training optimizer
-    (`momentum`, `nesterov`, coupled `weight_decay`) and loss (`label_smoothing`).
-    Stops early once the smoothed loss exceeds `divergence_factor` x its minimum or the
-    loss is not finite (that step is not recorded). `progress(step, lr, loss)`, if given,
-    is called on the host after each recorded step. Returns an `LRFindResult`.
-    Raises JaxresError for impossible arguments.
+    Trains for up to `steps` steps while the LR grows exponentially from `min_lr` to
+    `max_lr` (`exponential_lrs`), with the training optimizer (`jaxres.optim.sgd`) and loss
+    (`jaxres.optim.smoothed_cross_entropy`), BatchNorm in training mode, and stops early
+    once the smoothed loss exceeds `divergence_factor` x its minimum or the loss is not
+    finite (that step is not recorded).
+
+    Args:
+      model: a jaxres Flax model (`jaxres.models.create_model`).
+      variables: its {"params", ["batch_stats"]} to start from (copied, not modified).
+      images: uint8 (or float in [0, 255])[N, H, W, 3] pixel values, normalised here as in
+        training, not augmented.
+      labels: int[N] class indices.
+      key: PRNG key of the batch order (random, reshuffled every pass over the images).
+      min_lr, max_lr: the first and last LR of the sweep (0 < min_lr < max_lr, finite).
+      steps: the number of steps (LRs) to try, at most `MAX_STEPS`.
+      batch_size: images per step (at most N).
+      smoothing: the EMA factor of `smooth_losses` (0 <= smoothing < 1).
+      divergence_factor: stop when the smoothed loss exceeds this times its minimum.
+      momentum, nesterov, weight_decay, label_smoothing: the training recipe's.
+      suggestion_divisor: the suggestion is the LR of the lowest smoothed loss divided by this.
+      progress: if given, `progress(step, lr, loss)` is called on the host after each recorded step.
+
+    Returns:
+      An `LRFindResult` (the LRs and losses recorded, the suggestion, whether it stopped early).
+
+    Raises:
+      JaxresError: for impossible arguments, or a loss that is not finite at the first step.
     """
     _check_arguments(images, labels, min_lr, max_lr, steps, batch_size, smoothing, divergence_factor, suggestion_divisor)
     lrs = exponential_lrs(min_lr, max_lr, steps)
@@ -184,7 +202,7 @@ def lr_range_test(
     # copies, so that the step can donate them and the caller's variables stay intact
     params = jax.tree_util.tree_map(jnp.array, variables["params"])
     batch_stats = jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {}))
-    opt_state = _optimizer(momentum, nesterov, weight_decay).init(params)
+    opt_state = _optimizer(float(momentum), bool(nesterov), float(weight_decay)).init(params)
 
     num_images = images.shape[0]
     batches_per_pass = num_images // batch_size

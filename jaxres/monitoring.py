@@ -1,11 +1,16 @@
-"""Watching a run: the compile clock, the per-epoch progress bar, and the printed table."""
+"""Watching a run: the compile clock, the per-epoch progress bar, the metrics row and its
+printed table, and the stop on a non-finite loss."""
 
 from __future__ import annotations
 
+import math
 import sys
+from pathlib import Path
 
 import jax
 from tqdm.auto import tqdm
+
+from jaxres.errors import JaxresError
 
 
 class CompileClock:
@@ -78,3 +83,61 @@ def format_row(row: dict) -> str:
         f" {row['test_loss']:>9.4f} {100 * row['test_accuracy']:>8.2f} {row['seconds']:>8.1f}"
         f" {row['images_per_second']:>9.0f} {row['loss_scale']:>10.0f} {row['compile_seconds']:>9.1f}"
     )
+
+
+def metrics_row(result, schedule, steps_per_epoch: int, batch_size: int) -> dict:
+    """The row of metrics.jsonl (and of the printed table) for an epoch's result
+    (`jaxres.train.EpochResult`); schedule: the run's LR schedule."""
+    return {
+        "epoch": result.epoch,
+        "lr": float(schedule(result.epoch * steps_per_epoch - 1)),
+        "train_loss": float(result.train["loss"]),
+        "train_accuracy": float(result.train["accuracy"]),
+        "test_loss": float(result.test["loss"]),
+        "test_accuracy": float(result.test["accuracy"]),
+        "seconds": result.seconds,
+        "images_per_second": steps_per_epoch * batch_size / result.seconds,
+        "loss_scale": float(result.train["loss_scale"]),
+        "skipped_steps": int(result.train["skipped_steps"]),
+        "compile_seconds": result.compile_seconds,
+    }
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+
+class NonFiniteLossError(JaxresError):
+    """The training loss became NaN or infinite (fp32/bf16; fp16 skips such steps instead)."""
+
+
+def stop_advice(config, workdir: Path, epochs_saved: int) -> str:
+    """What is left and what to try, after a run stopped on non-finite numbers."""
+    kept = (
+        f"The last good checkpoint (epoch {epochs_saved}) in {workdir} is intact."
+        if epochs_saved > 0
+        else "No checkpoint was written (no epoch finished well)."
+    )
+    remedies = ["a lower --peak-lr"] + ([] if config.precision == "fp32" else ["--precision fp32"])
+    return f"{kept} Try {' or '.join(remedies)}."
+
+
+def check_epoch_is_finite(config, workdir: Path, epoch: int, metrics: dict, test: dict, steps_per_epoch: int) -> None:
+    """Raise NonFiniteLossError when the epoch numbered `epoch` (from 1) met a non-finite loss
+    (fp32, bf16), trained on nothing (fp16: every step skipped, the loss scale shrinking), or
+    ended with a non-finite test loss. metrics: the epoch's summary (see
+    `jaxres.train.make_train_epoch`); test: its evaluation (`jaxres.evaluate.make_evaluate`)."""
+    if config.precision != "fp16" and int(metrics["first_nonfinite_step"]) >= 0:
+        raise NonFiniteLossError(
+            f"the training loss became non-finite at epoch {epoch}, step "
+            f"{int(metrics['first_nonfinite_step']) + 1}; stopping. " + stop_advice(config, workdir, epoch - 1)
+        )
+    if int(metrics["skipped_steps"]) == steps_per_epoch:
+        raise NonFiniteLossError(
+            f"every one of the {steps_per_epoch} steps of epoch {epoch} was skipped: its gradients were not finite "
+            f"(the loss scale is down to {float(metrics['loss_scale']):g}); stopping. "
+            + stop_advice(config, workdir, epoch - 1)
+        )
+    if not math.isfinite(float(test["loss"])):
+        raise NonFiniteLossError(
+            f"the test loss after epoch {epoch} is {float(test['loss'])}; stopping. " + stop_advice(config, workdir, epoch - 1)
+        )

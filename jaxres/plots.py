@@ -74,3 +74,20 @@ def plot_misclassified(
     figure.suptitle("Misclassified test images (true → predicted)")
     figure.tight_layout()
     return figure
+
+
+def save_run_plots(workdir, config, history, schedule, steps_per_epoch: int, dataset, predictions) -> None:
+    """A finished run's curves.png, lr_schedule.png and (when any test image is wrong)
+    misclassified.png in `workdir`. config: its TrainConfig; history: its metrics rows;
+    dataset: its `jaxres.data.Dataset`; predictions: int[N] for the test split."""
+    workdir = Path(workdir)
+    save_figure(plot_training_curves(history), workdir / "curves.png")
+    save_figure(plot_lr_schedule(schedule, config.epochs * steps_per_epoch, steps_per_epoch), workdir / "lr_schedule.png")
+    wrong = np.flatnonzero(predictions != dataset.test.labels)
+    if wrong.size > config.misclassified_to_plot:  # a seeded sample, so every class can show up
+        wrong = np.sort(np.random.default_rng(config.seed).choice(wrong, config.misclassified_to_plot, replace=False))
+    if wrong.size:
+        figure = plot_misclassified(
+            dataset.test.images[wrong], dataset.test.labels[wrong], predictions[wrong], dataset.class_names
+        )
+        save_figure(figure, workdir / "misclassified.png")

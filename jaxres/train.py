@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,11 +40,8 @@ from jax.sharding import Mesh
 from jaxres import augment, data, evaluate, models, optim, parallel, plots, precision, rundir
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
+from jaxres import monitoring
 from jaxres.monitoring import TABLE_HEADER, CompileClock, EpochProgress, format_row
-
-
-class NonFiniteLossError(JaxresError):
-    """The training loss became NaN or infinite (fp32/bf16; fp16 skips such steps instead)."""
 
 
 # --------------------------------------------------------------------------- state
@@ -79,12 +75,6 @@ def init_train_state(config: TrainConfig, optimizer: optax.GradientTransformatio
         opt_state=optimizer.init(params),
         loss_scale=scale,
     )
-
-
-def initial_state_template(config: TrainConfig, model, image_shape) -> TrainState:
-    """A freshly initialised state with the structure of the run's checkpoints."""
-    optimizer, _ = optim.make_optimizer(config, steps_per_epoch=1)
-    return init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(config.seed), image_shape))
 
 
 # --------------------------------------------------------------------------- steps
@@ -346,52 +336,6 @@ class RunResult:
     config: TrainConfig
 
 
-def stop_advice(config: TrainConfig, workdir: Path, epochs_saved: int) -> str:
-    """What is left and what to try, after a run stopped on non-finite numbers."""
-    kept = (
-        f"The last good checkpoint (epoch {epochs_saved}) in {workdir} is intact."
-        if epochs_saved > 0
-        else "No checkpoint was written (no epoch finished well)."
-    )
-    remedies = ["a lower --peak-lr"] + ([] if config.precision == "fp32" else ["--precision fp32"])
-    return f"{kept} Try {' or '.join(remedies)}."
-
-
-def check_epoch_is_finite(config: TrainConfig, workdir: Path, epoch: int, metrics: dict, steps_per_epoch: int) -> None:
-    """Raise NonFiniteLossError when the epoch numbered `epoch` (from 1) met a non-finite loss
-    (fp32, bf16) or trained on nothing (fp16: every step skipped, the loss scale shrinking).
-    metrics: the epoch's summary (see `make_train_epoch`)."""
-    if config.precision != "fp16" and int(metrics["first_nonfinite_step"]) >= 0:
-        raise NonFiniteLossError(
-            f"the training loss became non-finite at epoch {epoch}, step "
-            f"{int(metrics['first_nonfinite_step']) + 1}; stopping. " + stop_advice(config, workdir, epoch - 1)
-        )
-    if int(metrics["skipped_steps"]) == steps_per_epoch:
-        raise NonFiniteLossError(
-            f"every one of the {steps_per_epoch} steps of epoch {epoch} was skipped: its gradients were not finite "
-            f"(the loss scale is down to {float(metrics['loss_scale']):g}); stopping. "
-            + stop_advice(config, workdir, epoch - 1)
-        )
-
-
-def metrics_row(setup: RunSetup, result: EpochResult) -> dict:
-    """The epoch's row of metrics.jsonl (and of the printed table)."""
-    steps = setup.steps_per_epoch
-    return {
-        "epoch": result.epoch,
-        "lr": float(setup.schedule(result.epoch * steps - 1)),
-        "train_loss": float(result.train["loss"]),
-        "train_accuracy": float(result.train["accuracy"]),
-        "test_loss": float(result.test["loss"]),
-        "test_accuracy": float(result.test["accuracy"]),
-        "seconds": result.seconds,
-        "images_per_second": steps * setup.config.batch_size / result.seconds,
-        "loss_scale": float(result.train["loss_scale"]),
-        "skipped_steps": int(result.train["skipped_steps"]),
-        "compile_seconds": result.compile_seconds,
-    }
-
-
 def train_and_evaluate(
     config: TrainConfig,
     *,
@@ -424,7 +368,7 @@ def train_and_evaluate(
 
     Raises:
       JaxresError: an unusable workdir, data or config (named in the message).
-      NonFiniteLossError: a non-finite loss; the last good checkpoint stays intact.
+      monitoring.NonFiniteLossError: a non-finite loss; the last good checkpoint stays intact.
     """
     is_main = jax.process_index() == 0
     progress = sys.stderr.isatty() if progress is None else progress
@@ -476,14 +420,9 @@ def train_and_evaluate(
     predictions = None
     for result in train_epochs(setup, state, len(history), stop_epoch, bar):
         state = result.state
-        check_epoch_is_finite(config, workdir, result.epoch, result.train, setup.steps_per_epoch)
-        if not math.isfinite(float(result.test["loss"])):
-            raise NonFiniteLossError(
-                f"the test loss after epoch {result.epoch} is {float(result.test['loss'])}; stopping. "
-                + stop_advice(config, workdir, result.epoch - 1)
-            )
+        monitoring.check_epoch_is_finite(config, workdir, result.epoch, result.train, result.test, setup.steps_per_epoch)
         predictions = result.test["predictions"]
-        history.append(metrics_row(setup, result))
+        history.append(monitoring.metrics_row(result, setup.schedule, setup.steps_per_epoch, config.batch_size))
         log(format_row(history[-1]))
         if is_main:
             rundir.save_epoch(workdir, jax.device_get(state), history)
@@ -493,23 +432,8 @@ def train_and_evaluate(
             variables = {"params": state.params, "batch_stats": state.batch_stats}
             evaluate_test = evaluate.make_evaluate(setup.model, config, setup.mesh)
             predictions = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))["predictions"]
-        write_run_plots(workdir, config, history, setup, dataset, predictions)
+        plots.save_run_plots(workdir, config, history, setup.schedule, setup.steps_per_epoch, dataset, predictions)
     return RunResult(state=state, history=history, config=config)
-
-
-def write_run_plots(workdir: Path, config: TrainConfig, history, setup: RunSetup, dataset, predictions) -> None:
-    """curves.png, lr_schedule.png and (when any test image is wrong) misclassified.png."""
-    steps = setup.steps_per_epoch
-    plots.save_figure(plots.plot_training_curves(history), workdir / "curves.png")
-    plots.save_figure(plots.plot_lr_schedule(setup.schedule, config.epochs * steps, steps), workdir / "lr_schedule.png")
-    wrong = np.flatnonzero(predictions != dataset.test.labels)
-    if wrong.size > config.misclassified_to_plot:  # a seeded sample, so every class can show up
-        wrong = np.sort(np.random.default_rng(config.seed).choice(wrong, config.misclassified_to_plot, replace=False))
-    if wrong.size:
-        figure = plots.plot_misclassified(
-            dataset.test.images[wrong], dataset.test.labels[wrong], predictions[wrong], dataset.class_names
-        )
-        plots.save_figure(figure, workdir / "misclassified.png")
 
 
 if __name__ == "__main__":  # `python -m jaxres.train`: the command line lives in jaxres.cli

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres import cli, evaluate, models, rundir, train
+from jaxres import cli, evaluate, models, optim, rundir, train
 from jaxres import gradcam as cam_lib
 from jaxres.config import TrainConfig
 from jaxres.data import CIFAR10_CLASSES
@@ -32,7 +32,8 @@ def cifar_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cifar-run")
     config = TrainConfig(data="cifar10", width=0.0625, eval_batch_size=16, workdir=str(workdir))
     model = models.from_config(config, len(CIFAR10_CLASSES))
-    template = jax.eval_shape(lambda: train.initial_state_template(config, model, (32, 32, 3)))
+    optimizer = optim.make_optimizer(config, steps_per_epoch=1)[0]
+    template = jax.eval_shape(lambda: train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))))
     state = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), template)
     rundir.atomic_write_bytes(workdir / rundir.CONFIG_NAME, config.to_json().encode())
     info = {"class_names": list(CIFAR10_CLASSES), "image_shape": [32, 32, 3], "source": "tensorflow-datasets cifar10"}

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxres import cli, evaluate, rundir, train
+from jaxres import cli, evaluate, monitoring, rundir, train
 from jaxres.config import TrainConfig
 from jaxres.data import Dataset
 from jaxres.errors import JaxresError
@@ -347,6 +347,9 @@ def test_config_json_with_wrongly_typed_values_is_named(tmp_path):
 # ------------------------------------------------------------------ diverging runs (items 8, 9)
 
 
+FINITE_TEST = {"loss": 1.0, "accuracy": 0.5}  # an evaluation that is fine
+
+
 def nonfinite_epoch(**overrides) -> dict:
     return {"loss": math.nan, "accuracy": 0.1, "loss_scale": 1.0, "skipped_steps": 0, "first_nonfinite_step": 0} | overrides
 
@@ -361,17 +364,17 @@ def nonfinite_epoch(**overrides) -> dict:
 )
 def test_the_divergence_message_is_true_for_every_run(tmp_path, precision, saved, expected, unexpected):
     config = config_for(tmp_path, precision=precision)
-    with pytest.raises(train.NonFiniteLossError, match=expected) as raised:
-        train.check_epoch_is_finite(config, tmp_path, saved + 1, nonfinite_epoch(), steps_per_epoch=2)
+    with pytest.raises(monitoring.NonFiniteLossError, match=expected) as raised:
+        monitoring.check_epoch_is_finite(config, tmp_path, saved + 1, nonfinite_epoch(), FINITE_TEST, steps_per_epoch=2)
     assert unexpected not in str(raised.value)
 
 
 def test_an_fp16_epoch_with_every_step_skipped_stops_the_run(tmp_path):
     config = config_for(tmp_path, precision="fp16")
     some_skipped = nonfinite_epoch(skipped_steps=1)
-    train.check_epoch_is_finite(config, tmp_path, 2, some_skipped, steps_per_epoch=2)  # fp16 skips a step and goes on
-    with pytest.raises(train.NonFiniteLossError, match=r"every one of the 2 steps of epoch 2 was skipped.*\(epoch 1\)"):
-        train.check_epoch_is_finite(config, tmp_path, 2, nonfinite_epoch(skipped_steps=2), steps_per_epoch=2)
+    monitoring.check_epoch_is_finite(config, tmp_path, 2, some_skipped, FINITE_TEST, steps_per_epoch=2)  # fp16 skips a step and goes on
+    with pytest.raises(monitoring.NonFiniteLossError, match=r"every one of the 2 steps of epoch 2 was skipped.*\(epoch 1\)"):
+        monitoring.check_epoch_is_finite(config, tmp_path, 2, nonfinite_epoch(skipped_steps=2), FINITE_TEST, steps_per_epoch=2)
 
 
 def test_a_non_finite_test_loss_stops_the_run_and_keeps_the_checkpoint(half_run, dataset, tmp_path, monkeypatch):
@@ -384,7 +387,7 @@ def test_a_non_finite_test_loss_stops_the_run_and_keeps_the_checkpoint(half_run,
         return lambda *inputs: {**evaluate(*inputs), "loss": np.float32(np.nan)}
 
     monkeypatch.setattr(evaluate, "make_evaluate", make_evaluate)
-    with pytest.raises(train.NonFiniteLossError, match=r"test loss after epoch 2 is nan.*\(epoch 1\) in .* is intact"):
+    with pytest.raises(monitoring.NonFiniteLossError, match=r"test loss after epoch 2 is nan.*\(epoch 1\) in .* is intact"):
         run(config_for(workdir), dataset, resume=True)
     assert (workdir / "checkpoint.msgpack").read_bytes() == before
 
@@ -406,6 +409,6 @@ def test_an_epoch_with_every_step_skipped_stops_the_run_and_keeps_the_checkpoint
         return all_skipped
 
     monkeypatch.setattr(train, "make_train_epoch", make_train_epoch)
-    with pytest.raises(train.NonFiniteLossError, match=r"every one of the 2 steps of epoch 2 was skipped.*\(epoch 1\) in"):
+    with pytest.raises(monitoring.NonFiniteLossError, match=r"every one of the 2 steps of epoch 2 was skipped.*\(epoch 1\) in"):
         run(config_for(workdir), dataset, resume=True)
     assert (workdir / "checkpoint.msgpack").read_bytes() == before

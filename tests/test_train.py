@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxres import evaluate, models, optim, parallel, precision, rundir, train
+from jaxres import evaluate, models, monitoring, optim, parallel, precision, rundir, train
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
 from tests.helpers import quiet, random_dataset, tiny_config
@@ -178,7 +178,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(datase
     train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
     saved = (tmp_path / "nan" / "checkpoint.msgpack").read_bytes()
     monkeypatch.setattr(optim, "smoothed_cross_entropy", lambda logits, labels, smoothing: jnp.log(-jnp.mean(logits**2)))
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at epoch 2, step 1.*epoch 1\) in .* is intact"):
+    with pytest.raises(monitoring.NonFiniteLossError, match=r"non-finite at epoch 2, step 1.*epoch 1\) in .* is intact"):
         train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, resume=True)
     assert (tmp_path / "nan" / "checkpoint.msgpack").read_bytes() == saved
 
