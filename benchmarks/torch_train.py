@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.torch_reference import CustomResNet
+from jaxres.config import PRECISIONS, TrainConfig  # plain Python, no jax
+from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: F401  (NumPy only; per channel, on the [0, 1] scale)
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the [0, 1] scale (as jaxres.data)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PIPELINES = ("device", "loader")
-PRECISIONS = ("fp32", "bf16", "fp16")
+RECIPE = TrainConfig()  # the original recipe's values, the defaults of both sides
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -50,27 +50,25 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Recipe:
     """The training knobs of the PyTorch side (defaults: the original 24-epoch recipe)."""
 
-    width: float = 1.0
-    norm: str = "batch"
-    epochs: int = 24
-    batch_size: int = 512
-    peak_lr: float = 0.4
-    peak_epoch: float | None = None  # None: 5/24 of the run
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.2
-    crop_padding: int = 4
-    flip: bool = True
-    cutout_size: int = 8
+    width: float = RECIPE.width
+    norm: str = RECIPE.norm
+    epochs: int = RECIPE.epochs
+    batch_size: int = RECIPE.batch_size
+    peak_lr: float = RECIPE.peak_lr
+    peak_epoch: float | None = RECIPE.peak_epoch  # None: 5/24 of the run
+    momentum: float = RECIPE.momentum
+    nesterov: bool = RECIPE.nesterov
+    weight_decay: float = RECIPE.weight_decay
+    label_smoothing: float = RECIPE.label_smoothing
+    crop_padding: int = RECIPE.crop_padding
+    flip: bool = RECIPE.flip
+    cutout_size: int = RECIPE.cutout_size
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
-    eval_batch_size: int = 1000
+    eval_batch_size: int = RECIPE.eval_batch_size
 
-    @property
-    def resolved_peak_epoch(self) -> float:
-        return self.epochs * 5 / 24 if self.peak_epoch is None else self.peak_epoch
+    resolved_peak_epoch = TrainConfig.resolved_peak_epoch  # the same rule: 5/24 of the run by default
 
 
 # --------------------------------------------------------------------------- schedule, optimizer
@@ -79,7 +77,7 @@ class Recipe:
 def one_cycle_lr(step: int, peak_lr: float, total_steps: int, peak_step: int) -> float:
     """LR of the `step`-th update (0-based): linear 0 -> peak_lr over [0, peak_step], then
     linear peak_lr -> 0 at total_steps; 0 past the end. (The same piecewise-linear
-    function as `jaxres.train.one_cycle_lr`.)"""
+    function as `jaxres.optim.one_cycle_lr`.)"""
     peak_step = int(min(max(peak_step, 0), total_steps))
     if step < peak_step:
         return peak_lr * step / peak_step

@@ -56,6 +56,21 @@ def test_label_smoothed_loss_matches_hand_computation():
     )
 
 
+
+def test_label_smoothed_loss_takes_soft_targets_per_example():
+    """One loss for hard and soft targets: one-hot rows give the hard-label loss; a mixed row
+    (RICAP, mixup, CutMix) gives -sum(smoothed target * log softmax), per example."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    labels = jnp.array([0, 3, 4, 1])
+    hard = optim.smoothed_cross_entropy(logits, labels, 0.1)
+    assert hard.shape == (4,)
+    np.testing.assert_allclose(optim.smoothed_cross_entropy(logits, jax.nn.one_hot(labels, 5), 0.1), hard, rtol=1e-6)
+    soft = rng.dirichlet(np.ones(5), size=4)
+    log_softmax = np.asarray(logits, np.float64) - np.log(np.exp(np.asarray(logits, np.float64)).sum(-1, keepdims=True))
+    expected = -((0.9 * soft + 0.1 / 5) * log_softmax).sum(-1)
+    np.testing.assert_allclose(optim.smoothed_cross_entropy(logits, jnp.asarray(soft, jnp.float32), 0.1), expected, rtol=1e-5)
+
 def test_optimizer_is_torch_style_nesterov_sgd_with_coupled_weight_decay():
     """Three steps against a NumPy transcription of torch.optim.SGD(nesterov=True, weight_decay)."""
     config = TrainConfig(epochs=1, peak_lr=0.3, peak_epoch=0.5, weight_decay=0.01, momentum=0.9)
