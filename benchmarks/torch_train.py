@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.torch_reference import CustomResNet
-from jaxres.config import PRECISIONS, TrainConfig  # plain Python, no jax
+from jaxres.config import TrainConfig  # plain Python, no jax
 from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: F401  (NumPy only; per channel, on the [0, 1] scale)
 
 PIPELINES = ("device", "loader")
