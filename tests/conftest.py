@@ -26,9 +26,3 @@ def cifar10_dataset(cifar10_jpeg, tmp_path_factory):
 
     cache_dir = os.environ.get("JAXRES_CACHE") or tmp_path_factory.mktemp("jaxres-cache")
     return load_dataset(cifar10_jpeg, cache_dir=cache_dir, progress=False)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Run the forked-decoder tests first: forking is only safe before JAX starts its
-    runtime, which any test that computes with JAX does for the rest of the session."""
-    items.sort(key=lambda item: "worker_pool_allowed" not in getattr(item, "fixturenames", ()))

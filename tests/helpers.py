@@ -1,19 +1,29 @@
-"""Fixture writers shared by several test files: fake official CIFAR-10 archives, tars, and a
-loopback address where nothing listens."""
+"""Helpers shared by several test files and by the scripts tests run in child processes: fake
+official CIFAR-10 archives, tars, a loopback address where nothing listens, tiny training runs, and
+decoding in a fresh Python."""
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import tarfile
+import tempfile
+import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from jaxres import data
+from jaxres import data, readers
 from jaxres.config import TrainConfig
 from jaxres.data import Dataset, Split
+from jaxres.errors import JaxresError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_tar(path: Path, entries: list[tuple[str, bytes | None]], mode: str = "w:gz") -> Path:
@@ -122,3 +132,64 @@ def tiny_config(workdir, **overrides) -> TrainConfig:
 
 def quiet(_):
     """A `log` that prints nothing."""
+
+
+# --------------------------------------------------------------------------- decoding in a fresh Python
+
+# Forking a process whose JAX runtime has started is unsafe (jaxres then decodes in one process),
+# and in a test session any earlier test that computed with JAX has started it. So the worker
+# pool runs in a child that imports only jaxres.readers (which starts no JAX runtime), whatever ran
+# before in the session. Each worker records its pid, so the child checks that the chunks were
+# decoded by other processes.
+_POOLED_DECODE_SCRIPT = textwrap.dedent(
+    """
+    import os, pickle, sys
+    from pathlib import Path
+    from jaxres import readers
+    from jaxres.errors import JaxresError
+
+    assert readers._fork_is_safe(), "the child must not have started JAX's runtime"
+    folder = sys.argv[1]
+    with open(os.path.join(folder, "inputs.pickle"), "rb") as file:
+        chunk_size, named_locations, options = pickle.load(file)
+    readers.DECODE_CHUNK_SIZE = chunk_size
+    decode_chunk = readers._decode_image_chunk_in_worker
+
+    def decode_chunk_and_record_pid(chunk):
+        with open(os.path.join(folder, "pids"), "a") as file:
+            file.write(f"{os.getpid()}\\n")
+        return decode_chunk(chunk)
+
+    readers._decode_image_chunk_in_worker = decode_chunk_and_record_pid
+    try:
+        result = ("images", readers._decode_images(iter(named_locations), **options))
+        pids = Path(folder, "pids")
+        decoders = {int(pid) for pid in pids.read_text().split()} if pids.exists() else set()
+        assert decoders and os.getpid() not in decoders, f"chunks decoded by {decoders}, not by workers"
+    except JaxresError as error:
+        result = ("JaxresError", str(error))
+    with open(os.path.join(folder, "result.pickle"), "wb") as file:
+        pickle.dump(result, file)
+    """
+)
+
+
+def decode_in_fresh_python(named_locations: Iterable, *, workers: int = 2, **options) -> np.ndarray:
+    """`readers._decode_images(named_locations, workers=workers, **options)` in a fresh Python that
+    has not imported JAX, so its worker pool forks safely; with this process's
+    `readers.DECODE_CHUNK_SIZE`. Returns the images, or raises the child's JaxresError (its message)."""
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = (readers.DECODE_CHUNK_SIZE, list(named_locations), {**options, "workers": workers})
+        Path(folder, "inputs.pickle").write_bytes(pickle.dumps(inputs))
+        path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        completed = subprocess.run(
+            [sys.executable, "-c", _POOLED_DECODE_SCRIPT, folder], env=env, cwd=REPO, capture_output=True,
+            text=True, timeout=300,
+        )
+        if completed.returncode != 0:
+            raise AssertionError(f"decoding in a fresh Python failed:\n{completed.stderr[-3000:]}")
+        kind, value = pickle.loads(Path(folder, "result.pickle").read_bytes())
+    if kind == "JaxresError":
+        raise JaxresError(value)
+    return value

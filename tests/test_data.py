@@ -20,6 +20,7 @@ from jaxres.errors import JaxresError
 from jaxres.shapes import SHAPES_CLASSES, make_shapes
 from tests.helpers import (
     check_official_dataset,
+    decode_in_fresh_python,
     files_under,
     official_batches,
     unused_loopback_url,
@@ -555,11 +556,10 @@ def archive_of(images: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, 
 
 @pytest.fixture
 def worker_pool_allowed(monkeypatch):
+    """The pools fork in a fresh Python (`decode_in_fresh_python`): safe whatever ran before."""
     if not sys.platform.startswith("linux"):
         pytest.skip("forked decoding workers are used on Linux")
-    if not readers._fork_is_safe():
-        pytest.skip("JAX's runtime already started in this process; forking it is unsafe")
-    monkeypatch.setattr(readers, "DECODE_CHUNK_SIZE", 7)  # many chunks from few images
+    monkeypatch.setattr(readers, "DECODE_CHUNK_SIZE", 7)  # many chunks from few images (also in the child)
 
 
 def test_worker_pool_decodes_like_one_process(tmp_path, worker_pool_allowed):
@@ -568,7 +568,7 @@ def test_worker_pool_decodes_like_one_process(tmp_path, worker_pool_allowed):
     serial = readers._decode_images(
         locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=1
     )
-    pooled = readers._decode_images(
+    pooled = decode_in_fresh_python(
         iter(locations), archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2
     )
     np.testing.assert_array_equal(serial, pooled)
@@ -577,7 +577,7 @@ def test_worker_pool_decodes_like_one_process(tmp_path, worker_pool_allowed):
     for i in range(20):
         paths.append(str(tmp_path / f"{i}.png"))
         Path(paths[-1]).write_bytes(encode_image("x.png", random_image(i)))
-    from_files = readers._decode_images([(p, p) for p in paths], expected_count=20, show_progress=False, workers=2)
+    from_files = decode_in_fresh_python([(p, p) for p in paths], expected_count=20, show_progress=False, workers=2)
     np.testing.assert_array_equal(from_files, serial[:20])
 
 
@@ -587,7 +587,9 @@ def test_worker_pool_names_the_culprit(worker_pool_allowed, odd_index):
     encoded[33] = ("train/c/broken.png", b"not an image")
     archive_bytes, locations = archive_of(encoded)
     with pytest.raises(JaxresError, match=r"cannot decode image train/c/broken\.png"):
-        readers._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
+        decode_in_fresh_python(
+            locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2
+        )
     encoded[33] = (f"train/c/{33}.png", encode_image("x.png", random_image(33)))
     encoded[odd_index] = ("train/c/odd.png", encode_image("x.png", random_image(0, size=9)))
     archive_bytes, locations = archive_of(encoded)
@@ -596,7 +598,9 @@ def test_worker_pool_names_the_culprit(worker_pool_allowed, odd_index):
     else:
         culprit = r"image train/c/odd\.png is 9x9 pixels but train/c/0\.png is 8x8"
     with pytest.raises(JaxresError, match=culprit):
-        readers._decode_images(locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2)
+        decode_in_fresh_python(
+            locations, archive_bytes=archive_bytes, expected_count=None, show_progress=False, workers=2
+        )
 
 
 # ----------------------------------------------------------------------------------------------
