@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from jaxres.convert import flax_to_torch, torch_to_flax
 from jaxres.errors import JaxresError
-from jaxres.models import CustomResNet, init_variables
+from jaxres.models import CustomResNet
+from tests.helpers import random_variables
 
 WIDTH = 0.125
-
-
-def random_variables(model, seed: int) -> dict:
-    """Random weights, BatchNorm affines and running statistics for `model`, drawn with NumPy.
-
-    (Cheaper than `init_variables`, whose PRNG programs take long to compile on CPU.)
-    Kernels are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; nothing is trivial.
-    """
-    rng = np.random.default_rng(seed)
-    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    out = {}
-    for collection, tree in template.items():
-        new = {}
-        for path, leaf in traverse_util.flatten_dict(tree).items():
-            shape, name = leaf.shape, path[-1]
-            if name == "kernel":
-                fan_in = int(np.prod(shape[:-1]))
-                array = rng.uniform(-1, 1, shape) / np.sqrt(fan_in)
-            elif name in ("var", "scale"):
-                array = rng.uniform(0.5, 1.5, shape)
-            else:  # mean, bias
-                array = rng.normal(0.0, 0.2, shape)
-            new[path] = jnp.asarray(array, jnp.float32)
-        out[collection] = traverse_util.unflatten_dict(new)
-    return out
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "layer"])

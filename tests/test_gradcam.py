@@ -11,40 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from jaxres import gradcam as cam_lib
 from jaxres.augment import normalize
 from jaxres.errors import JaxresError
 from jaxres.cam_metrics import energy_pointing_game, pointing_game_baseline
 from jaxres.gradcam import METHODS, gradcam, min_max_normalize, overlay, plot_cams
-from jaxres.models import CustomResNet, init_variables
+from jaxres.models import CustomResNet
+from tests.helpers import random_variables
 
 WIDTH = 0.25  # channels 16, 32, 64, 128
-
-
-def random_variables(model, seed: int) -> dict:
-    """Random weights, BatchNorm affines and running statistics, drawn with NumPy.
-
-    (Cheaper than `init_variables`, whose PRNG programs take long to compile on CPU.)
-    Kernels are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; nothing is trivial.
-    """
-    rng = np.random.default_rng(seed)
-    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    out = {}
-    for collection, tree in template.items():
-        new = {}
-        for path, leaf in traverse_util.flatten_dict(tree).items():
-            shape, name = leaf.shape, path[-1]
-            if name == "kernel":
-                array = rng.uniform(-1, 1, shape) / np.sqrt(np.prod(shape[:-1]))
-            elif name in ("var", "scale"):
-                array = rng.uniform(0.5, 1.5, shape)
-            else:  # mean, bias
-                array = rng.normal(0.0, 0.2, shape)
-            new[path] = jnp.asarray(array, jnp.float32)
-        out[collection] = traverse_util.unflatten_dict(new)
-    return out
 
 
 @pytest.fixture(scope="module")
