@@ -28,6 +28,7 @@ the same on the Intel Xeon the suite also runs on):
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -150,6 +151,60 @@ def read_checkpoint_leaves(workdir):
     return jax.tree_util.tree_leaves(state["params"])
 
 
+# What process 0 writes when jax.distributed's coordinator cannot listen on its port: gRPC's log
+# line, then mostly a segfault, at times JaxRuntimeError "Failed to start RPC server".
+COORDINATOR_BIND_FAILURES = ("Failed to add port to server", "Failed to start RPC server")
+
+
+def reserve_port() -> socket.socket:
+    """A socket bound to a free port on every address, not listening, with SO_REUSEPORT: while it
+    is open no other program can take the port (a plain bind fails, and connect() skips bound
+    ports), but the coordinator can still listen there, as gRPC's server sets SO_REUSEPORT too."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):  # "::" holds IPv4 too
+        reservation = socket.socket(family)
+        try:
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            reservation.bind((address, 0))
+            return reservation
+        except OSError:  # no IPv6: the IPv4 one
+            reservation.close()
+    raise OSError("cannot bind a free port on the IPv4 nor the IPv6 wildcard address")
+
+
+def run_coordinated_processes(script, env, log_dir: Path, tries: int = 3) -> list[tuple[int, str, str]]:
+    """Runs `script PROCESS_ID PORT` as processes 0 and 1 of a jax.distributed run on a reserved
+    port; (return code, stdout, stderr) of each. Should the coordinator still fail to listen
+    (another gRPC server of this user took the port first), the run is retried on a new port,
+    `tries` times in all."""
+    log_dir.mkdir()
+    for attempt in range(tries):
+        logs = [(log_dir / f"{attempt}-{i}.out", log_dir / f"{attempt}-{i}.err") for i in range(2)]
+        workers = []
+        with reserve_port() as reservation:
+            port = str(reservation.getsockname()[1])
+            try:
+                for i, (out, err) in enumerate(logs):
+                    with open(out, "w") as stdout, open(err, "w") as stderr:  # files: no pipe can fill up
+                        command = [sys.executable, "-c", script, str(i), port]
+                        workers.append(subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, cwd=REPO))
+                workers[0].wait(timeout=900)  # process 0 first: if it fails, process 1 would wait for it
+                failed_to_listen = any(text in logs[0][1].read_text() for text in COORDINATOR_BIND_FAILURES)
+                if workers[0].returncode != 0 and failed_to_listen:
+                    continue  # on a new port (the finally ends process 1)
+                if workers[0].returncode == 0:
+                    workers[1].wait(timeout=900)
+            finally:  # ends process 1 when process 0 failed
+                for worker in workers:
+                    if worker.poll() is None:
+                        worker.kill()
+                        worker.wait()
+        return [(worker.returncode, out.read_text(), err.read_text()) for worker, (out, err) in zip(workers, logs)]
+    pytest.fail(
+        f"jax.distributed's coordinator could not listen on a reserved free port in {tries} tries (does its "
+        f"gRPC server still set SO_REUSEPORT?); its last error:\n{logs[0][1].read_text()[-3000:]}"
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path):
     """Multi-host through jax.distributed (CPU collectives over gloo): 2 processes x 1 device.
@@ -158,25 +213,13 @@ def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path)
     devices, so the programs (and their convolution algorithms) are the same: only the
     all-reduce differs (gloo between processes), which sums two numbers per element.
     """
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = str(probe.getsockname()[1])
     script = MULTI_HOST_SCRIPT.format(tmp=str(tmp_path))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(i), port], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=REPO,
-        )
-        for i in range(2)
-    ]
-    outputs = [worker.communicate(timeout=900) for worker in workers]
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    outputs = run_coordinated_processes(script, env, tmp_path / "logs")
+    for returncode, _, stderr in outputs:
+        assert returncode == 0, stderr[-3000:]
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in outputs]
     assert [(r["devices"], r["local"]) for r in reports] == [(2, 1), (2, 1)]
     assert reports[0]["loss"] == reports[1]["loss"]
     assert (tmp_path / "process0" / "checkpoint.msgpack").is_file()
@@ -184,7 +227,7 @@ def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path)
 
     single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     completed = subprocess.run(
-        [sys.executable, "-c", script, "-1", port], env=single_env, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-c", script, "-1", "0"], env=single_env, capture_output=True, text=True, timeout=900,
         cwd=REPO,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
