@@ -181,6 +181,7 @@ def test_max_lr_is_the_peak_lr_flag_and_takes_auto():
         parser.parse_args(["--max-lr", "fast"])
 
 
+@pytest.mark.slow
 def test_trainer_with_max_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(tmp_path, capsys):
     import json
 

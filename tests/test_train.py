@@ -310,6 +310,7 @@ def test_evaluate_in_steps_and_scan_modes_agree_and_count_every_image(finished_r
     assert results["steps"]["loss"] == pytest.approx(results["scan"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # 20-35 s for whichever mix runs first (the second then takes 2-3 s)
 @pytest.mark.parametrize("mix", ["ricap", "cutmix"])
 def test_mixing_step_trains_on_mixed_soft_labels(mix):
     """A step with label mixing runs, is finite, and its loss is the cross-entropy against
