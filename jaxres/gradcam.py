@@ -298,13 +298,13 @@ def gradcam(
       itself ~1e-7 or less is stretched to [0, 1] here but shrunk towards 0 there:
       jaxres's result does not depend on the map's scale, and a flat map has an
       exactly zero gradient.
-    - Ties in max-pools. jaxres's 2x2 max-pool and global max head split the gradient
-      equally among tied maxima (`jnp.max`), PyTorch's `MaxPool2d` and
-      `AdaptiveMaxPool2d` send it all to the first; both are valid gradients with the
-      same per-channel sums. On images with exactly flat regions (synthetic shapes,
-      saturated areas) stages before a pool can then differ elementwise in dS/dA, and
-      with it the maps of the elementwise methods (hirescam, layercam, gradcam++ through
-      G^2 and G^3): seen at `prep` on the shapes data, not on noise or at later stages.
+    - Ties in the global max head. jaxres's 2x2 max-pools send the gradient to the first
+      maximum of each window, as PyTorch's `MaxPool2d` (`models.max_pool_2x2`); the
+      global max head splits it equally among tied maxima (`jnp.max`) where PyTorch's
+      `AdaptiveMaxPool2d` sends it all to the first; both are valid gradients with the
+      same per-channel sums, so Grad-CAM's weights agree, while the elementwise methods
+      (hirescam, layercam, gradcam++ through G^2 and G^3) can differ at layer3 where a
+      channel's maximum is tied (e.g. a dead channel, all zeros after the ReLU).
     """
     _check_layer(model, layer)
     _check_method(method)
