@@ -167,6 +167,23 @@ def _batch_norm_rows_backward(residuals, cotangents):
 batch_norm_rows.defvjp(_batch_norm_rows_forward, _batch_norm_rows_backward)
 
 
+def _batch_norm_variables(module: nn.Module, channels: int) -> tuple:
+    """flax.linen.BatchNorm's variables, declared in `module`: (params scale float32[C] = 1,
+    bias = 0, batch_stats mean = 0, var = 1), the last two as flax variables."""
+    scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    running_mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
+    running_var = module.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+    return scale, bias, running_mean, running_var
+
+
+def _update_running_averages(module: nn.Module, running_mean, running_var, mean, var) -> None:
+    """new = momentum * old + (1 - momentum) * batch value (flax's convention), after init."""
+    if not module.is_initializing():
+        running_mean.value = module.momentum * running_mean.value + (1 - module.momentum) * mean
+        running_var.value = module.momentum * running_var.value + (1 - module.momentum) * var
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's defaults (momentum 0.1, i.e. 0.9 here as flax counts it; eps
     1e-5) and flax.linen.BatchNorm's variables (params scale, bias; batch_stats mean, var:
@@ -182,18 +199,13 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        scale, bias, running_mean, running_var = _batch_norm_variables(self, channels)
         wide = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
             multiplier = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
             return ((wide - running_mean.value) * multiplier + bias).astype(self.dtype)
         y, mean, var = batch_norm_rows(wide.reshape(-1, channels), scale, bias, self.epsilon)
-        if not self.is_initializing():
-            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        _update_running_averages(self, running_mean, running_var, mean, var)
         return y.reshape(x.shape).astype(self.dtype)
 
 
@@ -209,7 +221,7 @@ class _GroupNormAuto(nn.Module):
         return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, name="norm")(x)
 
 
-class GhostBatchNorm(nn.Module):
+class GhostBatchNorm(BatchNorm):
     """BatchNorm whose training statistics come from virtual ("ghost") sub-batches.
 
     Hoffer et al. 2017, "Train longer, generalize better". In training, the batch
@@ -224,19 +236,12 @@ class GhostBatchNorm(nn.Module):
     output has `dtype`. N must be a multiple of ghost_size when larger than it.
     """
 
-    use_running_average: bool
-    ghost_size: int = GHOST_BATCH_SIZE
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
+    ghost_size: int = GHOST_BATCH_SIZE  # besides BatchNorm's fields
 
     @nn.compact
     def __call__(self, x):
         channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        scale, bias, running_mean, running_var = _batch_norm_variables(self, channels)
         x32 = jnp.asarray(x, jnp.float32)
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
@@ -253,11 +258,9 @@ class GhostBatchNorm(nn.Module):
             group_mean = jnp.mean(grouped, axis=axes, keepdims=True)
             group_var = jnp.mean(jnp.square(grouped - group_mean), axis=axes, keepdims=True)
             normalized = (grouped - group_mean) * jax.lax.rsqrt(group_var + self.epsilon)
-            if not self.is_initializing():
-                batch_mean = group_mean.reshape(groups, channels).mean(axis=0)
-                batch_var = group_var.reshape(groups, channels).mean(axis=0)
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * batch_mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * batch_var
+            batch_mean = group_mean.reshape(groups, channels).mean(axis=0)
+            batch_var = group_var.reshape(groups, channels).mean(axis=0)
+            _update_running_averages(self, running_mean, running_var, batch_mean, batch_var)
             return (normalized.reshape(x.shape) * scale + bias).astype(self.dtype)
         normalized = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (normalized * scale + bias).astype(self.dtype)
