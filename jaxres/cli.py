@@ -182,9 +182,11 @@ def find_peak_lr(config: TrainConfig, dataset, log: Callable[[str], None] = prin
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m jaxres.train`: 0 when the run finished, 2 on an error, 130 when interrupted."""
     args = train_parser().parse_args(argv)
+    workdir = args.workdir or TrainConfig.workdir  # until the config (a preset's workdir, say) is known
     try:
         parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         config, auto_lr = config_from_args(args)
+        workdir = config.workdir
         is_main = jax.process_index() == 0
         log = print if is_main else (lambda _: None)
         dataset = None
@@ -195,7 +197,7 @@ def train_main(argv: list[str] | None = None) -> int:
             config = find_peak_lr(config, dataset, log)
         result = train.train_and_evaluate(config, resume=args.resume, dataset=dataset, progress=args.progress, log=log)
     except KeyboardInterrupt:
-        if rundir.checkpoint_path(args.workdir or TrainConfig.workdir).is_file():
+        if rundir.checkpoint_path(workdir).is_file():
             print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
         else:
             print("interrupted before the first checkpoint; start the run again", file=sys.stderr)

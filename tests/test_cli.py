@@ -132,3 +132,18 @@ def test_imports_go_one_way_and_none_hide_in_functions():
 
     for name in graph:
         visit(name, [])
+
+
+def test_an_interrupt_reports_the_checkpoint_of_the_presets_workdir(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after a first epoch: the message looks in the run's own workdir (here the
+    quick preset's runs/quick), not in the default one."""
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted_after_an_epoch(config, **_):
+        Path(config.workdir).mkdir(parents=True, exist_ok=True)
+        (Path(config.workdir) / "checkpoint.msgpack").write_bytes(b"saved")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_and_evaluate", interrupted_after_an_epoch)
+    assert cli.train_main(["--preset", "quick", "--data", "shapes"]) == 130
+    assert "the last checkpoint is intact (continue with --resume)" in capsys.readouterr().err
