@@ -1,0 +1,171 @@
+// The 3x3, stride 1, padding 1, float32 convolution of jaxres's models as oneDNN primitives,
+// exposed to XLA as three FFI handlers (benchmarks/onednn_conv.py builds and loads this file):
+//   JaxresOnednnConvForward(x[N,H,W,Ci], w[3,3,Ci,Co]) -> y[N,H,W,Co]
+//   JaxresOnednnConvBackwardData(g[N,H,W,Co], w[3,3,Ci,Co]) -> dx[N,H,W,Ci]
+//   JaxresOnednnConvBackwardWeights(x[N,H,W,Ci], g[N,H,W,Co]) -> dw[3,3,Ci,Co]
+// Activations stay NHWC (XLA's layout), weights HWIO in XLA and whatever oneDNN prefers inside
+// (a reorder per call; the weights are small). The primitives are created once per shape and
+// kept. Calls run one at a time (a mutex): each already uses every core through OpenMP, and
+// XLA may start the two backward convolutions of a layer at once.
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Plan {
+  dnnl::memory::desc user_weights;  // HWIO, as XLA holds them
+  dnnl::convolution_forward::primitive_desc forward_pd;
+  dnnl::convolution_forward forward;
+  dnnl::convolution_backward_data::primitive_desc backward_data_pd;
+  dnnl::convolution_backward_data backward_data;
+  dnnl::convolution_backward_weights::primitive_desc backward_weights_pd;
+  dnnl::convolution_backward_weights backward_weights;
+};
+
+std::mutex plans_mutex;
+std::mutex execute_mutex;
+
+Plan& GetPlan(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co) {
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  auto key = std::make_tuple(n, h, w, ci, co);
+  auto found = plans.find(key);
+  if (found != plans.end()) return *found->second;
+  dnnl::memory::desc src({n, ci, h, w}, dt::f32, tag::nhwc);
+  dnnl::memory::desc dst({n, co, h, w}, dt::f32, tag::nhwc);
+  dnnl::memory::desc any_weights({co, ci, 3, 3}, dt::f32, tag::any);
+  dnnl::memory::dims strides{1, 1}, padding{1, 1};
+  auto plan = std::make_unique<Plan>();
+  plan->user_weights = dnnl::memory::desc({co, ci, 3, 3}, dt::f32, tag::hwio);
+  plan->forward_pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any_weights, dst,
+      strides, padding, padding);
+  plan->forward = dnnl::convolution_forward(plan->forward_pd);
+  plan->backward_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, padding, padding,
+      plan->forward_pd);
+  plan->backward_data = dnnl::convolution_backward_data(plan->backward_data_pd);
+  plan->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, padding, padding,
+      plan->forward_pd);
+  plan->backward_weights = dnnl::convolution_backward_weights(plan->backward_weights_pd);
+  Plan& result = *plan;
+  plans.emplace(key, std::move(plan));
+  return result;
+}
+
+// HWIO weights at `data` in the layout `wanted` (a reorder when it is another one).
+dnnl::memory WeightsAs(const dnnl::memory::desc& wanted, const Plan& plan, void* data, dnnl::stream& stream) {
+  dnnl::memory user(plan.user_weights, Engine(), data);
+  if (wanted == plan.user_weights) return user;
+  dnnl::memory own(wanted, Engine());
+  dnnl::reorder(user, own).execute(stream, user, own);
+  return own;
+}
+
+bool Is3x3(ffi::Span<const int64_t> w) { return w.size() == 4 && w[0] == 3 && w[1] == 3; }
+
+ffi::Error Failed(const char* what, const std::exception& error) {
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxres oneDNN ") + what + ": " + error.what());
+}
+
+}  // namespace
+
+static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 4 || !Is3x3(wd) || wd[2] != xd[3])
+    return ffi::Error::InvalidArgument("jaxres oneDNN forward: expects x[N,H,W,Ci] and w[3,3,Ci,Co]");
+  try {
+    Plan& plan = GetPlan(xd[0], xd[1], xd[2], xd[3], wd[3]);
+    std::lock_guard<std::mutex> lock(execute_mutex);
+    dnnl::stream stream(Engine());
+    dnnl::memory src(plan.forward_pd.src_desc(), Engine(), x.typed_data());
+    dnnl::memory dst(plan.forward_pd.dst_desc(), Engine(), y->typed_data());
+    dnnl::memory weights = WeightsAs(plan.forward_pd.weights_desc(), plan, w.typed_data(), stream);
+    plan.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+    stream.wait();
+  } catch (const std::exception& error) {
+    return Failed("forward", error);
+  }
+  return ffi::Error::Success();
+}
+
+static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx) {
+  auto gd = g.dimensions(), wd = w.dimensions();
+  if (gd.size() != 4 || !Is3x3(wd) || wd[3] != gd[3])
+    return ffi::Error::InvalidArgument("jaxres oneDNN backward data: expects g[N,H,W,Co] and w[3,3,Ci,Co]");
+  try {
+    Plan& plan = GetPlan(gd[0], gd[1], gd[2], wd[2], wd[3]);
+    std::lock_guard<std::mutex> lock(execute_mutex);
+    dnnl::stream stream(Engine());
+    dnnl::memory diff_dst(plan.backward_data_pd.diff_dst_desc(), Engine(), g.typed_data());
+    dnnl::memory diff_src(plan.backward_data_pd.diff_src_desc(), Engine(), dx->typed_data());
+    dnnl::memory weights = WeightsAs(plan.backward_data_pd.weights_desc(), plan, w.typed_data(), stream);
+    plan.backward_data.execute(
+        stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    stream.wait();
+  } catch (const std::exception& error) {
+    return Failed("backward data", error);
+  }
+  return ffi::Error::Success();
+}
+
+static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
+  auto xd = x.dimensions(), gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2])
+    return ffi::Error::InvalidArgument("jaxres oneDNN backward weights: expects x[N,H,W,Ci] and g[N,H,W,Co]");
+  try {
+    Plan& plan = GetPlan(xd[0], xd[1], xd[2], xd[3], gd[3]);
+    std::lock_guard<std::mutex> lock(execute_mutex);
+    dnnl::stream stream(Engine());
+    dnnl::memory src(plan.backward_weights_pd.src_desc(), Engine(), x.typed_data());
+    dnnl::memory diff_dst(plan.backward_weights_pd.diff_dst_desc(), Engine(), g.typed_data());
+    dnnl::memory user(plan.user_weights, Engine(), dw->typed_data());
+    bool same = plan.backward_weights_pd.diff_weights_desc() == plan.user_weights;
+    dnnl::memory own = same ? user : dnnl::memory(plan.backward_weights_pd.diff_weights_desc(), Engine());
+    plan.backward_weights.execute(
+        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, own}});
+    if (!same) dnnl::reorder(own, user).execute(stream, own, user);
+    stream.wait();
+  } catch (const std::exception& error) {
+    return Failed("backward weights", error);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForward, ConvForward,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardData, ConvBackwardData,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeights, ConvBackwardWeights,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+// The oneDNN implementations chosen for one shape ("forward | backward data | backward weights"),
+// for the benchmarks' records. Returns a pointer to a string kept until the next call.
+extern "C" const char* JaxresOnednnImplementations(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co) {
+  static std::string text;
+  try {
+    Plan& plan = GetPlan(n, h, w, ci, co);
+    text = std::string(plan.forward_pd.impl_info_str()) + " | " + plan.backward_data_pd.impl_info_str() + " | " +
+           plan.backward_weights_pd.impl_info_str();
+  } catch (const std::exception& error) {
+    text = std::string("error: ") + error.what();
+  }
+  return text.c_str();
+}
