@@ -97,15 +97,18 @@ def parse_message(line: str) -> dict | None:
 def thread_environment(threads: int, base: dict | None = None) -> dict:
     """Environment giving a worker `threads` compute threads in either framework.
 
-    OpenMP/MKL (PyTorch's CPU kernels) read OMP_NUM_THREADS / MKL_NUM_THREADS; XLA:CPU's
-    intra-op pool reads `intra_op_parallelism_threads` in XLA_FLAGS. The worker also pins
-    itself to `threads` cores and calls torch.set_num_threads.
+    OpenMP/MKL (PyTorch's CPU kernels) read OMP_NUM_THREADS / MKL_NUM_THREADS; XLA:CPU sizes
+    its intra-op pool from the cores the process may run on, so the worker pins itself to
+    `threads` cores (`pin_to_cores`) and calls torch.set_num_threads. XLA_FLAGS gets only
+    `--xla_cpu_multi_thread_eigen=true`. (An earlier version also added a bare
+    `intra_op_parallelism_threads=N`: that is no XLA flag, and XLA stops reading XLA_FLAGS at a
+    token without "--", so every flag after it was silently dropped; it is removed here too.)
     """
     env = dict(os.environ if base is None else base)
     env["OMP_NUM_THREADS"] = str(threads)
     env["MKL_NUM_THREADS"] = str(threads)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(("intra_op_parallelism_threads", "--xla_cpu_multi_thread_eigen"))]
-    flags += ["--xla_cpu_multi_thread_eigen=true", f"intra_op_parallelism_threads={threads}"]
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if f.startswith("--") and not f.startswith("--xla_cpu_multi_thread_eigen")]
+    flags.append("--xla_cpu_multi_thread_eigen=true")
     env["XLA_FLAGS"] = " ".join(flags)
     return env
 

@@ -382,9 +382,10 @@ def test_protocol_lines_round_trip():
     line = common.MARKER + json.dumps({"event": "ready", "x": 1})
     assert common.parse_message(line) == {"event": "ready", "x": 1}
     assert common.parse_message("some library chatter\n") is None
-    env = common.thread_environment(3, {"XLA_FLAGS": "--xla_foo=1 intra_op_parallelism_threads=9"})
+    # a token without "--" would make XLA drop every flag after it: never passed on
+    env = common.thread_environment(3, {"XLA_FLAGS": "--xla_foo=1 intra_op_parallelism_threads=9 --xla_bar=2"})
     assert env["OMP_NUM_THREADS"] == "3" and env["XLA_FLAGS"].split() == [
-        "--xla_foo=1", "--xla_cpu_multi_thread_eigen=true", "intra_op_parallelism_threads=3"]
+        "--xla_foo=1", "--xla_bar=2", "--xla_cpu_multi_thread_eigen=true"]
 
 
 def test_gpu_script_dry_run():
