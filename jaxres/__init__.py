@@ -4,6 +4,6 @@ from jaxres import runtime
 
 __version__ = "0.1.0"
 
-# XLA:CPU's YNNPACK fusions off and JAX's persistent compilation cache on, unless the user
-# set either already or JAXRES_XLA_DEFAULTS=0 (see jaxres/runtime.py for why and how).
+# XLA:CPU's YNNPACK fusions and new fusion emitters off and JAX's persistent compilation
+# cache on, unless the user set them already or JAXRES_XLA_DEFAULTS=0 (see jaxres/runtime.py).
 runtime.apply_defaults()

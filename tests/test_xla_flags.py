@@ -1,6 +1,6 @@
-"""The XLA/JAX defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions off on CPU and
-the persistent compilation cache on; a user's own setting wins; JAXRES_XLA_DEFAULTS=0 turns
-both off."""
+"""The XLA/JAX defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions and the new
+fusion emitters off on CPU, and the persistent compilation cache on; a user's own setting
+wins; JAXRES_XLA_DEFAULTS=0 turns them all off."""
 
 import json
 import os
@@ -17,6 +17,7 @@ OWN_VARIABLES = (
     "XLA_FLAGS", "JAXRES_XLA_DEFAULTS", "JAXRES_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", runtime.OWN_CACHE_VARIABLE
 )
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
 
 
 def after_import(tmp_path, code=SHOW, **env_changes) -> dict:
@@ -26,16 +27,19 @@ def after_import(tmp_path, code=SHOW, **env_changes) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_by_default_the_ynn_fusions_are_off_and_the_users_flags_kept(tmp_path):
-    assert after_import(tmp_path)["flags"] == YNN_OFF
+def test_by_default_the_ynn_fusions_and_new_emitters_are_off_and_the_users_flags_kept(tmp_path):
+    assert after_import(tmp_path)["flags"].split() == [YNN_OFF, EMITTERS_OFF]
     flags = after_import(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")["flags"]
-    assert flags.split() == ["--xla_force_host_platform_device_count=2", YNN_OFF]
+    assert flags.split() == ["--xla_force_host_platform_device_count=2", YNN_OFF, EMITTERS_OFF]
 
 
-def test_a_users_own_ynn_setting_is_left_alone(tmp_path):
+def test_a_users_own_setting_of_either_option_is_left_alone(tmp_path):
     own = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"
-    assert after_import(tmp_path, XLA_FLAGS=own)["flags"] == own
-    assert runtime.with_cpu_flags("--xla_cpu_experimental_ynn_fusion_type") == "--xla_cpu_experimental_ynn_fusion_type"
+    assert after_import(tmp_path, XLA_FLAGS=own)["flags"].split() == [own, EMITTERS_OFF]
+    assert runtime.with_cpu_flags("--xla_cpu_experimental_ynn_fusion_type").split() == [
+        "--xla_cpu_experimental_ynn_fusion_type", EMITTERS_OFF]
+    own = "--xla_cpu_use_fusion_emitters=true"
+    assert after_import(tmp_path, XLA_FLAGS=own)["flags"].split() == [own, YNN_OFF]
 
 
 def test_the_compilation_cache_lives_in_the_jaxres_cache_unless_told_otherwise(tmp_path):
