@@ -16,7 +16,7 @@ TASK_NAMES = ("parity", "train", "eval", "gradcam", "accuracy")
 
 OVERRIDABLE_FIELDS = (
     "repeats", "warmup", "loader_workers", "accuracy_epochs", "accuracy_subset", "accuracy_width",
-    "accuracy_precision", "accuracy_target", "budget_seconds", "eval_images", "gradcam_images",
+    "accuracy_precision", "accuracy_target", "accuracy_repeats", "budget_seconds", "eval_images", "gradcam_images",
 )  # flags that replace the plan's field of the same name when given
 
 
@@ -118,6 +118,7 @@ def cpu_quick_plan(device: str, threads: int) -> Plan:
         loader_rows="first",
         accuracy_epochs=2,
         accuracy_subset=5120,
+        accuracy_repeats=3,  # three seeds: one 20-step run's accuracy is mostly its seed
     )
 
 

@@ -148,7 +148,14 @@ class Runner:
         self.started = time.perf_counter()
         self.count = 0
         self.row_seconds: dict[str, float] = {"train-compile": 150.0}  # task -> duration of its last row (estimates first)
-        self.compilation_cache = scratch / "compilation-cache" / datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        self.caches_made = 0
+        self.fresh_compilation_cache()
+
+    def fresh_compilation_cache(self) -> None:
+        """jaxres workers started from now on share a new, empty compilation cache."""
+        self.caches_made += 1
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        self.compilation_cache = self.scratch / "compilation-cache" / f"{stamp}-{self.caches_made}"
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

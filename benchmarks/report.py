@@ -197,12 +197,20 @@ def accuracy_table(results: dict) -> list[str]:
         if row["setting"].get("target"):
             fmt = lambda values: ", ".join(f"{v:.1f}" if v is not None else "not reached" for v in values)  # noqa: E731
             target = f"{fmt(j['seconds_to_target'])} / {fmt(t['seconds_to_target'])}"
-        acc = lambda w: fmt_percent(w["final_accuracy"]["median"])  # noqa: E731
+        acc = lambda w: accuracy_text(w["final_accuracy"])  # noqa: E731
         lines.append(table_row(
             setting_text(row), acc(j), acc(t), fmt_summary(j["wall_seconds"]), fmt_summary(t["wall_seconds"]),
             fmt_ratio(row["ratios"].get("wall_seconds jax/torch")), target,
         ))
     return lines
+
+
+def accuracy_text(summary: dict) -> str:
+    """A median accuracy, with its range when there were several runs."""
+    text = fmt_percent(summary["median"])
+    if summary.get("n", 1) > 1:
+        text += f" ({fmt_percent(summary['min'])}–{fmt_percent(summary['max'])})"
+    return text
 
 
 def second_run_text(jax_worker: dict) -> str:
@@ -314,7 +322,7 @@ def markdown(results: dict) -> str:
         *throughput_table(results),
     ]
     for title, table in (
-        ("**Time to accuracy** (one run per framework, each from the same initial weights; wall time from the first step to the last evaluation, compilation included)", accuracy_table(results)),
+        ("**Time to accuracy** (each framework once per seed, from the same initial weights, compilation included: each run starts with an empty compilation cache; wall time from the first step to the last evaluation; medians (min–max) and the median of the per-seed ratios when there are several seeds)", accuracy_table(results)),
         ("**Compile / warm-up** (never part of the throughput; overhead = first call minus a steady call)", warmup_table(results)),
         ("**Peak memory**", memory_table(results)),
         ("**Same computation check** (same weights through `jaxres.convert`, logits and Grad-CAM on the same test images, fp32)", parity_table(results)),

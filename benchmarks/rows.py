@@ -219,7 +219,9 @@ def gradcam_rows(runner: Runner, weights_for) -> list[dict]:
 
 def accuracy_row(runner: Runner, weights_for, data_reason: str | None) -> dict:
     """Time to accuracy: each framework trains from the same weights in turn, `accuracy_repeats`
-    times; skipped (with `data_reason`) without the real CIFAR-10 copy."""
+    times, repeat r with seed r (data order, augmentation, train subset: the same subset on both
+    sides) and a cold compilation cache (each jaxres run compiles, as a first run does); skipped
+    (with `data_reason`) without the real CIFAR-10 copy."""
     plan = runner.plan
     setting = {
         "width": plan.accuracy_width,
@@ -229,6 +231,7 @@ def accuracy_row(runner: Runner, weights_for, data_reason: str | None) -> dict:
         "precision": plan.accuracy_precision,
         "target": plan.accuracy_target,
         "repeats": plan.accuracy_repeats,
+        "seeds": list(range(plan.accuracy_repeats)),
     }
     name = f"time to accuracy w{plan.accuracy_width:g} {plan.accuracy_epochs} epochs"
     if data_reason:
@@ -245,13 +248,17 @@ def accuracy_row(runner: Runner, weights_for, data_reason: str | None) -> dict:
     runs = {"jax": [], "torch": []}
     runner.log(f"[{runner.elapsed():6.0f} s] {name} (each framework in turn, {plan.accuracy_repeats} run(s) each)")
     try:
-        for _ in range(plan.accuracy_repeats):
+        for seed in range(plan.accuracy_repeats):
+            runner.fresh_compilation_cache()
             for framework in ("jax", "torch"):
-                result = runner.one_shot(framework, framework, "accuracy", options, timeout=max(runner.timeout, 36000))
+                result = runner.one_shot(
+                    framework, framework, "accuracy", {**options, "seed": seed}, timeout=max(runner.timeout, 36000)
+                )
                 result.pop("event", None)
+                result["seed"] = seed
                 runs[framework].append(result)
                 runner.log(
-                    f"    {framework}: accuracy {result['final_accuracy']:.4f}, wall {result['wall_seconds']:.1f} s"
+                    f"    {framework} seed {seed}: accuracy {result['final_accuracy']:.4f}, wall {result['wall_seconds']:.1f} s"
                 )
     except WorkerError as error:
         runner.log(f"    failed: {error}")

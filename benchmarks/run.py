@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-subset", type=int, help="train images for time to accuracy (default: the mode's)")
     p.add_argument("--accuracy-precision", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--accuracy-target", type=float)
+    p.add_argument("--accuracy-repeats", type=int, help="time-to-accuracy runs per framework, one seed each (default: the mode's)")
     p.add_argument("--budget-seconds", type=float, help="skip remaining rows after this long (gpu suite: 500)")
     p.add_argument("--data", help="CIFAR-10 source (default: <repo>/../shared/data/cifar10-jpeg.tar.gz), or 'synthetic'")
     p.add_argument("--cache-dir", help="decoded-array cache (default: $JAXRES_CACHE or ~/.cache/jaxres)")
