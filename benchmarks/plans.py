@@ -233,4 +233,6 @@ def make_plan(args) -> Plan:
     plan = with_overrides(named_plan(args), args)
     if plan.repeats < 1:
         raise SystemExit("error: --repeats must be at least 1")
+    if plan.accuracy_repeats < 1:
+        raise SystemExit("error: --accuracy-repeats must be at least 1")
     return plan

@@ -368,6 +368,10 @@ def test_plans():
     assert (quick.widths, quick.batches, quick.precisions, quick.repeats) == ([0.25], [128], ["fp32", "bf16"], 5)
     assert quick.loader_rows == "first"  # the DataLoader pipeline is timed on the fp32 row
     assert quick.repeats >= 5 and quick.accuracy_subset and quick.accuracy_width == 0.25
+    assert quick.accuracy_repeats == 3  # three seeds
+    assert plans.make_plan(parser.parse_args(["--quick", "--accuracy-repeats", "6"])).accuracy_repeats == 6
+    with pytest.raises(SystemExit, match="--accuracy-repeats must be at least 1"):
+        plans.make_plan(parser.parse_args(["--quick", "--accuracy-repeats", "0"]))
     full = plans.make_plan(parser.parse_args(["--suite", "cpu"]))
     assert (full.widths, full.batches, full.accuracy_subset) == ([0.25, 1.0], [128, 512], None)
     gpu = plans.make_plan(parser.parse_args(["--suite", "gpu"]))
