@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from jaxres import augment, convert, data, evaluate, gradcam, models, monitoring, optim, parallel, train
+from jaxres import augment, convert, data, evaluate, gradcam, models, monitoring, onednn, optim, parallel, train
 from jaxres.config import TrainConfig
 
 
@@ -64,6 +64,7 @@ def describe_common(config: TrainConfig) -> dict:
         "device_name": str(jax.local_devices()[0].device_kind),
         "precision": config.precision,
         "epoch_loop": parallel.resolve_epoch_loop(config.epoch_loop),
+        "conv_backend": onednn.resolve(config.conv_backend),
         "devices": jax.device_count(),
     }
 

@@ -38,6 +38,7 @@ from jaxres.errors import JaxresError
 # check their own arguments against these too).
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
+CONV_BACKENDS = ("auto", "xla", "onednn")
 TTA_MODES = ("none", "flip", "flip_translate")
 MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
 MODEL_NAMES = ("custom_resnet", "resnet18", "resnet34")
@@ -134,6 +135,12 @@ class TrainConfig:
         "auto",
         "how an epoch runs: `scan` (one compiled program per epoch), `steps` (a host loop of the "
         "jitted step) or `auto` (steps on CPU, scan elsewhere; see How an epoch runs)",
+        run_option=True,
+    )
+    conv_backend: str = knob(
+        "auto",
+        "who computes the 3x3 float32 convolutions: `xla`, `onednn` (oneDNN through JAX's FFI, CPU, one "
+        "device) or `auto` (onednn on a one-device CPU when it builds, else xla; see jaxres/onednn.py)",
         run_option=True,
     )
     seed: int = knob(0, "random seed (same seed, same result on CPU)")
@@ -279,6 +286,7 @@ def validate(config: TrainConfig) -> None:
     for what, value, choices in (
         ("precision", config.precision, PRECISIONS),
         ("epoch_loop", config.epoch_loop, EPOCH_LOOPS),
+        ("conv_backend", config.conv_backend, CONV_BACKENDS),
         ("model", config.model, MODEL_NAMES),
         ("norm", config.norm, NORMS),
         ("mix", config.mix, MIX_METHODS),

@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxres import precision
-from jaxres.config import MODEL_NAMES, NORMS, check_choice
+from jaxres import onednn, precision
+from jaxres.config import CONV_BACKENDS, MODEL_NAMES, NORMS, check_choice
 from jaxres.errors import JaxresError
 GHOST_BATCH_SIZE = 32  # images per virtual batch of the "ghost_batch" norm
 
@@ -266,6 +266,14 @@ class GhostBatchNorm(BatchNorm):
         return (normalized * scale + bias).astype(self.dtype)
 
 
+def conv_function(conv_backend: str) -> Callable:
+    """The `conv_general_dilated` that flax's nn.Conv calls for a resolved backend ("xla" or
+    "onednn", see `jaxres.onednn.resolve`): oneDNN's for the 3x3 float32 convolutions it
+    handles, XLA's otherwise."""
+    check_choice("resolved conv_backend", conv_backend, ("xla", "onednn"))
+    return onednn.conv_general_dilated if conv_backend == "onednn" else jax.lax.conv_general_dilated
+
+
 class ConvNormReLU(nn.Module):
     """conv3x3 (no bias) -> [maxpool 2x2] -> norm -> ReLU.  float[N,H,W,C] -> float[N,H',W',features]."""
 
@@ -273,6 +281,7 @@ class ConvNormReLU(nn.Module):
     pool: bool = False
     norm: str = "batch"
     dtype: Any = jnp.float32
+    conv_backend: str = "xla"  # resolved: "xla" or "onednn"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -283,6 +292,7 @@ class ConvNormReLU(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             kernel_init=torch_default_kernel_init,
+            conv_general_dilated=conv_function(self.conv_backend),
             name="conv",
         )(x)
         if self.pool:
@@ -299,10 +309,13 @@ class ResidualStage(nn.Module):
     pool: bool = True
     norm: str = "batch"
     dtype: Any = jnp.float32
+    conv_backend: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        block = functools.partial(ConvNormReLU, self.features, norm=self.norm, dtype=self.dtype)
+        block = functools.partial(
+            ConvNormReLU, self.features, norm=self.norm, dtype=self.dtype, conv_backend=self.conv_backend
+        )
         x = block(pool=self.pool, name="conv_block")(x, train)
         if self.residual:
             y = block(name="res1")(x, train)
@@ -331,13 +344,14 @@ class CustomResNet(nn.Module):
     norm: str = "batch"
     dtype: Any = jnp.float32
     logit_scale: float = 0.125
+    conv_backend: str = "xla"  # resolved: "xla" or "onednn" (see jaxres.onednn)
 
     STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3")
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
-        stage = functools.partial(ResidualStage, norm=self.norm, dtype=self.dtype)
+        stage = functools.partial(ResidualStage, norm=self.norm, dtype=self.dtype, conv_backend=self.conv_backend)
         x = jnp.asarray(images, self.dtype)
         x = stage(channels(64), residual=False, pool=False, name="prep")(x, train)
         x = stage(channels(128), residual=True, name="layer1")(x, train)
@@ -380,11 +394,13 @@ class BasicBlock(nn.Module):
     stride: int = 1
     norm: str = "batch"
     dtype: Any = jnp.float32
+    conv_backend: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool):
         conv = functools.partial(
-            nn.Conv, self.features, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init
+            nn.Conv, self.features, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init,
+            conv_general_dilated=conv_function(self.conv_backend),
         )
         strides = (self.stride, self.stride)
         y = conv((3, 3), strides=strides, padding=1, name="conv1")(x)
@@ -409,12 +425,15 @@ class ResNetStage(nn.Module):
     stride: int = 1
     norm: str = "batch"
     dtype: Any = jnp.float32
+    conv_backend: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool):
         for index in range(self.blocks):
             stride = self.stride if index == 0 else 1
-            x = BasicBlock(self.features, stride, self.norm, self.dtype, name=f"block{index + 1}")(x, train)
+            x = BasicBlock(
+                self.features, stride, self.norm, self.dtype, self.conv_backend, name=f"block{index + 1}"
+            )(x, train)
         return self.perturb("output", x)
 
 
@@ -440,6 +459,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
     logit_scale: float = 1.0
+    conv_backend: str = "xla"
 
     STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3", "layer4")
 
@@ -448,9 +468,10 @@ class ResNet(nn.Module):
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
         x = jnp.asarray(images, self.dtype)
         # prep is ResNet-9's stem too: conv3x3 norm ReLU, output perturbed for Grad-CAM
-        x = ResidualStage(channels(64), residual=False, pool=False, norm=self.norm, dtype=self.dtype, name="prep")(
-            x, train
-        )
+        x = ResidualStage(
+            channels(64), residual=False, pool=False, norm=self.norm, dtype=self.dtype,
+            conv_backend=self.conv_backend, name="prep",
+        )(x, train)  # fmt: skip
         for index, (blocks, features) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
             x = ResNetStage(
                 channels(features),
@@ -458,6 +479,7 @@ class ResNet(nn.Module):
                 stride=1 if index == 0 else 2,
                 norm=self.norm,
                 dtype=self.dtype,
+                conv_backend=self.conv_backend,
                 name=f"layer{index + 1}",
             )(x, train)
         return classifier_head(self, x, pooling="avg")
@@ -485,6 +507,7 @@ def create_model(
     width: float = 1.0,
     norm: str = "batch",
     dtype: Any = jnp.float32,
+    conv_backend: str = "auto",
 ) -> nn.Module:
     """A jaxres image classifier by name: the custom ResNet (ResNet-9) or ResNet-18/34.
 
@@ -504,18 +527,23 @@ def create_model(
         "ghost_batch" (see `make_norm`).
       dtype: the compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm
         statistics stay float32.
+      conv_backend: "auto", "xla" or "onednn": who computes the 3x3 float32
+        convolutions (`jaxres.onednn.resolve`; the module holds the resolved name).
 
     Returns:
       The unbound `flax.linen.Module`.
 
     Raises:
-      JaxresError: for an unknown name or norm, or a width that is not positive.
+      JaxresError: for an unknown name, norm or conv_backend, a width that is not
+        positive, or conv_backend "onednn" where it cannot run.
     """
     check_choice("model", name, MODEL_NAMES)
     check_choice("norm", norm, NORMS)
     if not width > 0:
         raise JaxresError(f"width must be positive, got {width}")
-    return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype)
+    check_choice("conv_backend", conv_backend, CONV_BACKENDS)
+    conv_backend = onednn.resolve(conv_backend)
+    return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype, conv_backend=conv_backend)
 
 
 def stage_names(model: nn.Module) -> tuple[str, ...]:
@@ -539,12 +567,13 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape=(32, 32, 3)) ->
 
 
 def from_config(config, num_classes: int) -> nn.Module:
-    """The model a run's `jaxres.config.TrainConfig` describes (model, width, norm, and the
-    compute dtype of its precision), with `num_classes` outputs."""
+    """The model a run's `jaxres.config.TrainConfig` describes (model, width, norm, the
+    compute dtype of its precision, its conv_backend resolved), with `num_classes` outputs."""
     return create_model(
         config.model,
         num_classes=num_classes,
         width=config.width,
         norm=config.norm,
         dtype=precision.compute_dtype(config.precision),
+        conv_backend=config.conv_backend,
     )

@@ -1,5 +1,5 @@
 // The 3x3, stride 1, padding 1, float32 convolution of jaxres's models as oneDNN primitives,
-// exposed to XLA as three FFI handlers (benchmarks/onednn_conv.py builds and loads this file):
+// exposed to XLA as three FFI handlers (jaxres/onednn.py builds and loads this file):
 //   JaxresOnednnConvForward(x[N,H,W,Ci], w[3,3,Ci,Co]) -> y[N,H,W,Co]
 //   JaxresOnednnConvBackwardData(g[N,H,W,Co], w[3,3,Ci,Co]) -> dx[N,H,W,Ci]
 //   JaxresOnednnConvBackwardWeights(x[N,H,W,Ci], g[N,H,W,Co]) -> dw[3,3,Ci,Co]
@@ -81,8 +81,19 @@ dnnl::memory WeightsAs(const dnnl::memory::desc& wanted, const Plan& plan, void*
 
 bool Is3x3(ffi::Span<const int64_t> w) { return w.size() == 4 && w[0] == 3 && w[1] == 3; }
 
-ffi::Error Failed(const char* what, const std::exception& error) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxres oneDNN ") + what + ": " + error.what());
+// Runs body(stream) on a fresh stream, one call at a time, and waits for it; a oneDNN
+// exception becomes an FFI error naming `what`.
+template <typename Body>
+ffi::Error Execute(const char* what, Body body) {
+  try {
+    std::lock_guard<std::mutex> lock(execute_mutex);
+    dnnl::stream stream(Engine());
+    body(stream);
+    stream.wait();
+  } catch (const std::exception& error) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jaxres oneDNN ") + what + ": " + error.what());
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -91,49 +102,35 @@ static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, 
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || !Is3x3(wd) || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("jaxres oneDNN forward: expects x[N,H,W,Ci] and w[3,3,Ci,Co]");
-  try {
+  return Execute("forward", [&](dnnl::stream& stream) {
     Plan& plan = GetPlan(xd[0], xd[1], xd[2], xd[3], wd[3]);
-    std::lock_guard<std::mutex> lock(execute_mutex);
-    dnnl::stream stream(Engine());
     dnnl::memory src(plan.forward_pd.src_desc(), Engine(), x.typed_data());
     dnnl::memory dst(plan.forward_pd.dst_desc(), Engine(), y->typed_data());
     dnnl::memory weights = WeightsAs(plan.forward_pd.weights_desc(), plan, w.typed_data(), stream);
     plan.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
-    stream.wait();
-  } catch (const std::exception& error) {
-    return Failed("forward", error);
-  }
-  return ffi::Error::Success();
+  });
 }
 
 static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx) {
   auto gd = g.dimensions(), wd = w.dimensions();
   if (gd.size() != 4 || !Is3x3(wd) || wd[3] != gd[3])
     return ffi::Error::InvalidArgument("jaxres oneDNN backward data: expects g[N,H,W,Co] and w[3,3,Ci,Co]");
-  try {
+  return Execute("backward data", [&](dnnl::stream& stream) {
     Plan& plan = GetPlan(gd[0], gd[1], gd[2], wd[2], wd[3]);
-    std::lock_guard<std::mutex> lock(execute_mutex);
-    dnnl::stream stream(Engine());
     dnnl::memory diff_dst(plan.backward_data_pd.diff_dst_desc(), Engine(), g.typed_data());
     dnnl::memory diff_src(plan.backward_data_pd.diff_src_desc(), Engine(), dx->typed_data());
     dnnl::memory weights = WeightsAs(plan.backward_data_pd.weights_desc(), plan, w.typed_data(), stream);
     plan.backward_data.execute(
         stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
-    stream.wait();
-  } catch (const std::exception& error) {
-    return Failed("backward data", error);
-  }
-  return ffi::Error::Success();
+  });
 }
 
 static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = g.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2])
     return ffi::Error::InvalidArgument("jaxres oneDNN backward weights: expects x[N,H,W,Ci] and g[N,H,W,Co]");
-  try {
+  return Execute("backward weights", [&](dnnl::stream& stream) {
     Plan& plan = GetPlan(xd[0], xd[1], xd[2], xd[3], gd[3]);
-    std::lock_guard<std::mutex> lock(execute_mutex);
-    dnnl::stream stream(Engine());
     dnnl::memory src(plan.backward_weights_pd.src_desc(), Engine(), x.typed_data());
     dnnl::memory diff_dst(plan.backward_weights_pd.diff_dst_desc(), Engine(), g.typed_data());
     dnnl::memory user(plan.user_weights, Engine(), dw->typed_data());
@@ -142,11 +139,7 @@ static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
     plan.backward_weights.execute(
         stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, own}});
     if (!same) dnnl::reorder(own, user).execute(stream, own, user);
-    stream.wait();
-  } catch (const std::exception& error) {
-    return Failed("backward weights", error);
-  }
-  return ffi::Error::Success();
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForward, ConvForward,

@@ -1,0 +1,240 @@
+"""oneDNN convolutions for XLA:CPU, through JAX's FFI: the `conv_backend` of a run.
+
+XLA:CPU runs convolutions through Eigen, and its weight gradient needs the activations
+transposed batch-last first: at batch 512 those transposes and Eigen's kernels make the
+convolutions of the width-0.25 ResNet-9 take 1.2 s a step where oneDNN (PyTorch's CPU
+library) takes 0.73 s (2-core AMD EPYC, `python -m benchmarks.onednn_conv`). `onednn_conv.cc`
+(next to this file) wraps oneDNN's 3x3 / stride 1 / padding 1 float32 convolution, NHWC
+activations and HWIO weights, as three FFI handlers (forward, input gradient, weight
+gradient); `conv3x3` is a `jax.custom_vjp` over them.
+
+* `conv_backend` "auto" (the default) is "onednn" when JAX runs on the CPU with one device in
+  one process and the library builds, else "xla"; "onednn" asks for it (an error that says
+  why when it cannot be had); "xla" never uses it. The FFI calls have no sharding rule, so
+  with several devices XLA's convolutions keep the batch split.
+* Only float32 3x3 / stride 1 / padding 1 convolutions go to oneDNN (`handles`); bf16, fp16,
+  float64 and every other convolution stay XLA's.
+* The weight gradient is XLA's below 16x16 pixels (`ONEDNN_WEIGHT_GRAD_MIN_PIXELS`), where
+  oneDNN's kernel on AVX2 (`jit:avx2`) is the slower of the two (benchmarks/README.md).
+* The library is built once with the system C++ compiler (g++) against the
+  `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (dependencies on Linux x86-64) into
+  ``$JAXRES_CACHE/onednn/``; no compiler or no wheel: "auto" falls back to XLA, saying why once.
+
+The results equal XLA's to float32 rounding (a sum of the same products in another order),
+not bitwise: a run is deterministic for a given backend and CPU, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from jaxres import runtime
+from jaxres.config import CONV_BACKENDS, check_choice
+from jaxres.errors import JaxresError
+
+SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+HEADER_DISTRIBUTION = "onednn-devel-cpu-gomp"
+LIBRARY_DISTRIBUTION = "onednn-cpu-gomp"
+TARGETS = {
+    "forward": "JaxresOnednnConvForward",
+    "backward_data": "JaxresOnednnConvBackwardData",
+    "backward_weights": "JaxresOnednnConvBackwardWeights",
+}
+# Where oneDNN's kernels were the faster (2-core AMD EPYC, AVX2; benchmarks/README.md): the
+# convolutions with at most 128 x 128 channels in x out, and of those the weight gradient from
+# 16 x 16 pixels up; XLA's elsewhere.
+ONEDNN_MAX_CHANNEL_PRODUCT = 128 * 128
+ONEDNN_WEIGHT_GRAD_MIN_PIXELS = 16 * 16
+_loaded: dict = {}
+
+
+def _distribution_file(name: str, suffix: str) -> pathlib.Path | None:
+    try:
+        files = importlib.metadata.distribution(name).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        path = pathlib.Path(file.locate()).resolve()
+        if path.as_posix().endswith(suffix):
+            return path
+    return None
+
+
+def locate() -> tuple[pathlib.Path, pathlib.Path]:
+    """(include folder, lib folder) of the oneDNN wheels; FileNotFoundError naming what to install."""
+    header = _distribution_file(HEADER_DISTRIBUTION, "include/oneapi/dnnl/dnnl.hpp")
+    library = _distribution_file(LIBRARY_DISTRIBUTION, "lib/libdnnl.so")
+    missing = [name for name, path in ((LIBRARY_DISTRIBUTION, library), (HEADER_DISTRIBUTION, header)) if path is None]
+    if missing:
+        raise FileNotFoundError(f"oneDNN is not installed: pip install {' '.join(missing)}")
+    return header.parents[2], library.parent
+
+
+def build(include: pathlib.Path, lib: pathlib.Path, folder: pathlib.Path | None = None) -> pathlib.Path:
+    """Compile onednn_conv.cc into the jaxres cache (once per source, oneDNN, compiler and
+    jaxlib) and return the shared library's path. The file appears whole or not at all."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise FileNotFoundError(f"no C++ compiler (g++ or c++) on PATH to build {SOURCE.name}")
+    ffi_include = pathlib.Path(jax.ffi.include_dir())
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + f"{include}|{lib}|{compiler}|{importlib.metadata.version('jaxlib')}".encode()
+    ).hexdigest()[:16]
+    folder = folder or runtime.cache_root() / "onednn" / key
+    target = folder / "libjaxres_onednn_conv.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        built = pathlib.Path(scratch) / target.name
+        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE), f"-I{include}",
+                   f"-I{ffi_include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(built)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+        os.replace(built, target)
+    return target
+
+
+def load() -> ctypes.CDLL:
+    """Build (if needed) and load the library, registering its FFI targets with JAX once.
+    Raises FileNotFoundError (what to install) or RuntimeError (the build's errors)."""
+    if "library" not in _loaded:
+        library = ctypes.cdll.LoadLibrary(str(build(*locate())))
+        for target in TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+        library.JaxresOnednnImplementations.restype = ctypes.c_char_p
+        _loaded["library"] = library
+    return _loaded["library"]
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str | None:
+    """None when the oneDNN convolutions can run here, else why not (one line)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"the oneDNN wheels are for Linux x86-64, this is {platform.system()} {platform.machine()}"
+    if jax.default_backend() != "cpu":
+        return f"JAX runs on {jax.default_backend()}, the oneDNN convolutions are for the CPU"
+    try:
+        load()
+    except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
+        return str(error).splitlines()[0]
+    return None
+
+
+def resolve(conv_backend: str) -> str:
+    """"onednn" or "xla" for `conv_backend` in CONV_BACKENDS (see the module docstring).
+
+    "auto" -> "onednn" when JAX is on the CPU with one device in one process and the
+    library loads, else "xla" (telling stderr once why oneDNN could not be had). "onednn"
+    raises JaxresError when it cannot be had; "xla" is "xla".
+    """
+    check_choice("conv_backend", conv_backend, CONV_BACKENDS)
+    if conv_backend == "xla":
+        return "xla"
+    if jax.device_count() > 1:
+        if conv_backend == "onednn":
+            raise JaxresError(
+                f"conv_backend onednn needs a single device, JAX has {jax.device_count()} (its FFI calls have "
+                "no sharding rule); use conv_backend xla or auto"
+            )
+        return "xla"
+    reason = unavailable_reason()
+    if reason is None:
+        return "onednn"
+    if conv_backend == "onednn":
+        raise JaxresError(f"conv_backend onednn is not available: {reason}")
+    if not _loaded.get("told"):
+        print(f"jaxres: XLA's convolutions, not oneDNN's: {reason}", file=sys.stderr)
+        _loaded["told"] = True
+    return "xla"
+
+
+def implementations(batch: int, height: int, width: int, in_channels: int, out_channels: int) -> str:
+    """oneDNN's names for the kernels it picks for one shape: "forward | input grad | weight grad"."""
+    return load().JaxresOnednnImplementations(batch, height, width, in_channels, out_channels).decode()
+
+
+def _call(target: str, shape: tuple, *operands):
+    load()
+    result = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(TARGETS[target], result, vmap_method="sequential")(*operands)
+
+
+def xla_conv3x3(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def forward(x, w):
+    """oneDNN's forward pass: x[N,H,W,Ci], w[3,3,Ci,Co] -> y[N,H,W,Co] (float32)."""
+    return _call("forward", x.shape[:3] + (w.shape[3],), x, w)
+
+
+def input_gradient(g, w):
+    """oneDNN's gradient of the input: g[N,H,W,Co], w[3,3,Ci,Co] -> dx[N,H,W,Ci]."""
+    return _call("backward_data", g.shape[:3] + (w.shape[2],), g, w)
+
+
+def weight_gradient(x, g):
+    """oneDNN's gradient of the weights: x[N,H,W,Ci], g[N,H,W,Co] -> dw[3,3,Ci,Co]."""
+    return _call("backward_weights", (3, 3, x.shape[3], g.shape[3]), x, g)
+
+
+def _conv3x3_forward(x, w):
+    return forward(x, w), (x, w)
+
+
+def _conv3x3_backward(residuals, g):
+    x, w = residuals
+    if x.shape[1] * x.shape[2] >= ONEDNN_WEIGHT_GRAD_MIN_PIXELS:
+        dw = weight_gradient(x, g)
+    else:
+        dw = jax.vjp(lambda w: xla_conv3x3(x, w), w)[1](g)[0]
+    return input_gradient(g, w), dw
+
+
+def conv3x3(x, w):
+    """float32 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 -> [N,H,W,Co], by oneDNN,
+    differentiable once in reverse mode (a `jax.custom_vjp`: oneDNN's input gradient, and
+    its weight gradient from 16x16 pixels up, XLA's below)."""
+    if "conv3x3" not in _loaded:
+        function = jax.custom_vjp(forward)
+        function.defvjp(_conv3x3_forward, _conv3x3_backward)
+        _loaded["conv3x3"] = function
+    return _loaded["conv3x3"](x, w)
+
+
+def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+            feature_group_count=1, batch_group_count=1, **_) -> bool:
+    """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes it)."""
+    specs = (getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None))
+    return (
+        not isinstance(padding, str)
+        and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
+        and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+        and rhs.shape[2] * rhs.shape[3] <= ONEDNN_MAX_CHANNEL_PRODUCT
+        and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+        and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and feature_group_count == 1 and batch_group_count == 1
+    )
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs):
+    """`jax.lax.conv_general_dilated` with the convolutions `handles` says yes to done by
+    `conv3x3`: what flax's `nn.Conv(conv_general_dilated=...)` takes."""
+    if handles(lhs, rhs, window_strides, padding, *args, **kwargs):
+        return conv3x3(lhs, rhs)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)

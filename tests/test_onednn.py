@@ -1,0 +1,156 @@
+"""jaxres/onednn.py, oneDNN's convolutions through JAX's FFI (conv_backend "onednn", the CPU
+default): it computes the convolution and both of its gradients, the model calls it where it
+should, and "auto" / "onednn" say what is missing when it cannot be had.
+
+The bound: a sum of K float32 products, taken in any order (blocked, with or without FMA),
+is within gamma_K * sum|products| of the exact sum, gamma_K = K*u / (1 - K*u) with
+u = 2**-24 (Higham, Accuracy and Stability of Numerical Algorithms, 3.1). Both oneDNN's
+direct convolution and XLA's are such sums, so each output is checked against a float64
+NumPy reference with that bound, computed per output element from |x| and |w|. A wrong
+tap, padding, flip or layout is off by the size of a whole product, far above it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxres import onednn
+from jaxres.errors import JaxresError
+
+REPO = Path(__file__).resolve().parents[1]
+
+U = 2.0**-24
+
+
+def library_or_skip():
+    try:
+        return onednn.load()
+    except FileNotFoundError as missing:  # wheels or compiler absent: say which
+        pytest.skip(str(missing))
+
+
+def conv_reference(x, w):
+    """float64 3x3, stride 1, padding 1 convolution, NHWC x HWIO, by explicit patches."""
+    n, h, width, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, width, w.shape[3]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nhwc,co->nhwo", padded[:, i : i + h, j : j + width, :], w[i, j])
+    return out
+
+
+def gamma(k: int) -> float:
+    return k * U / (1 - k * U)
+
+
+@pytest.mark.parametrize("size", [8, 16])  # 16x16: oneDNN's weight gradient; 8x8: XLA's
+def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size):
+    library_or_skip()
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    n, h, width, ci, co = 4, size, size, 5, 7
+    x = rng.standard_normal((n, h, width, ci)).astype(np.float32)
+    w = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
+    g = rng.standard_normal((n, h, width, co)).astype(np.float32)
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+
+    y, vjp = jax.vjp(onednn.conv3x3, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+
+    # forward: 9*ci products per output
+    exact, forward_scale = conv_reference(x64, w64), conv_reference(np.abs(x64), np.abs(w64))
+    assert np.all(np.abs(np.asarray(y, np.float64) - exact) <= gamma(9 * ci) * forward_scale)
+    # input gradient: the transposed convolution (w flipped, in/out swapped), 9*co products
+    flipped = w64[::-1, ::-1].transpose(0, 1, 3, 2)
+    exact, scale = conv_reference(g64, flipped), conv_reference(np.abs(g64), np.abs(flipped))
+    assert np.all(np.abs(np.asarray(dx, np.float64) - exact) <= gamma(9 * co) * scale)
+    # weight gradient: dw[i,j,c,o] = sum over n,h,w of x_pad[n,h+i,w+j,c] g[n,h,w,o], n*h*w products
+    padded = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = [[padded[:, i : i + h, j : j + width, :] for j in range(3)] for i in range(3)]
+    exact = np.array([[np.einsum("nhwc,nhwo->co", windows[i][j], g64) for j in range(3)] for i in range(3)])
+    scale = np.array([[np.einsum("nhwc,nhwo->co", np.abs(windows[i][j]), np.abs(g64)) for j in range(3)] for i in range(3)])
+    assert np.all(np.abs(np.asarray(dw, np.float64) - exact) <= gamma(n * h * width) * scale)
+    # and a shifted tap is far outside the bound: the check can fail
+    wrong = conv_reference(x64, np.roll(w64, 1, axis=0))
+    assert not np.all(np.abs(np.asarray(y, np.float64) - wrong) <= gamma(9 * ci) * forward_scale)
+
+
+def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backend_onednn():
+    library_or_skip()
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxres import models
+    from jaxres.config import TrainConfig
+
+    config = TrainConfig(width=0.0625)
+    images = np.zeros((2, 32, 32, 3), np.float32)
+
+    def hlo(config):
+        model = models.from_config(config, num_classes=10)
+        variables = models.init_variables(model, jax.random.PRNGKey(0))
+        loss = lambda v, x: jnp.sum(model.apply(v, x, train=False))  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(variables, images).as_text()
+
+    text = hlo(dataclasses.replace(config, conv_backend="onednn"))
+    assert text.count(onednn.TARGETS["forward"]) == 8  # the eight 3x3 convolutions of ResNet-9
+    assert text.count(onednn.TARGETS["backward_data"]) == 7  # none for the images (not differentiated)
+    # the weight gradient from 16x16 up: prep and layer1's three at 32x32, layer2 at 16x16
+    assert text.count(onednn.TARGETS["backward_weights"]) == 5
+    xla = hlo(dataclasses.replace(config, conv_backend="xla"))
+    assert "JaxresOnednn" not in xla and "convolution" in xla
+    bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"))
+    assert "JaxresOnednn" not in bf16  # float32 only
+    # at width 1 only the convolutions of at most 128 x 128 channels: prep, layer1's three
+    wide = hlo(dataclasses.replace(config, width=1.0, conv_backend="onednn"))
+    assert wide.count(onednn.TARGETS["forward"]) == 4
+
+
+def test_resolve_says_why_auto_falls_back_and_onednn_fails(monkeypatch, capsys):
+    monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no C++ compiler (g++ or c++) on PATH")
+    monkeypatch.setitem(onednn._loaded, "told", False)
+    assert onednn.resolve("xla") == "xla"
+    assert onednn.resolve("auto") == "xla"
+    assert onednn.resolve("auto") == "xla"
+    assert capsys.readouterr().err.count("XLA's convolutions, not oneDNN's: no C++ compiler") == 1  # once
+    with pytest.raises(JaxresError, match="conv_backend onednn is not available: no C\\+\\+ compiler"):
+        onednn.resolve("onednn")
+    with pytest.raises(JaxresError, match="unknown conv_backend 'eigen'"):
+        onednn.resolve("eigen")
+
+
+def test_auto_is_xla_with_several_devices_and_onednn_is_refused():
+    script = (
+        "import json; from jaxres import onednn; from jaxres.errors import JaxresError\n"
+        "try:\n    onednn.resolve('onednn'); error = None\n"
+        "except JaxresError as e:\n    error = str(e)\n"
+        "print(json.dumps({'auto': onednn.resolve('auto'), 'error': error}))\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["auto"] == "xla"
+    assert "needs a single device, JAX has 2" in report["error"]
+
+
+def test_a_missing_install_names_the_package(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(onednn.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match="pip install onednn-cpu-gomp onednn-devel-cpu-gomp"):
+        onednn.locate()
