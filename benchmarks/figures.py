@@ -45,7 +45,6 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "figures"
 DEFAULT_RUNS = REPO_ROOT / "runs" / "figures"
 DPI = 90
-FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 QUICK_FLAGS = ("--width", "0.25", "--epochs", "4", "--batch-size", "256", "--train-subset", "10000")
 SHAPES_FLAGS = ("--data", "shapes", "--width", "0.25", "--epochs", "3", "--batch-size", "256")
 CAM_LAYER = "layer3"
@@ -69,16 +68,11 @@ def is_finished(workdir: Path) -> bool:
     return len(read_metrics(workdir)) >= rundir.load_config(workdir).epochs
 
 
-def with_fast_cpu_flag(xla_flags: str) -> str:
-    """`xla_flags` (an XLA_FLAGS value) with XLA:CPU's YNNPACK fusions switched off, once."""
-    return xla_flags if FAST_CPU_XLA_FLAGS in xla_flags.split() else f"{xla_flags} {FAST_CPU_XLA_FLAGS}".strip()
-
-
 def train_run(workdir: Path, flags: Sequence[str]) -> Path:
     """Train (or resume, or reuse) `python -m jaxres.train FLAGS --workdir WORKDIR`; returns workdir.
 
-    The subprocess gets `XLA_FLAGS` with the YNNPACK fusions off (the speed of
-    `JAXRES_FAST_CPU=1`) and this checkout first on its `PYTHONPATH`.
+    The subprocess gets this checkout first on its `PYTHONPATH` (and jaxres's XLA defaults
+    from its own import of jaxres, `jaxres.runtime`).
     """
     workdir = Path(workdir).resolve()  # the subprocess runs in the repository root
     if is_finished(workdir):
@@ -87,7 +81,7 @@ def train_run(workdir: Path, flags: Sequence[str]) -> Path:
     command = [sys.executable, "-m", "jaxres.train", *flags, "--workdir", str(workdir)]
     if rundir.checkpoint_path(workdir).is_file():
         command.append("--resume")
-    environment = dict(os.environ, XLA_FLAGS=with_fast_cpu_flag(os.environ.get("XLA_FLAGS", "")))
+    environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
     print("$ " + " ".join(command), flush=True)
     completed = subprocess.run(command, env=environment, cwd=REPO_ROOT)
@@ -278,9 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 @command_line
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # XLA reads XLA_FLAGS when JAX first computes, which is after this: the LR range test and
-    # the CAMs in this process get the fast CPU path too (pictures need no bit-exactness)
-    os.environ["XLA_FLAGS"] = with_fast_cpu_flag(os.environ.get("XLA_FLAGS", ""))
     quick = args.quick_workdir or train_run(args.runs / "quick", ("--data", args.data or str(DEFAULT_DATA), *QUICK_FLAGS))
     shapes = args.shapes_workdir or train_run(args.runs / "shapes", SHAPES_FLAGS)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,3 @@ def test_a_folder_without_a_run_is_not_finished(tmp_path):
     assert figures.read_metrics(tmp_path) == []
 
 
-def test_the_fast_cpu_flag_is_added_once_and_keeps_other_flags():
-    flag = figures.FAST_CPU_XLA_FLAGS
-    assert figures.with_fast_cpu_flag("") == flag
-    assert figures.with_fast_cpu_flag("--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {flag}"
-    assert figures.with_fast_cpu_flag(f"--a {flag}") == f"--a {flag}"

@@ -38,8 +38,6 @@ def test_quickstart_notebook_runs_without_errors(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("JAXRES_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    # the kernel is a subprocess: XLA:CPU's YNNPACK fusions off, about 3x faster steps on CPU
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_experimental_ynn_fusion_type=".strip())
     # the kernel runs in the notebook's folder: put this checkout first on its import path
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
