@@ -55,6 +55,7 @@ class Plan:
     budget_seconds: float | None
     parity_tolerance: float = 1e-4  # max |logit diff| / max |logit|
     jax_xla_flags: str = ""  # extra XLA_FLAGS for the jax workers (an experiment, recorded in the results)
+    jax_conv_backend: str = "auto"  # TrainConfig.conv_backend of the jax workers (another one: an experiment)
 
     def steps_for(self, width: float, batch: int) -> int:
         images = self.train_images_per_measure.get(width, self.train_images_per_measure.get("default", 1024))
@@ -225,6 +226,8 @@ def with_overrides(plan: Plan, args) -> Plan:
         changes["torch_compile_rows"] = "last"
     if args.jax_xla_flags:
         changes["jax_xla_flags"] = args.jax_xla_flags
+    if args.jax_conv_backend:
+        changes["jax_conv_backend"] = args.jax_conv_backend
     return dataclasses.replace(plan, **changes)
 
 

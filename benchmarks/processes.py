@@ -197,6 +197,8 @@ class Runner:
         }
         if self.cache_dir:
             values["cache_dir"] = self.cache_dir
+        if framework == "jax":
+            values["conv_backend"] = self.plan.jax_conv_backend
         argv = []
         for key, value in values.items():
             flag = "--" + key.replace("_", "-")

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, help="DataLoader num_workers of the original-style pipeline")
     p.add_argument("--torch-compile", action="store_true", help="add a last train row: the first setting against torch.compile")
     p.add_argument("--jax-xla-flags", default="", help="extra XLA_FLAGS for the jax workers (an experiment; recorded and shown)")
+    p.add_argument("--jax-conv-backend",
+                   help="conv_backend of the jax workers: auto (the default), xla or onednn (an experiment; recorded and shown)")
     p.add_argument("--accuracy-width", type=float)
     p.add_argument("--accuracy-epochs", type=int)
     p.add_argument("--accuracy-subset", type=int, help="train images for time to accuracy (default: the mode's)")
@@ -140,6 +142,8 @@ def run(plan: Plan, args, results: dict, log=print) -> dict:
     runner.started = started
     if plan.jax_xla_flags:
         results["notes"].append(f"experiment: the jaxres workers ran with extra XLA_FLAGS `{plan.jax_xla_flags}` (not the default)")
+    if plan.jax_conv_backend != "auto":
+        results["notes"].append(f"experiment: the jaxres workers ran with conv_backend `{plan.jax_conv_backend}` (not the default auto)")
     if plan.device == "cpu":
         results["notes"].append(
             "CPU: jaxres runs an epoch as a host loop over the jitted step (epoch_loop auto -> steps), "

@@ -45,6 +45,7 @@ def config_for(args, **overrides) -> TrainConfig:
         batch_size=args.batch,
         precision=args.precision,
         epoch_loop=args.epoch_loop,
+        conv_backend=args.conv_backend,
         eval_batch_size=args.eval_batch,
         seed=args.seed,
     )
