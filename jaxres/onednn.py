@@ -126,8 +126,6 @@ def unavailable_reason() -> str | None:
     """None when the oneDNN convolutions can run here, else why not (one line)."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"the oneDNN wheels are for Linux x86-64, this is {platform.system()} {platform.machine()}"
-    if jax.default_backend() != "cpu":
-        return f"JAX runs on {jax.default_backend()}, the oneDNN convolutions are for the CPU"
     try:
         load()
     except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
@@ -139,11 +137,15 @@ def resolve(conv_backend: str) -> str:
     """"onednn" or "xla" for `conv_backend` in CONV_BACKENDS (see the module docstring).
 
     "auto" -> "onednn" when JAX is on the CPU with one device in one process and the
-    library loads, else "xla" (telling stderr once why oneDNN could not be had). "onednn"
-    raises JaxresError when it cannot be had; "xla" is "xla".
+    library loads, else "xla" (on a CPU, telling stderr once why oneDNN could not be had).
+    "onednn" raises JaxresError when it cannot be had; "xla" is "xla".
     """
     check_choice("conv_backend", conv_backend, CONV_BACKENDS)
     if conv_backend == "xla":
+        return "xla"
+    if jax.default_backend() != "cpu":  # a GPU or TPU: XLA's own convolutions, as expected (no message)
+        if conv_backend == "onednn":
+            raise JaxresError(f"conv_backend onednn is for the CPU, JAX runs on {jax.default_backend()}")
         return "xla"
     if jax.device_count() > 1:
         if conv_backend == "onednn":

@@ -132,6 +132,15 @@ def test_resolve_says_why_auto_falls_back_and_onednn_fails(monkeypatch, capsys):
         onednn.resolve("eigen")
 
 
+def test_auto_is_xla_on_a_gpu_without_a_word_and_onednn_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(onednn.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setitem(onednn._loaded, "told", False)
+    assert onednn.resolve("auto") == "xla"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(JaxresError, match="conv_backend onednn is for the CPU, JAX runs on gpu"):
+        onednn.resolve("onednn")
+
+
 def test_auto_is_xla_with_several_devices_and_onednn_is_refused():
     script = (
         "import json; from jaxres import onednn; from jaxres.errors import JaxresError\n"
