@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxres import onednn, precision
-from jaxres.config import CONV_BACKENDS, MODEL_NAMES, NORMS, check_choice
+from jaxres.config import MODEL_NAMES, NORMS, check_choice
 from jaxres.errors import JaxresError
 GHOST_BATCH_SIZE = 32  # images per virtual batch of the "ghost_batch" norm
 
@@ -541,8 +541,7 @@ def create_model(
     check_choice("norm", norm, NORMS)
     if not width > 0:
         raise JaxresError(f"width must be positive, got {width}")
-    check_choice("conv_backend", conv_backend, CONV_BACKENDS)
-    conv_backend = onednn.resolve(conv_backend)
+    conv_backend = onednn.resolve(conv_backend)  # checks the name first, before any computation
     return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype, conv_backend=conv_backend)
 
 
