@@ -3,10 +3,11 @@ one process: `python -m benchmarks.onednn_conv`.
 
 1. times forward, input gradient and weight gradient of every convolution shape of the
    custom ResNet (`--width`, `--batch`), XLA against oneDNN (medians; oneDNN's own kernels,
-   without jaxres's choice of XLA's weight gradient at small sizes), with their relative
+   also for the wide layers jaxres leaves to XLA), with their relative
    difference and oneDNN's kernel names;
-2. times the whole jitted train step (`jaxres.train.make_train_epoch`) with conv_backend
-   "xla" and "onednn", alternating calls, and reports the median of the pairwise speedups.
+2. times the jitted train epoch (`jaxres.train.make_train_epoch`) in the `STEP_VARIANTS`
+   (XLA's or oneDNN's convolutions, host loop or scan), alternating calls, and reports the
+   median of the pairwise speedups over XLA's host loop.
 
 Results: stdout (markdown) and benchmarks/results/onednn-<width>-<batch>-<UTC time>.json.
 The measured decisions are in benchmarks/README.md ("What each change gained").
@@ -26,6 +27,12 @@ import numpy as np
 
 from benchmarks import common
 from jaxres import onednn
+
+
+# The train-epoch variants compared, (conv_backend, epoch_loop): XLA's convolutions (a host
+# loop: XLA's convolutions in a scan are many times slower), oneDNN's in a host loop, and
+# oneDNN's with the loop "auto" picks (scan when no XLA convolution is left).
+STEP_VARIANTS = (("xla", "steps"), ("onednn", "steps"), ("onednn", "auto"))
 
 
 def model_shapes(width: float, batch: int) -> list[tuple[int, int, int, int, int]]:
@@ -91,9 +98,8 @@ def measure_layers(width: float, batch: int, repeats: int) -> list[dict]:
 
 
 def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
-    """The jitted train step (make_train_epoch of `steps` steps) with conv_backend "xla" and
-    "onednn" (jaxres's, XLA's weight gradient at small sizes included), alternating calls;
-    img/s medians and the pairwise speedup."""
+    """The jitted train epoch (make_train_epoch of `steps` steps) in each of `STEP_VARIANTS`,
+    alternating calls; img/s medians and the pairwise speedups over XLA's host loop."""
     import jax
 
     from benchmarks.profile_jax import random_variables
@@ -107,13 +113,15 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
     images = parallel.replicate(mesh, rng.integers(0, 256, (max(4096, batch * steps), 32, 32, 3), dtype=np.uint8))
     labels = parallel.replicate(mesh, rng.integers(0, 10, (images.shape[0],), dtype=np.int32))
     runs = {}
-    for name in ("xla", "onednn"):
-        model = models.from_config(dataclasses.replace(config, conv_backend=name), num_classes=10)
-        state = train.init_train_state(config, optimizer, random_variables(model))
-        epoch = train.make_train_epoch(model, optimizer, config, mesh, steps)
+    for backend, loop in STEP_VARIANTS:
+        run_config = dataclasses.replace(config, conv_backend=backend, epoch_loop=loop)
+        model = models.from_config(run_config, num_classes=10)
+        state = train.init_train_state(run_config, optimizer, random_variables(model))
+        epoch = train.make_train_epoch(model, optimizer, run_config, mesh, steps)
         start = time.perf_counter()
         state, metrics = epoch(parallel.replicate_tree(mesh, state), images, labels, jax.random.PRNGKey(0))
         jax.block_until_ready(metrics)
+        name = f"{backend}/{epoch.loop}"
         runs[name] = {"epoch": epoch, "state": state, "seconds": [], "first_call_seconds": time.perf_counter() - start}
     for call in range(calls):
         for run in runs.values():
@@ -122,10 +130,11 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
             jax.block_until_ready(metrics)
             run["seconds"].append(time.perf_counter() - start)
     rates = {name: [steps * batch / s for s in run["seconds"]] for name, run in runs.items()}
+    baseline = rates["xla/steps"]
     return {
         "steps_per_call": steps,
         "img_per_s": {name: common.summarize(values) for name, values in rates.items()},
-        "onednn_speedup": common.ratio_summary(rates["onednn"], rates["xla"]),
+        "speedup_over_xla_steps": {name: common.ratio_summary(values, baseline) for name, values in rates.items()},
         "first_call_seconds": {name: run["first_call_seconds"] for name, run in runs.items()},
     }
 
@@ -149,11 +158,12 @@ def markdown(result: dict) -> str:
     lines.append(f"| all convolutions of one step | | {total['xla']:.1f} | {total['onednn']:.1f} | | |")
     if "step" in result:
         step = result["step"]
-        rates = step["img_per_s"]
-        speedup = step["onednn_speedup"]
-        lines += ["", f"train step: XLA {rates['xla']['median']:.0f} img/s, oneDNN {rates['onednn']['median']:.0f} img/s; "
-                  f"pairwise speedup median {speedup['median']:.3f} (min {speedup['min']:.3f}, max {speedup['max']:.3f}, "
-                  f"{speedup['n']} pairs)"]
+        lines += ["", "| train epoch: conv_backend / loop | img/s (median) | pairwise speedup over xla/steps (min-max) |",
+                  "|---|---|---|"]
+        for name, rate in step["img_per_s"].items():
+            speedup = step["speedup_over_xla_steps"][name]
+            lines.append(f"| {name} | {rate['median']:.0f} | {speedup['median']:.3f} ({speedup['min']:.3f}-{speedup['max']:.3f}, "
+                         f"{speedup['n']} pairs) |")
     return "\n".join(lines)
 
 

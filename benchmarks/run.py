@@ -146,10 +146,11 @@ def run(plan: Plan, args, results: dict, log=print) -> dict:
         results["notes"].append(f"experiment: the jaxres workers ran with conv_backend `{plan.jax_conv_backend}` (not the default auto)")
     if plan.device == "cpu":
         results["notes"].append(
-            "CPU: jaxres runs an epoch as a host loop over the jitted step (epoch_loop auto -> steps), "
-            "since XLA:CPU convolutions inside lax.scan are much slower (jax-ml/jax#12868); "
-            "its 3x3 float32 convolutions of at most 128 x 128 channels are oneDNN's where its library builds (conv_backend auto, "
-            "jaxres/onednn.py), the others XLA's."
+            "CPU: jaxres's 3x3 float32 convolutions of at most 128 x 128 channels are oneDNN's where its library "
+            "builds (conv_backend auto, jaxres/onednn.py), the others XLA's; an epoch (or evaluation) whose step has "
+            "no XLA convolution left runs as one lax.scan, else as a host loop over the jitted step, since XLA:CPU's "
+            "own convolutions inside lax.scan are much slower (jax-ml/jax#12868; epoch_loop auto, each row records "
+            "the loop it ran in)."
         )
     weights = {}
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="torch: memory format (auto = on)")
     p.add_argument("--torch-compile", action="store_true", help="torch: torch.compile the model")
     # JAX side
-    p.add_argument("--epoch-loop", default="auto", help="jax: TrainConfig.epoch_loop (auto: steps on CPU, scan on GPU)")
+    p.add_argument("--epoch-loop", default="auto", help="jax: TrainConfig.epoch_loop (auto: scan, or steps on a CPU when a step has an XLA convolution)")
     p.add_argument("--conv-backend", default="auto", help="jax: TrainConfig.conv_backend (auto: oneDNN's on a one-device CPU)")
     # accuracy
     p.add_argument("--epochs", type=int, default=2)

@@ -1,8 +1,9 @@
 """The jaxres side of a benchmark worker (imported by `benchmarks.worker` only; no torch here).
 
 Everything goes through the library's own code path: `jaxres.models.from_config`,
-`jaxres.optim.make_optimizer`, `jaxres.parallel`, `jaxres.train.make_train_epoch` (a host
-loop of the jitted step on CPU, one `lax.scan` program on a GPU: `epoch_loop="auto"`) and
+`jaxres.optim.make_optimizer`, `jaxres.parallel`, `jaxres.train.make_train_epoch` (one
+`lax.scan` program, or on CPU while XLA convolutions are left a host loop of the jitted
+step: `epoch_loop="auto"`) and
 `train_epochs` (time to accuracy), `jaxres.evaluate.make_evaluate`, `jaxres.gradcam.gradcam`
 and `jaxres.convert.torch_to_flax` for the shared weights, from which
 `jaxres.train.init_train_state` builds the training state (no random initialisation to
@@ -60,11 +61,13 @@ def device_memory() -> dict:
     return {"device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2**20}
 
 
-def describe_common(config: TrainConfig) -> dict:
+def describe_common(config: TrainConfig, epoch_loop: str | None = None) -> dict:
+    """What every jax row records; epoch_loop: the loop an epoch or evaluation ran in (its
+    `parallel.LoopChoice.loop`), by default what `config.epoch_loop` resolves to untraced."""
     return {
         "device_name": str(jax.local_devices()[0].device_kind),
         "precision": config.precision,
-        "epoch_loop": parallel.resolve_epoch_loop(config.epoch_loop),
+        "epoch_loop": epoch_loop or parallel.resolve_epoch_loop(config.epoch_loop),
         "conv_backend": onednn.resolve(config.conv_backend),
         "devices": jax.device_count(),
     }
@@ -127,6 +130,9 @@ class TrainSession(Session):
         self.key = jax.random.PRNGKey(args.seed)
         self.calls = 0
 
+    def describe(self) -> dict:
+        return describe_common(self.config, self.train_epoch.loop)
+
     def measure(self) -> dict:
         key = jax.random.fold_in(self.key, self.calls)
         self.calls += 1
@@ -150,7 +156,7 @@ class EvalSession(Session):
         self.evaluate = evaluate.make_evaluate(self.model, self.config, self.mesh)
 
     def describe(self) -> dict:
-        return {**super().describe(), "eval_batch": self.config.eval_batch_size}
+        return {**describe_common(self.config, self.evaluate.loop), "eval_batch": self.config.eval_batch_size}
 
     def measure(self) -> dict:
         result, measurement = timed_measurement(
@@ -252,7 +258,7 @@ def time_to_accuracy(args, arrays) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "compile_seconds": compile_total,
         "seconds_to_target": reached,
-        **describe_common(config),
+        **describe_common(config, result.epoch_loop),
         **device_memory(),
         "train_images": int(train_images.shape[0]),
         "test_images": int(test_images.shape[0]),

@@ -134,7 +134,8 @@ class TrainConfig:
     epoch_loop: str = knob(
         "auto",
         "how an epoch runs: `scan` (one compiled program per epoch), `steps` (a host loop of the "
-        "jitted step) or `auto` (steps on CPU, scan elsewhere; see How an epoch runs)",
+        "jitted step) or `auto` (scan, but steps on a CPU when a step has an XLA convolution; see How "
+        "an epoch runs)",
         run_option=True,
     )
     conv_backend: str = knob(

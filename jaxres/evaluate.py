@@ -60,7 +60,8 @@ def make_evaluate(model, config: TrainConfig, mesh: Mesh, tta: str | None = None
     augmentation `tta` (default `config.tta`; see `predict_logits`). loss is the
     training criterion (label-smoothed cross-entropy) averaged over the N images;
     predictions: int32[N]. Batches run in a `lax.scan` or a host loop, as
-    `config.epoch_loop` says (see `parallel.resolve_epoch_loop`).
+    `config.epoch_loop` says (see `parallel.resolve_epoch_loop`; "auto" is decided on the
+    first call, the returned `parallel.LoopChoice` says which in `.loop`).
     """
     tta = config.tta if tta is None else tta
     batch_size = config.eval_batch_size
@@ -91,32 +92,40 @@ def make_evaluate(model, config: TrainConfig, mesh: Mesh, tta: str | None = None
             "predictions": predictions.reshape(-1)[:n],
         }
 
-    if parallel.resolve_epoch_loop(config.epoch_loop) == "scan":
-
-        def scanned(variables, images, labels):
+    def scanned():
+        def scanned_evaluation(variables, images, labels):
             batches = padded_batches(images, labels)
             _, outputs = jax.lax.scan(lambda _, batch: (None, evaluate_batch(variables, *batch)), None, batches)
             return summarize(images.shape[0], *outputs)
 
-        return jax.jit(scanned, out_shardings=replicated)
+        return jax.jit(scanned_evaluation, out_shardings=replicated)
 
-    pad = jax.jit(padded_batches, out_shardings=replicated)
-    run_batch = jax.jit(
-        lambda variables, batches, index: evaluate_batch(variables, *(x[index] for x in batches)),
-        out_shardings=replicated,
-    )
-    finish = jax.jit(
-        lambda n, outputs: summarize(n, *(jnp.stack(x) for x in zip(*outputs))),
-        static_argnums=0,
-        out_shardings=replicated,
-    )
+    def stepped():
+        pad = jax.jit(padded_batches, out_shardings=replicated)
+        run_batch = jax.jit(
+            lambda variables, batches, index: evaluate_batch(variables, *(x[index] for x in batches)),
+            out_shardings=replicated,
+        )
+        finish = jax.jit(
+            lambda n, outputs: summarize(n, *(jnp.stack(x) for x in zip(*outputs))),
+            static_argnums=0,
+            out_shardings=replicated,
+        )
 
-    def stepped(variables, images, labels):
-        batches = pad(images, labels)
-        outputs = [run_batch(variables, batches, index) for index in range(batches[0].shape[0])]
-        return finish(images.shape[0], outputs)
+        def stepped_evaluation(variables, images, labels):
+            batches = pad(images, labels)
+            outputs = [run_batch(variables, batches, index) for index in range(batches[0].shape[0])]
+            return finish(images.shape[0], outputs)
 
-    return stepped
+        return stepped_evaluation
+
+    def trace(variables, images, labels):
+        first_batch = lambda variables, images, labels: evaluate_batch(  # noqa: E731
+            variables, *(x[0] for x in padded_batches(images, labels))
+        )
+        return jax.make_jaxpr(first_batch)(variables, images, labels)
+
+    return parallel.LoopChoice(config.epoch_loop, lambda loop: scanned() if loop == "scan" else stepped(), trace)
 
 
 # --------------------------------------------------------------------------- a saved run

@@ -14,8 +14,10 @@ gradient); `conv3x3` is a `jax.custom_vjp` over them.
   with several devices XLA's convolutions keep the batch split.
 * Only float32 3x3 / stride 1 / padding 1 convolutions go to oneDNN (`handles`); bf16, fp16,
   float64 and every other convolution stay XLA's.
-* The weight gradient is XLA's below 16x16 pixels (`ONEDNN_WEIGHT_GRAD_MIN_PIXELS`), where
-  oneDNN's kernel on AVX2 (`jit:avx2`) is the slower of the two (benchmarks/README.md).
+* All three passes of a convolution it takes are oneDNN's, the weight gradient too (at 8x8
+  and 4x4 pixels oneDNN's `jit:avx2` weight gradient alone is the slower, but with no XLA
+  convolution left the CPU epoch runs as one `lax.scan`, 1.15x faster: see
+  `parallel.resolve_epoch_loop` and benchmarks/README.md).
 * The library is built once with the system C++ compiler (g++) against the
   `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (dependencies on Linux x86-64) into
   ``$JAXRES_CACHE/onednn/``; no compiler or no wheel: "auto" falls back to XLA, saying why once.
@@ -54,10 +56,8 @@ TARGETS = {
     "backward_weights": "JaxresOnednnConvBackwardWeights",
 }
 # Where oneDNN's kernels were the faster (2-core AMD EPYC, AVX2; benchmarks/README.md): the
-# convolutions with at most 128 x 128 channels in x out, and of those the weight gradient from
-# 16 x 16 pixels up; XLA's elsewhere.
+# convolutions with at most 128 x 128 channels in x out; XLA's above.
 ONEDNN_MAX_CHANNEL_PRODUCT = 128 * 128
-ONEDNN_WEIGHT_GRAD_MIN_PIXELS = 16 * 16
 _loaded: dict = {}
 
 
@@ -201,17 +201,13 @@ def _conv3x3_forward(x, w):
 
 def _conv3x3_backward(residuals, g):
     x, w = residuals
-    if x.shape[1] * x.shape[2] >= ONEDNN_WEIGHT_GRAD_MIN_PIXELS:
-        dw = weight_gradient(x, g)
-    else:
-        dw = jax.vjp(lambda w: xla_conv3x3(x, w), w)[1](g)[0]
-    return input_gradient(g, w), dw
+    return input_gradient(g, w), weight_gradient(x, g)
 
 
 def conv3x3(x, w):
     """float32 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 -> [N,H,W,Co], by oneDNN,
-    differentiable once in reverse mode (a `jax.custom_vjp`: oneDNN's input gradient, and
-    its weight gradient from 16x16 pixels up, XLA's below)."""
+    differentiable once in reverse mode (a `jax.custom_vjp` over oneDNN's input and weight
+    gradients)."""
     if "conv3x3" not in _loaded:
         function = jax.custom_vjp(forward)
         function.defvjp(_conv3x3_forward, _conv3x3_backward)

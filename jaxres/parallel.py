@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.extend import core as jax_core
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -59,16 +60,58 @@ def replicate_tree(mesh: Mesh, tree):
     return jax.tree_util.tree_map(lambda x: replicate(mesh, np.asarray(x)), tree)
 
 
-def resolve_epoch_loop(epoch_loop: str) -> str:
-    """"scan" or "steps" for `epoch_loop` in {auto, scan, steps}; auto is steps on CPU, scan elsewhere.
+def resolve_epoch_loop(epoch_loop: str, trace_step=None) -> str:
+    """"scan" or "steps" for `epoch_loop` in {auto, scan, steps}.
 
-    XLA:CPU runs convolutions inside a while loop (which `lax.scan` becomes) many times
-    slower than the same convolutions outside one (jax-ml/jax#12868; measured with the
-    XLA defaults of jaxres.runtime, width 0.25, batch 128, 2-core AMD EPYC: 2.6 img/s in a
-    scan against 68 img/s stepped, the two measured back to back on a loaded machine, ~25x),
-    so on CPU an epoch (and an evaluation) is a Python loop of one jitted step, dispatched
-    asynchronously with the data still on the device.
+    auto is scan (the epoch as one program) off the CPU. On the CPU it is scan when one
+    step has no XLA convolution, i.e. when oneDNN computes all of them (`jaxres.onednn`),
+    and steps (a host loop of one jitted step) otherwise. `trace_step()` returns the
+    step's `ClosedJaxpr`; without it auto on CPU is steps. Why (2-core AMD EPYC, width
+    0.25, benchmarks/README.md): XLA:CPU runs its own convolutions inside a while loop
+    (which `lax.scan` becomes) ~17-25x slower than outside one (jax-ml/jax#12868), while
+    with oneDNN's convolutions the scanned epoch is ~1.15x the host loop's speed. (Part of
+    that is the host's dispatch between steps, ~3 % of a step in a profile; the rest is
+    not pinned down.)
     """
-    if epoch_loop == "auto":
-        return "steps" if jax.default_backend() == "cpu" else "scan"
-    return epoch_loop
+    if epoch_loop != "auto":
+        return epoch_loop
+    if jax.default_backend() != "cpu":
+        return "scan"
+    if trace_step is None or xla_convolutions(trace_step()):
+        return "steps"
+    return "scan"
+
+
+def xla_convolutions(closed_jaxpr) -> int:
+    """How many `conv_general_dilated` (XLA convolutions) a jaxpr holds, sub-jaxprs included."""
+    count = 0
+    pending = [closed_jaxpr.jaxpr]
+    while pending:
+        jaxpr = pending.pop()
+        for eqn in jaxpr.eqns:
+            count += eqn.primitive.name == "conv_general_dilated"
+            for param in eqn.params.values():
+                for value in param if isinstance(param, (list, tuple)) else (param,):
+                    if isinstance(value, jax_core.ClosedJaxpr):
+                        pending.append(value.jaxpr)
+                    elif isinstance(value, jax_core.Jaxpr):
+                        pending.append(value)
+    return count
+
+
+class LoopChoice:
+    """An epoch (or evaluation) function built for the loop `resolve_epoch_loop` picks, which
+    may need the step traced on real arguments: `build(loop)` is called on the first call,
+    `trace(*args)` returns the step's `ClosedJaxpr` for those arguments. `loop` is the
+    choice ("scan" or "steps"), None before the first call."""
+
+    def __init__(self, epoch_loop: str, build, trace):
+        self.epoch_loop, self.build, self.trace = epoch_loop, build, trace
+        self.loop = None
+        self.function = None
+
+    def __call__(self, *args):
+        if self.function is None:
+            self.loop = resolve_epoch_loop(self.epoch_loop, lambda: self.trace(*args))
+            self.function = self.build(self.loop)
+        return self.function(*args)

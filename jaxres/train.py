@@ -8,8 +8,9 @@ A batch walks straight down: data (`jaxres.data`) -> augment (`jaxres.augment`) 
             (`prepare_run`).
 2. state    `init_train_state`: params, batch_stats, optimizer state, loss scale.
 3. epoch    `make_train_epoch`: `train_step` over shuffled batches that are gathered
-            and augmented on the device; on GPU/TPU one compiled `lax.scan` program per
-            epoch, on CPU a host loop of the jitted step (`parallel.resolve_epoch_loop`).
+            and augmented on the device; one compiled `lax.scan` program per epoch, or
+            on CPU, while a step has an XLA convolution, a host loop of the jitted step
+            (`parallel.resolve_epoch_loop`).
             The host sees only a few scalars per epoch.
 4. eval     `jaxres.evaluate.make_evaluate`: the test set, looped the same way.
 5. outputs  the checkpoint (with the epoch's metrics row) each epoch, metrics.jsonl
@@ -158,6 +159,8 @@ def make_train_epoch(
 
     With `config.epoch_loop` "scan" the epoch is one program (a `lax.scan` over the
     steps); with "steps" it is a host loop over one jitted step; both compute the same.
+    "auto" is decided on the first call (`parallel.resolve_epoch_loop`, which traces one
+    step); the returned `parallel.LoopChoice` then says which in `.loop`.
     """
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
@@ -189,8 +192,7 @@ def make_train_epoch(
             "first_nonfinite_step": jnp.where(nonfinite.any(), jnp.argmax(nonfinite), -1),
         }
 
-    if parallel.resolve_epoch_loop(config.epoch_loop) == "scan":
-
+    def scanned():
         def scanned_epoch(state, images, labels, key):
             batches, augment_key = shuffled_batches(key, images.shape[0])
 
@@ -203,22 +205,29 @@ def make_train_epoch(
 
         return jax.jit(scanned_epoch, donate_argnums=(0,), out_shardings=replicated)
 
-    shuffle = jax.jit(shuffled_batches, static_argnums=1, out_shardings=replicated)
-    step = jax.jit(one_step, donate_argnums=(0,), out_shardings=replicated)
-    finish = jax.jit(
-        lambda state, per_step: summarize(state, jax.tree_util.tree_map(lambda *x: jnp.stack(x), *per_step)),
-        out_shardings=replicated,
-    )
+    def stepped():
+        shuffle = jax.jit(shuffled_batches, static_argnums=1, out_shardings=replicated)
+        step = jax.jit(one_step, donate_argnums=(0,), out_shardings=replicated)
+        finish = jax.jit(
+            lambda state, per_step: summarize(state, jax.tree_util.tree_map(lambda *x: jnp.stack(x), *per_step)),
+            out_shardings=replicated,
+        )
 
-    def stepped_epoch(state, images, labels, key):
-        batches, augment_key = shuffle(key, images.shape[0])
-        per_step = []
-        for step_index in range(steps_per_epoch):
-            state, metrics = step(state, images, labels, batches[step_index], step_index, augment_key)
-            per_step.append(metrics)
-        return state, finish(state, per_step)
+        def stepped_epoch(state, images, labels, key):
+            batches, augment_key = shuffle(key, images.shape[0])
+            per_step = []
+            for step_index in range(steps_per_epoch):
+                state, metrics = step(state, images, labels, batches[step_index], step_index, augment_key)
+                per_step.append(metrics)
+            return state, finish(state, per_step)
 
-    return stepped_epoch
+        return stepped_epoch
+
+    def trace(state, images, labels, key):
+        batch_indices = jnp.zeros(config.batch_size, jnp.int32)
+        return jax.make_jaxpr(one_step)(state, images, labels, batch_indices, 0, key)
+
+    return parallel.LoopChoice(config.epoch_loop, lambda loop: scanned() if loop == "scan" else stepped(), trace)
 
 
 # --------------------------------------------------------------------------- epochs
@@ -291,6 +300,7 @@ class EpochResult:
     compile_seconds: float  # tracing and compiling the training epoch (its first call)
     evaluation_seconds: float  # the evaluation's wall time, compilation included
     evaluation_compile_seconds: float  # of which compiling the evaluation (its first call)
+    epoch_loop: str = ""  # how the epoch ran: "scan" or "steps" (`parallel.resolve_epoch_loop`)
 
 
 def train_epochs(
@@ -322,7 +332,7 @@ def train_epochs(
             evaluation = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))
         yield EpochResult(
             epoch + 1, state, metrics, evaluation, seconds, compile_clock.seconds,
-            time.perf_counter() - evaluation_started, evaluation_clock.seconds,
+            time.perf_counter() - evaluation_started, evaluation_clock.seconds, train_epoch.loop,
         )  # fmt: skip
 
 
