@@ -234,3 +234,42 @@ def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path)
     assert json.loads(completed.stdout.strip().splitlines()[-1])["devices"] == 2
     for multi, single in zip(read_checkpoint_leaves(tmp_path / "process0"), read_checkpoint_leaves(tmp_path / "single")):
         np.testing.assert_allclose(multi, single, atol=1e-5)
+
+
+def test_auto_scans_off_the_cpu_and_on_the_cpu_only_without_xla_convolutions(monkeypatch):
+    """`resolve_epoch_loop` counts XLA convolutions in the traced step, inside a scan's body
+    and a custom_vjp's rules too; explicit loops pass through untraced."""
+    import jax.numpy as jnp
+
+    from jaxres import parallel
+
+    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+
+    def conv(x):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def in_scan(x):
+        return jax.lax.scan(lambda carry, _: (conv(carry), None), x, None, length=2)[0]
+
+    traced_conv = lambda: jax.make_jaxpr(jax.grad(lambda x: in_scan(x).sum()))(x)  # noqa: E731
+    traced_none = lambda: jax.make_jaxpr(lambda x: jnp.tanh(x).sum())(x)  # noqa: E731
+    assert parallel.xla_convolutions(traced_conv()) >= 2  # forward and gradients, inside the scan
+    assert parallel.xla_convolutions(traced_none()) == 0
+    assert parallel.resolve_epoch_loop("auto", traced_conv) == "steps"
+    assert parallel.resolve_epoch_loop("auto", traced_none) == "scan"
+    assert parallel.resolve_epoch_loop("auto") == "steps"  # nothing to trace: the safe loop on CPU
+    untraceable = lambda: pytest.fail("an explicit loop or another backend needs no trace")  # noqa: E731
+    assert parallel.resolve_epoch_loop("scan", untraceable) == "scan"
+    assert parallel.resolve_epoch_loop("steps", untraceable) == "steps"
+    built, traces = [], []
+
+    def trace(*args):
+        traces.append(args)
+        return traced_conv()
+
+    choice = parallel.LoopChoice("auto", lambda loop: built.append(loop) or (lambda *args: (loop, args)), trace)
+    assert choice.loop is None
+    assert choice(1) == ("steps", (1,)) and choice(2) == ("steps", (2,))
+    assert choice.loop == "steps" and built == ["steps"] and traces == [(1,)]  # decided once, on the first call's arguments
+    monkeypatch.setattr(parallel.jax, "default_backend", lambda: "gpu")
+    assert parallel.resolve_epoch_loop("auto", untraceable) == "scan"
