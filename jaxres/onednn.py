@@ -176,10 +176,6 @@ def _call(target: str, shape: tuple, *operands):
     return jax.ffi.ffi_call(TARGETS[target], result, vmap_method="sequential")(*operands)
 
 
-def xla_conv3x3(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def forward(x, w):
     """oneDNN's forward pass: x[N,H,W,Ci], w[3,3,Ci,Co] -> y[N,H,W,Co] (float32)."""
     return _call("forward", x.shape[:3] + (w.shape[3],), x, w)
