@@ -163,6 +163,9 @@ def markdown(result: dict) -> str:
         )
     total = {name: sum(row["count"] * sum(row["ms"][name].values()) for row in result["layers"]) for name in ("xla", "onednn")}
     lines.append(f"| all convolutions of one step | | {total['xla']:.1f} | {total['onednn']:.1f} | | |")
+    limit = result.get("max_channel_product")
+    lines.append("\nconv_backend onednn takes " + ("every one of them (AVX-512 kernels)" if limit is None else
+                 f"those of at most {limit} channels in x out (AVX2 kernels), XLA the others"))
     if "step" in result:
         step = result["step"]
         lines += ["", "| train epoch: conv_backend / loop | img/s (median) | pairwise speedup over xla/steps (min-max) |",
@@ -189,6 +192,7 @@ def main(argv=None) -> int:
 
     result = {"width": args.width, "batch": args.batch, "threads": args.threads, "machine": common.machine_record(),
               "packages": common.package_versions(), "git": common.git_commit()}
+    result["max_channel_product"] = onednn.max_channel_product()  # the rule `conv_backend` onednn follows here
     result["layers"] = measure_layers(args.width, args.batch, args.repeats)
     if args.calls:
         result["step"] = measure_step(args.width, args.batch, args.steps, args.calls)

@@ -64,13 +64,17 @@ def device_memory() -> dict:
 def describe_common(config: TrainConfig, epoch_loop: str | None = None) -> dict:
     """What every jax row records; epoch_loop: the loop an epoch or evaluation ran in (its
     `parallel.LoopChoice.loop`), by default what `config.epoch_loop` resolves to untraced."""
-    return {
+    backend = onednn.resolve(config.conv_backend)
+    record = {
         "device_name": str(jax.local_devices()[0].device_kind),
         "precision": config.precision,
         "epoch_loop": epoch_loop or parallel.resolve_epoch_loop(config.epoch_loop),
-        "conv_backend": onednn.resolve(config.conv_backend),
+        "conv_backend": backend,
         "devices": jax.device_count(),
     }
+    if backend == "onednn":  # which convolutions oneDNN took on this CPU (None: all of them)
+        record["onednn_max_channel_product"] = onednn.max_channel_product()
+    return record
 
 
 def timed(function):

@@ -13,7 +13,9 @@ gradient); `conv3x3` is a `jax.custom_vjp` over them.
   why when it cannot be had); "xla" never uses it. The FFI calls have no sharding rule, so
   with several devices XLA's convolutions keep the batch split.
 * Only float32 3x3 / stride 1 / padding 1 convolutions go to oneDNN (`handles`); bf16, fp16,
-  float64 and every other convolution stay XLA's.
+  float64 and every other convolution stay XLA's. Where oneDNN's kernels are AVX2 ones, only
+  those of at most 128 x 128 channels (`max_channel_product`: its wider AVX2 weight gradients
+  lose to XLA's); with AVX-512 kernels, all of them.
 * All three passes of a convolution it takes are oneDNN's, the weight gradient too (at 8x8
   and 4x4 pixels oneDNN's `jit:avx2` weight gradient alone is the slower, but with no XLA
   convolution left the CPU epoch runs as one `lax.scan`, 1.15x faster: see
@@ -55,9 +57,13 @@ TARGETS = {
     "backward_data": "JaxresOnednnConvBackwardData",
     "backward_weights": "JaxresOnednnConvBackwardWeights",
 }
-# Where oneDNN's kernels were the faster (2-core AMD EPYC, AVX2; benchmarks/README.md): the
-# convolutions with at most 128 x 128 channels in x out; XLA's above.
-ONEDNN_MAX_CHANNEL_PRODUCT = 128 * 128
+# Where oneDNN's AVX2 kernels were the faster (2-core AMD EPYC; benchmarks/README.md): the
+# convolutions with at most 128 x 128 channels in x out; XLA's above. With AVX-512 kernels
+# (Intel Xeon) oneDNN's were the faster for every convolution of the epoch: no limit there.
+AVX2_MAX_CHANNEL_PRODUCT = 128 * 128
+# The shape whose weight-gradient kernel tells which ISA oneDNN dispatches to on this CPU: one
+# of the wide layers where AVX2's kernel loses (the width-1 ResNet-9's layer2, 8x8 pixels).
+ISA_PROBE_SHAPE = (8, 8, 8, 256, 512)
 _loaded: dict = {}
 
 
@@ -211,6 +217,21 @@ def conv3x3(x, w):
     return _loaded["conv3x3"](x, w)
 
 
+@functools.lru_cache(maxsize=None)
+def max_channel_product() -> int | None:
+    """The most in x out channels `handles` gives oneDNN on this CPU, None for no limit: None
+    when oneDNN's kernels here are AVX-512 ones (its weight gradient beat XLA's on every layer
+    measured, and with no XLA convolution left the epoch scans), `AVX2_MAX_CHANNEL_PRODUCT`
+    otherwise. Read off the kernel oneDNN picks for `ISA_PROBE_SHAPE`'s weight gradient."""
+    weight_gradient = implementations(*ISA_PROBE_SHAPE).rsplit("|", 1)[-1]
+    return None if "avx512" in weight_gradient else AVX2_MAX_CHANNEL_PRODUCT
+
+
+def within_channel_limit(in_channels: int, out_channels: int) -> bool:
+    limit = max_channel_product()
+    return limit is None or in_channels * out_channels <= limit
+
+
 def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
             feature_group_count=1, batch_group_count=1, **_) -> bool:
     """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes it)."""
@@ -219,7 +240,7 @@ def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=N
         not isinstance(padding, str)
         and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
         and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-        and rhs.shape[2] * rhs.shape[3] <= ONEDNN_MAX_CHANNEL_PRODUCT
+        and within_channel_limit(rhs.shape[2], rhs.shape[3])
         and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
         and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
         and feature_group_count == 1 and batch_group_count == 1

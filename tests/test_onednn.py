@@ -86,7 +86,7 @@ def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size)
     assert not np.all(np.abs(np.asarray(y, np.float64) - wrong) <= gamma(9 * ci) * forward_scale)
 
 
-def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backend_onednn():
+def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backend_onednn(monkeypatch):
     library_or_skip()
     import dataclasses
 
@@ -113,9 +113,28 @@ def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backe
     assert "JaxresOnednn" not in xla and "convolution" in xla
     bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"))
     assert "JaxresOnednn" not in bf16  # float32 only
-    # at width 1 only the convolutions of at most 128 x 128 channels: prep, layer1's three
-    wide = hlo(dataclasses.replace(config, width=1.0, conv_backend="onednn"))
-    assert wide.count(onednn.TARGETS["forward"]) == 4
+    # at width 1, where oneDNN's kernels are AVX2 ones, only the convolutions of at most 128 x 128
+    # channels (prep, layer1's three); with its AVX-512 kernels every one
+    for limit, expected in ((onednn.AVX2_MAX_CHANNEL_PRODUCT, 4), (None, 8)):
+        monkeypatch.setattr(onednn, "max_channel_product", lambda limit=limit: limit)
+        wide = hlo(dataclasses.replace(config, width=1.0, conv_backend="onednn"))
+        assert wide.count(onednn.TARGETS["forward"]) == expected
+
+
+def test_the_channel_limit_follows_the_isa_of_onednns_weight_gradient_kernel(monkeypatch):
+    """oneDNN's kernel names carry the ISA (jit:avx2, jit:avx512_core, ...): AVX-512 -> no
+    limit, anything else -> the AVX2 limit; and this CPU's real names do carry one."""
+    library_or_skip()
+    real = onednn.implementations(*onednn.ISA_PROBE_SHAPE)
+    assert real.count("|") == 2 and ("avx2" in real or "avx512" in real), real
+    assert (onednn.max_channel_product() is None) == ("avx512" in real.rsplit("|", 1)[-1])
+    rule = onednn.max_channel_product.__wrapped__  # uncached, so the patched names are read
+    for names, limit in (("brgconv:avx2 | brg_fwd:avx2+brgconv:avx2 | jit:avx2", onednn.AVX2_MAX_CHANNEL_PRODUCT),
+                         ("brgconv:avx512_core | brgconv:avx512_core | jit:avx512_core", None),
+                         ("brgconv:avx512_core | brgconv:avx512_core | jit:avx2", onednn.AVX2_MAX_CHANNEL_PRODUCT),
+                         ("brgconv:avx512_core_amx | x | jit:avx512_core_amx", None)):
+        monkeypatch.setattr(onednn, "implementations", lambda *shape, names=names: names)
+        assert rule() == limit, names
 
 
 def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolution():
