@@ -148,7 +148,8 @@ def run(plan: Plan, args, results: dict, log=print) -> dict:
         results["notes"].append(
             "CPU: jaxres's 3x3 float32 convolutions are oneDNN's where its library builds (conv_backend auto, "
             "jaxres/onednn.py): all of them with oneDNN's AVX-512 kernels, those of at most 128 x 128 channels with "
-            "its AVX2 ones, the others XLA's; an epoch (or evaluation) whose step has "
+            "its AVX2 ones, the others XLA's; bf16 ones are oneDNN's where its bfloat16 kernels are native (AMX, "
+            "AVX512-BF16), else XLA's; an epoch (or evaluation) whose step has "
             "no XLA convolution left runs as one lax.scan, else as a host loop over the jitted step, since XLA:CPU's "
             "own convolutions inside lax.scan are much slower (jax-ml/jax#12868; epoch_loop auto, each row records "
             "the loop it ran in)."

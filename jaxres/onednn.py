@@ -12,10 +12,13 @@ gradient); `conv3x3` is a `jax.custom_vjp` over them.
   one process and the library builds, else "xla"; "onednn" asks for it (an error that says
   why when it cannot be had); "xla" never uses it. The FFI calls have no sharding rule, so
   with several devices XLA's convolutions keep the batch split.
-* Only float32 3x3 / stride 1 / padding 1 convolutions go to oneDNN (`handles`); bf16, fp16,
-  float64 and every other convolution stay XLA's. Where oneDNN's kernels are AVX2 ones, only
-  those of at most 128 x 128 channels (`max_channel_product`: its wider AVX2 weight gradients
-  lose to XLA's); with AVX-512 kernels, all of them.
+* Only float32 and bfloat16 3x3 / stride 1 / padding 1 convolutions go to oneDNN (`handles`);
+  fp16, float64 and every other convolution stay XLA's. float32: where oneDNN's kernels are
+  AVX2 ones, only those of at most 128 x 128 channels (`max_channel_product`: its wider AVX2
+  weight gradients lose to XLA's); with AVX-512 kernels, all of them. bfloat16: only where
+  oneDNN's bfloat16 kernels are native (AMX or AVX512-BF16, `native_bf16`), where they ran the
+  bf16 epoch 3.0x (width 0.25) and 3.5x (width 1) faster than XLA's bfloat16 convolutions,
+  which do not use AMX (Intel Xeon); all of them there.
 * All three passes of a convolution it takes are oneDNN's, the weight gradient too (at 8x8
   and 4x4 pixels oneDNN's `jit:avx2` weight gradient alone is the slower, but with no XLA
   convolution left the CPU epoch runs as one `lax.scan`, 1.15x faster: see
@@ -57,6 +60,8 @@ TARGETS = {
     "backward_data": "JaxresOnednnConvBackwardData",
     "backward_weights": "JaxresOnednnConvBackwardWeights",
 }
+# The bfloat16 handlers: the same names with this suffix (all operands and results bfloat16).
+BF16_SUFFIX = "Bf16"
 # Where oneDNN's AVX2 kernels were the faster (2-core AMD EPYC; benchmarks/README.md): the
 # convolutions with at most 128 x 128 channels in x out; XLA's above. With AVX-512 kernels
 # (Intel Xeon) oneDNN's were the faster for every convolution of the epoch: no limit there.
@@ -121,8 +126,10 @@ def load() -> ctypes.CDLL:
     if "library" not in _loaded:
         library = ctypes.cdll.LoadLibrary(str(build(*locate())))
         for target in TARGETS.values():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+            for name in (target, target + BF16_SUFFIX):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
         library.JaxresOnednnImplementations.restype = ctypes.c_char_p
+        library.JaxresOnednnImplementations.argtypes = [ctypes.c_int64] * 6
         _loaded["library"] = library
     return _loaded["library"]
 
@@ -171,19 +178,23 @@ def resolve(conv_backend: str) -> str:
     return "xla"
 
 
-def implementations(batch: int, height: int, width: int, in_channels: int, out_channels: int) -> str:
-    """oneDNN's names for the kernels it picks for one shape: "forward | input grad | weight grad"."""
-    return load().JaxresOnednnImplementations(batch, height, width, in_channels, out_channels).decode()
+def implementations(batch: int, height: int, width: int, in_channels: int, out_channels: int,
+                    dtype=jnp.float32) -> str:
+    """oneDNN's names for the kernels it picks for one shape and type (float32 or bfloat16):
+    "forward | input grad | weight grad"."""
+    bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
+    return load().JaxresOnednnImplementations(batch, height, width, in_channels, out_channels, bf16).decode()
 
 
 def _call(target: str, shape: tuple, *operands):
     load()
-    result = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return jax.ffi.ffi_call(TARGETS[target], result, vmap_method="sequential")(*operands)
+    dtype = jnp.dtype(operands[0].dtype)
+    name = TARGETS[target] + (BF16_SUFFIX if dtype == jnp.bfloat16 else "")
+    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(*operands)
 
 
 def forward(x, w):
-    """oneDNN's forward pass: x[N,H,W,Ci], w[3,3,Ci,Co] -> y[N,H,W,Co] (float32)."""
+    """oneDNN's forward pass: x[N,H,W,Ci], w[3,3,Ci,Co] -> y[N,H,W,Co] (float32 or bfloat16, both alike)."""
     return _call("forward", x.shape[:3] + (w.shape[3],), x, w)
 
 
@@ -232,6 +243,21 @@ def within_channel_limit(in_channels: int, out_channels: int) -> bool:
     return limit is None or in_channels * out_channels <= limit
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether oneDNN's bfloat16 kernels here use the CPU's own bfloat16 instructions (AMX or
+    AVX512-BF16) for all three passes of `ISA_PROBE_SHAPE`: only then do bfloat16
+    convolutions go to oneDNN (elsewhere they emulate it and XLA's keep them)."""
+    names = implementations(*ISA_PROBE_SHAPE, dtype=jnp.bfloat16).split("|")
+    return len(names) == 3 and all("amx" in name or "avx512_core_bf16" in name for name in names)
+
+
+def takes_dtype(dtype) -> bool:
+    """float32 always; bfloat16 where `native_bf16`."""
+    dtype = jnp.dtype(dtype)
+    return dtype == jnp.float32 or (dtype == jnp.bfloat16 and native_bf16())
+
+
 def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
             feature_group_count=1, batch_group_count=1, **_) -> bool:
     """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes it)."""
@@ -239,7 +265,7 @@ def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=N
     return (
         not isinstance(padding, str)
         and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
-        and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+        and lhs.dtype == rhs.dtype and takes_dtype(lhs.dtype)
         and within_channel_limit(rhs.shape[2], rhs.shape[3])
         and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
         and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)

@@ -1,5 +1,7 @@
-// The 3x3, stride 1, padding 1, float32 convolution of jaxres's models as oneDNN primitives,
-// exposed to XLA as three FFI handlers (jaxres/onednn.py builds and loads this file):
+// The 3x3, stride 1, padding 1, float32 or bfloat16 convolution of jaxres's models as oneDNN
+// primitives, exposed to XLA as three FFI handlers per type (jaxres/onednn.py builds and loads
+// this file; the bfloat16 ones are named with a "Bf16" suffix, all operands bfloat16, oneDNN
+// accumulating in float32):
 //   JaxresOnednnConvForward(x[N,H,W,Ci], w[3,3,Ci,Co]) -> y[N,H,W,Co]
 //   JaxresOnednnConvBackwardData(g[N,H,W,Co], w[3,3,Ci,Co]) -> dx[N,H,W,Ci]
 //   JaxresOnednnConvBackwardWeights(x[N,H,W,Ci], g[N,H,W,Co]) -> dw[3,3,Ci,Co]
@@ -41,18 +43,18 @@ struct Plan {
 std::mutex plans_mutex;
 std::mutex execute_mutex;
 
-Plan& GetPlan(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co) {
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans;
+Plan& GetPlan(dt type, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co) {
+  static std::map<std::tuple<dt, int64_t, int64_t, int64_t, int64_t, int64_t>, std::unique_ptr<Plan>> plans;
   std::lock_guard<std::mutex> lock(plans_mutex);
-  auto key = std::make_tuple(n, h, w, ci, co);
+  auto key = std::make_tuple(type, n, h, w, ci, co);
   auto found = plans.find(key);
   if (found != plans.end()) return *found->second;
-  dnnl::memory::desc src({n, ci, h, w}, dt::f32, tag::nhwc);
-  dnnl::memory::desc dst({n, co, h, w}, dt::f32, tag::nhwc);
-  dnnl::memory::desc any_weights({co, ci, 3, 3}, dt::f32, tag::any);
+  dnnl::memory::desc src({n, ci, h, w}, type, tag::nhwc);
+  dnnl::memory::desc dst({n, co, h, w}, type, tag::nhwc);
+  dnnl::memory::desc any_weights({co, ci, 3, 3}, type, tag::any);
   dnnl::memory::dims strides{1, 1}, padding{1, 1};
   auto plan = std::make_unique<Plan>();
-  plan->user_weights = dnnl::memory::desc({co, ci, 3, 3}, dt::f32, tag::hwio);
+  plan->user_weights = dnnl::memory::desc({co, ci, 3, 3}, type, tag::hwio);
   plan->forward_pd = dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any_weights, dst,
       strides, padding, padding);
@@ -79,6 +81,13 @@ dnnl::memory WeightsAs(const dnnl::memory::desc& wanted, const Plan& plan, void*
   return own;
 }
 
+// oneDNN's type for an FFI buffer type.
+template <ffi::DataType T>
+constexpr dt Onednn() {
+  static_assert(T == ffi::F32 || T == ffi::BF16, "float32 or bfloat16");
+  return T == ffi::F32 ? dt::f32 : dt::bf16;
+}
+
 bool Is3x3(ffi::Span<const int64_t> w) { return w.size() == 4 && w[0] == 3 && w[1] == 3; }
 
 // Runs body(stream) on a fresh stream, one call at a time, and waits for it; a oneDNN
@@ -98,12 +107,13 @@ ffi::Error Execute(const char* what, Body body) {
 
 }  // namespace
 
-static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+template <ffi::DataType T>
+static ffi::Error ConvForward(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<T> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || !Is3x3(wd) || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("jaxres oneDNN forward: expects x[N,H,W,Ci] and w[3,3,Ci,Co]");
   return Execute("forward", [&](dnnl::stream& stream) {
-    Plan& plan = GetPlan(xd[0], xd[1], xd[2], xd[3], wd[3]);
+    Plan& plan = GetPlan(Onednn<T>(), xd[0], xd[1], xd[2], xd[3], wd[3]);
     dnnl::memory src(plan.forward_pd.src_desc(), Engine(), x.typed_data());
     dnnl::memory dst(plan.forward_pd.dst_desc(), Engine(), y->typed_data());
     dnnl::memory weights = WeightsAs(plan.forward_pd.weights_desc(), plan, w.typed_data(), stream);
@@ -111,12 +121,13 @@ static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, 
   });
 }
 
-static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx) {
+template <ffi::DataType T>
+static ffi::Error ConvBackwardData(ffi::Buffer<T> g, ffi::Buffer<T> w, ffi::ResultBuffer<T> dx) {
   auto gd = g.dimensions(), wd = w.dimensions();
   if (gd.size() != 4 || !Is3x3(wd) || wd[3] != gd[3])
     return ffi::Error::InvalidArgument("jaxres oneDNN backward data: expects g[N,H,W,Co] and w[3,3,Ci,Co]");
   return Execute("backward data", [&](dnnl::stream& stream) {
-    Plan& plan = GetPlan(gd[0], gd[1], gd[2], wd[2], wd[3]);
+    Plan& plan = GetPlan(Onednn<T>(), gd[0], gd[1], gd[2], wd[2], wd[3]);
     dnnl::memory diff_dst(plan.backward_data_pd.diff_dst_desc(), Engine(), g.typed_data());
     dnnl::memory diff_src(plan.backward_data_pd.diff_src_desc(), Engine(), dx->typed_data());
     dnnl::memory weights = WeightsAs(plan.backward_data_pd.weights_desc(), plan, w.typed_data(), stream);
@@ -125,12 +136,13 @@ static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32
   });
 }
 
-static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
+template <ffi::DataType T>
+static ffi::Error ConvBackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> g, ffi::ResultBuffer<T> dw) {
   auto xd = x.dimensions(), gd = g.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2])
     return ffi::Error::InvalidArgument("jaxres oneDNN backward weights: expects x[N,H,W,Ci] and g[N,H,W,Co]");
   return Execute("backward weights", [&](dnnl::stream& stream) {
-    Plan& plan = GetPlan(xd[0], xd[1], xd[2], xd[3], gd[3]);
+    Plan& plan = GetPlan(Onednn<T>(), xd[0], xd[1], xd[2], xd[3], gd[3]);
     dnnl::memory src(plan.backward_weights_pd.src_desc(), Engine(), x.typed_data());
     dnnl::memory diff_dst(plan.backward_weights_pd.diff_dst_desc(), Engine(), g.typed_data());
     dnnl::memory user(plan.user_weights, Engine(), dw->typed_data());
@@ -142,19 +154,25 @@ static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   });
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForward, ConvForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForward, ConvForward<ffi::F32>,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardData, ConvBackwardData,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardData, ConvBackwardData<ffi::F32>,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeights, ConvBackwardWeights,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeights, ConvBackwardWeights<ffi::F32>,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForwardBf16, ConvForward<ffi::BF16>,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardDataBf16, ConvBackwardData<ffi::BF16>,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeightsBf16, ConvBackwardWeights<ffi::BF16>,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
 
-// The oneDNN implementations chosen for one shape ("forward | backward data | backward weights"),
-// for the benchmarks' records. Returns a pointer to a string kept until the next call.
-extern "C" const char* JaxresOnednnImplementations(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co) {
+// The oneDNN implementations chosen for one shape and type (bf16 nonzero: bfloat16) ("forward |
+// backward data | backward weights"), for the benchmarks' records and jaxres's rule. Returns a pointer to a string kept until the next call.
+extern "C" const char* JaxresOnednnImplementations(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co, int64_t bf16) {
   static std::string text;
   try {
-    Plan& plan = GetPlan(n, h, w, ci, co);
+    Plan& plan = GetPlan(bf16 ? dt::bf16 : dt::f32, n, h, w, ci, co);
     text = std::string(plan.forward_pd.impl_info_str()) + " | " + plan.backward_data_pd.impl_info_str() + " | " +
            plan.backward_weights_pd.impl_info_str();
   } catch (const std::exception& error) {

@@ -86,6 +86,43 @@ def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size)
     assert not np.all(np.abs(np.asarray(y, np.float64) - wrong) <= gamma(9 * ci) * forward_scale)
 
 
+@pytest.mark.parametrize("size", [4, 16])
+def test_bfloat16_forward_and_both_gradients_are_float32_sums_rounded_once_to_bfloat16(size):
+    """The bfloat16 handlers (used where `native_bf16`): bfloat16 operands, products exact in
+    float32, float32 sums (the bound above), one rounding to bfloat16 at the end (unit
+    roundoff 2**-8). bfloat16 sums would be ~2**-8 * K off, far outside."""
+    library_or_skip()
+    if not onednn.native_bf16():
+        pytest.skip("oneDNN's bfloat16 kernels on this CPU do not use native bfloat16 (no AMX or AVX512-BF16): "
+                    "jaxres leaves bfloat16 convolutions to XLA here")
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    n, h, width, ci, co = 4, size, size, 24, 20
+    # operands exactly representable in bfloat16, so only the sums and the last rounding differ
+    x, w, g = (np.asarray(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16), np.float64)
+               for shape in ((n, h, width, ci), (3, 3, ci, co), (n, h, width, co)))
+    y, vjp = jax.vjp(onednn.conv3x3, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    dx, dw = vjp(jnp.asarray(g, jnp.bfloat16))
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+
+    def within(result, exact, scale, k):
+        sum_error = gamma(k) * scale
+        return np.all(np.abs(np.asarray(result, np.float64) - exact) <= sum_error + 2.0**-8 * (np.abs(exact) + sum_error))
+
+    assert within(y, conv_reference(x, w), conv_reference(np.abs(x), np.abs(w)), 9 * ci)
+    flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
+    assert within(dx, conv_reference(g, flipped), conv_reference(np.abs(g), np.abs(flipped)), 9 * co)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = [[padded[:, i : i + h, j : j + width, :] for j in range(3)] for i in range(3)]
+    exact = np.array([[np.einsum("nhwc,nhwo->co", windows[i][j], g) for j in range(3)] for i in range(3)])
+    scale = np.array([[np.einsum("nhwc,nhwo->co", np.abs(windows[i][j]), np.abs(g)) for j in range(3)] for i in range(3)])
+    assert within(dw, exact, scale, n * h * width)
+    # a shifted tap is far outside the bound: the check can fail
+    assert not within(y, conv_reference(x, np.roll(w, 1, axis=0)), conv_reference(np.abs(x), np.abs(w)), 9 * ci)
+
+
 def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backend_onednn(monkeypatch):
     library_or_skip()
     import dataclasses
@@ -111,8 +148,16 @@ def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backe
     assert text.count(onednn.TARGETS["backward_weights"]) == 8  # at every size, 4x4 included
     xla = hlo(dataclasses.replace(config, conv_backend="xla"))
     assert "JaxresOnednn" not in xla and "convolution" in xla
+    # bfloat16 only where oneDNN has native bfloat16 kernels (AMX, AVX512-BF16), else XLA's
+    monkeypatch.setattr(onednn, "native_bf16", lambda: False)
     bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"))
-    assert "JaxresOnednn" not in bf16  # float32 only
+    assert "JaxresOnednn" not in bf16
+    monkeypatch.setattr(onednn, "native_bf16", lambda: True)  # tracing only: no oneDNN kernel runs
+    bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"))
+    assert bf16.count(onednn.TARGETS["forward"] + onednn.BF16_SUFFIX) == 8
+    assert bf16.count(onednn.TARGETS["backward_weights"] + onednn.BF16_SUFFIX) == 8
+    fp16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="fp16"))
+    assert "JaxresOnednn" not in fp16  # float32 and bfloat16 only
     # at width 1, where oneDNN's kernels are AVX2 ones, only the convolutions of at most 128 x 128
     # channels (prep, layer1's three); with its AVX-512 kernels every one
     for limit, expected in ((onednn.AVX2_MAX_CHANNEL_PRODUCT, 4), (None, 8)):
@@ -139,8 +184,9 @@ def test_the_channel_limit_follows_the_isa_of_onednns_weight_gradient_kernel(mon
 
 def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolution():
     """`parallel.resolve_epoch_loop` traces a step: scan with oneDNN's convolutions only, the
-    host loop while an XLA convolution is left (bf16, or XLA's backend), for training and
-    evaluation alike; the scanned epoch computes what the stepped one does."""
+    host loop while an XLA convolution is left (bf16 without native bfloat16 kernels, or XLA's
+    backend), for training and evaluation alike; the scanned epoch computes what the stepped
+    one does."""
     library_or_skip()
     import dataclasses
 
@@ -170,7 +216,11 @@ def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolut
     scan_loop, scan_eval_loop, scanned, scanned_metrics = epoch(conv_backend="onednn")
     assert (scan_loop, scan_eval_loop) == ("scan", "scan")
     assert epoch(conv_backend="xla")[:2] == ("steps", "steps")
-    assert epoch(conv_backend="onednn", precision="bf16")[:2] == ("steps", "steps")  # XLA's bf16 convolutions
+    with pytest.MonkeyPatch.context() as patch:  # bfloat16 left to XLA (a CPU without native bfloat16)
+        patch.setattr(onednn, "native_bf16", lambda: False)
+        assert epoch(conv_backend="onednn", precision="bf16")[:2] == ("steps", "steps")  # XLA's bf16 convolutions
+    if onednn.native_bf16():  # oneDNN's bfloat16 kernels: nothing of XLA's left, one scan again
+        assert epoch(conv_backend="onednn", precision="bf16")[:2] == ("scan", "scan")
     steps_loop, _, stepped, stepped_metrics = epoch(conv_backend="onednn", epoch_loop="steps")
     assert steps_loop == "steps"
     # the same two steps; XLA fuses the scan's body differently, so float32 rounding apart
