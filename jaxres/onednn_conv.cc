@@ -154,18 +154,17 @@ static ffi::Error ConvBackwardWeights(ffi::Buffer<T> x, ffi::Buffer<T> g, ffi::R
   });
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForward, ConvForward<ffi::F32>,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardData, ConvBackwardData<ffi::F32>,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeights, ConvBackwardWeights<ffi::F32>,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForwardBf16, ConvForward<ffi::BF16>,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardDataBf16, ConvBackwardData<ffi::BF16>,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeightsBf16, ConvBackwardWeights<ffi::BF16>,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<ffi::BF16>>());
+// The three handlers of one type T, named with SUFFIX: every operand and the result of type T.
+#define JAXRES_ONEDNN_HANDLERS(SUFFIX, T)                                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvForward##SUFFIX, ConvForward<T>,                 \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<T>>()); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardData##SUFFIX, ConvBackwardData<T>,       \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<T>>()); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeights##SUFFIX, ConvBackwardWeights<T>, \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<T>>());
+
+JAXRES_ONEDNN_HANDLERS(, ffi::F32)
+JAXRES_ONEDNN_HANDLERS(Bf16, ffi::BF16)
 
 // The oneDNN implementations chosen for one shape and type (bf16 nonzero: bfloat16) ("forward |
 // backward data | backward weights"), for the benchmarks' records and jaxres's rule. Returns a pointer to a string kept until the next call.
