@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     result = {"width": args.width, "batch": args.batch, "threads": args.threads, "machine": common.machine_record(),
               "packages": common.package_versions(), "git": common.git_commit()}
     result["max_channel_product"] = onednn.max_channel_product()  # the rule `conv_backend` onednn follows here
+    result["native_bf16"] = onednn.native_bf16()  # and whether it takes bf16 convolutions
     result["layers"] = measure_layers(args.width, args.batch, args.repeats)
     if args.calls:
         result["step"] = measure_step(args.width, args.batch, args.steps, args.calls)

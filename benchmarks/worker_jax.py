@@ -72,8 +72,9 @@ def describe_common(config: TrainConfig, epoch_loop: str | None = None) -> dict:
         "conv_backend": backend,
         "devices": jax.device_count(),
     }
-    if backend == "onednn":  # which convolutions oneDNN took on this CPU (None: all of them)
+    if backend == "onednn":  # which convolutions oneDNN took on this CPU (None: every float32 one)
         record["onednn_max_channel_product"] = onednn.max_channel_product()
+        record["onednn_native_bf16"] = onednn.native_bf16()  # whether it took the bf16 ones
     return record
 
 

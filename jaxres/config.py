@@ -140,7 +140,7 @@ class TrainConfig:
     )
     conv_backend: str = knob(
         "auto",
-        "who computes the 3x3 float32 convolutions: `xla`, `onednn` (oneDNN through JAX's FFI, CPU, one "
+        "who computes the 3x3 float32 (and, on CPUs with bf16 instructions, bf16) convolutions: `xla`, `onednn` (oneDNN through JAX's FFI, CPU, one "
         "device) or `auto` (onednn on a one-device CPU when it builds, else xla; see jaxres/onednn.py)",
         run_option=True,
     )

@@ -268,8 +268,8 @@ class GhostBatchNorm(BatchNorm):
 
 def conv_function(conv_backend: str) -> Callable:
     """The `conv_general_dilated` that flax's nn.Conv calls for a resolved backend ("xla" or
-    "onednn", see `jaxres.onednn.resolve`): oneDNN's for the 3x3 float32 convolutions it
-    handles, XLA's otherwise."""
+    "onednn", see `jaxres.onednn.resolve`): oneDNN's for the 3x3 float32 (and, where native,
+    bfloat16) convolutions it handles, XLA's otherwise."""
     check_choice("resolved conv_backend", conv_backend, ("xla", "onednn"))
     return onednn.conv_general_dilated if conv_backend == "onednn" else jax.lax.conv_general_dilated
 
@@ -527,8 +527,8 @@ def create_model(
         "ghost_batch" (see `make_norm`).
       dtype: the compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm
         statistics stay float32.
-      conv_backend: "auto", "xla" or "onednn": who computes the 3x3 float32
-        convolutions (`jaxres.onednn.resolve`; the module holds the resolved name).
+      conv_backend: "auto", "xla" or "onednn": who computes the 3x3 float32 /
+        bfloat16 convolutions (`jaxres.onednn.resolve`; the module holds the resolved name).
 
     Returns:
       The unbound `flax.linen.Module`.

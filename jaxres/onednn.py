@@ -4,7 +4,7 @@ XLA:CPU runs convolutions through Eigen, and its weight gradient needs the activ
 transposed batch-last first: at batch 512 those transposes and Eigen's kernels make the
 convolutions of the width-0.25 ResNet-9 take 1.2 s a step where oneDNN (PyTorch's CPU
 library) takes 0.73 s (2-core AMD EPYC, `python -m benchmarks.onednn_conv`). `onednn_conv.cc`
-(next to this file) wraps oneDNN's 3x3 / stride 1 / padding 1 float32 convolution, NHWC
+(next to this file) wraps oneDNN's 3x3 / stride 1 / padding 1 float32 and bfloat16 convolution, NHWC
 activations and HWIO weights, as three FFI handlers (forward, input gradient, weight
 gradient); `conv3x3` is a `jax.custom_vjp` over them.
 
@@ -18,7 +18,10 @@ gradient); `conv3x3` is a `jax.custom_vjp` over them.
   weight gradients lose to XLA's); with AVX-512 kernels, all of them. bfloat16: only where
   oneDNN's bfloat16 kernels are native (AMX or AVX512-BF16, `native_bf16`), where they ran the
   bf16 epoch 3.0x (width 0.25) and 3.5x (width 1) faster than XLA's bfloat16 convolutions,
-  which do not use AMX (Intel Xeon); all of them there.
+  which do not use AMX (Intel Xeon); all of them there. Both rules are read off oneDNN's kernel
+  names (the ISA it dispatches to), and were measured on an AMD EPYC (AVX2) and an Intel Xeon
+  (AVX-512, AMX) only: another AVX-512 CPU (an AMD Zen 4 with AVX512-BF16, say) takes the
+  Xeon's paths unmeasured.
 * All three passes of a convolution it takes are oneDNN's, the weight gradient too (at 8x8
   and 4x4 pixels oneDNN's `jit:avx2` weight gradient alone is the slower, but with no XLA
   convolution left the CPU epoch runs as one `lax.scan`, 1.15x faster: see
@@ -27,8 +30,9 @@ gradient); `conv3x3` is a `jax.custom_vjp` over them.
   `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (dependencies on Linux x86-64) into
   ``$JAXRES_CACHE/onednn/``; no compiler or no wheel: "auto" falls back to XLA, saying why once.
 
-The results equal XLA's to float32 rounding (a sum of the same products in another order),
-not bitwise: a run is deterministic for a given backend and CPU, as before.
+The results equal XLA's to float32 rounding (a sum of the same products in another order;
+in bfloat16, float32 sums rounded once to bfloat16, so within bfloat16 rounding of XLA's), not
+bitwise: a run is deterministic for a given backend and CPU, as before.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ BF16_SUFFIX = "Bf16"
 # (Intel Xeon) oneDNN's were the faster for every convolution of the epoch: no limit there.
 AVX2_MAX_CHANNEL_PRODUCT = 128 * 128
 # The shape whose weight-gradient kernel tells which ISA oneDNN dispatches to on this CPU: one
-# of the wide layers where AVX2's kernel loses (the width-1 ResNet-9's layer2, 8x8 pixels).
+# of the wide layers where AVX2's kernel loses (256 -> 512 channels at 8x8 pixels: the width-1
+# ResNet-9's layer3 convolution).
 ISA_PROBE_SHAPE = (8, 8, 8, 256, 512)
 _loaded: dict = {}
 
@@ -187,8 +192,12 @@ def implementations(batch: int, height: int, width: int, in_channels: int, out_c
 
 
 def _call(target: str, shape: tuple, *operands):
+    dtypes = {jnp.dtype(operand.dtype) for operand in operands}
+    if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
+        raise TypeError(f"jaxres oneDNN {target}: operands must all be float32 or all bfloat16, got "
+                        f"{', '.join(str(operand.dtype) for operand in operands)}")
     load()
-    dtype = jnp.dtype(operands[0].dtype)
+    (dtype,) = dtypes
     name = TARGETS[target] + (BF16_SUFFIX if dtype == jnp.bfloat16 else "")
     return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(*operands)
 
@@ -218,7 +227,7 @@ def _conv3x3_backward(residuals, g):
 
 
 def conv3x3(x, w):
-    """float32 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 -> [N,H,W,Co], by oneDNN,
+    """float32 or bfloat16 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 -> [N,H,W,Co], by oneDNN,
     differentiable once in reverse mode (a `jax.custom_vjp` over oneDNN's input and weight
     gradients)."""
     if "conv3x3" not in _loaded:

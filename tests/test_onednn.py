@@ -172,7 +172,9 @@ def test_the_channel_limit_follows_the_isa_of_onednns_weight_gradient_kernel(mon
     library_or_skip()
     real = onednn.implementations(*onednn.ISA_PROBE_SHAPE)
     assert real.count("|") == 2 and ("avx2" in real or "avx512" in real), real
-    assert (onednn.max_channel_product() is None) == ("avx512" in real.rsplit("|", 1)[-1])
+    # against the kernel's own word for the CPU: AVX-512 kernels where /proc/cpuinfo lists avx512f
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert (onednn.max_channel_product() is None) == ("avx512f" in flags), (real, "avx512f" in flags)
     rule = onednn.max_channel_product.__wrapped__  # uncached, so the patched names are read
     for names, limit in (("brgconv:avx2 | brg_fwd:avx2+brgconv:avx2 | jit:avx2", onednn.AVX2_MAX_CHANNEL_PRODUCT),
                          ("brgconv:avx512_core | brgconv:avx512_core | jit:avx512_core", None),
@@ -227,6 +229,41 @@ def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolut
     assert float(scanned_metrics["loss"]) == pytest.approx(float(stepped_metrics["loss"]), rel=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(scanned.params), jax.tree_util.tree_leaves(stepped.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4 * float(np.max(np.abs(b))) + 1e-7)
+
+
+@pytest.mark.parametrize("names, native", [
+    ("brgconv:avx512_core_amx | brg_fwd:avx512_core_amx+brgconv:avx512_core_amx | brgconv_bwd_w:avx512_core_amx", True),
+    ("jit:avx512_core_bf16 | jit:avx512_core_bf16 | jit:avx512_core_bf16", True),  # AVX512-BF16, no AMX
+    ("jit:avx512_core | jit:avx512_core | jit:avx512_core", False),  # bfloat16 emulated
+    ("brgconv:avx512_core_amx | brgconv:avx512_core_amx | gemm:jit:bf16", False),  # one pass not native
+    ("error: could not create a primitive descriptor for a convolution forward propagation primitive", False),
+])
+def test_bf16_goes_to_onednn_only_where_all_three_of_its_bfloat16_kernels_are_native(monkeypatch, names, native):
+    monkeypatch.setattr(onednn, "implementations", lambda *shape, dtype=None: names)
+    assert onednn.native_bf16.__wrapped__() is native  # uncached, so the patched names are read
+
+
+def test_the_bf16_probe_answers_with_names_or_an_error_string_on_this_cpu():
+    """On a CPU where oneDNN has no bfloat16 convolution the probe must say so, not raise."""
+    library_or_skip()
+    import jax.numpy as jnp
+
+    names = onednn.implementations(*onednn.ISA_PROBE_SHAPE, dtype=jnp.bfloat16)
+    assert names.count("|") == 2 or names.startswith("error: "), names
+    flags = Path("/proc/cpuinfo").read_text().split()
+    if "amx_bf16" in flags:  # the Xeon with AMX: oneDNN's own AMX kernels
+        assert onednn.native_bf16() and "amx" in names, names
+
+
+def test_the_handlers_refuse_mixed_or_other_dtypes_when_traced():
+    library_or_skip()
+    import jax.numpy as jnp
+
+    x, w = jnp.zeros((1, 4, 4, 2), jnp.float32), jnp.zeros((3, 3, 2, 2), jnp.bfloat16)
+    with pytest.raises(TypeError, match="float32, bfloat16"):
+        onednn.forward(x, w)
+    with pytest.raises(TypeError, match="float16, float16"):
+        onednn.forward(x.astype(jnp.float16), w.astype(jnp.float16))
 
 
 def test_resolve_says_why_auto_falls_back_and_onednn_fails(monkeypatch, capsys):
