@@ -167,7 +167,8 @@ JAXRES_ONEDNN_HANDLERS(, ffi::F32)
 JAXRES_ONEDNN_HANDLERS(Bf16, ffi::BF16)
 
 // The oneDNN implementations chosen for one shape and type (bf16 nonzero: bfloat16) ("forward |
-// backward data | backward weights"), for the benchmarks' records and jaxres's rule. Returns a pointer to a string kept until the next call.
+// backward data | backward weights"), for the benchmarks' records and jaxres's rules. Returns a
+// pointer to a string kept until the next call.
 extern "C" const char* JaxresOnednnImplementations(int64_t n, int64_t h, int64_t w, int64_t ci, int64_t co, int64_t bf16) {
   static std::string text;
   try {

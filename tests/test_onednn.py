@@ -52,6 +52,25 @@ def gamma(k: int) -> float:
     return k * U / (1 - k * U)
 
 
+def references(x, w, g):
+    """(exact, scale, K) in float64 for y = conv(x, w) and, with output gradient g, dx and dw:
+    each result element is a sum of K products, scale the same sum of their absolute values."""
+    n, h, width, ci = x.shape
+    co = w.shape[3]
+    # input gradient: the transposed convolution (w flipped, in/out swapped), 9*co products
+    flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
+    # weight gradient: dw[i,j,c,o] = sum over n,h,w of x_pad[n,h+i,w+j,c] g[n,h,w,o], n*h*w products
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = [[padded[:, i : i + h, j : j + width, :] for j in range(3)] for i in range(3)]
+    taps = lambda a, b: np.array([[np.einsum("nhwc,nhwo->co", a[i][j], b) for j in range(3)] for i in range(3)])  # noqa: E731
+    absolute = [[np.abs(window) for window in row] for row in windows]
+    return (
+        (conv_reference(x, w), conv_reference(np.abs(x), np.abs(w)), 9 * ci),  # forward: 9*ci products
+        (conv_reference(g, flipped), conv_reference(np.abs(g), np.abs(flipped)), 9 * co),
+        (taps(windows, g), taps(absolute, np.abs(g)), n * h * width),
+    )
+
+
 @pytest.mark.parametrize("size", [4, 16])
 def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size):
     library_or_skip()
@@ -68,19 +87,10 @@ def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size)
     y, vjp = jax.vjp(onednn.conv3x3, jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
 
-    # forward: 9*ci products per output
-    exact, forward_scale = conv_reference(x64, w64), conv_reference(np.abs(x64), np.abs(w64))
-    assert np.all(np.abs(np.asarray(y, np.float64) - exact) <= gamma(9 * ci) * forward_scale)
-    # input gradient: the transposed convolution (w flipped, in/out swapped), 9*co products
-    flipped = w64[::-1, ::-1].transpose(0, 1, 3, 2)
-    exact, scale = conv_reference(g64, flipped), conv_reference(np.abs(g64), np.abs(flipped))
-    assert np.all(np.abs(np.asarray(dx, np.float64) - exact) <= gamma(9 * co) * scale)
-    # weight gradient: dw[i,j,c,o] = sum over n,h,w of x_pad[n,h+i,w+j,c] g[n,h,w,o], n*h*w products
-    padded = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    windows = [[padded[:, i : i + h, j : j + width, :] for j in range(3)] for i in range(3)]
-    exact = np.array([[np.einsum("nhwc,nhwo->co", windows[i][j], g64) for j in range(3)] for i in range(3)])
-    scale = np.array([[np.einsum("nhwc,nhwo->co", np.abs(windows[i][j]), np.abs(g64)) for j in range(3)] for i in range(3)])
-    assert np.all(np.abs(np.asarray(dw, np.float64) - exact) <= gamma(n * h * width) * scale)
+    checks = references(x64, w64, g64)
+    for result, (exact, scale, k) in zip((y, dx, dw), checks):
+        assert np.all(np.abs(np.asarray(result, np.float64) - exact) <= gamma(k) * scale)
+    forward_scale = checks[0][1]
     # and a shifted tap is far outside the bound: the check can fail
     wrong = conv_reference(x64, np.roll(w64, 1, axis=0))
     assert not np.all(np.abs(np.asarray(y, np.float64) - wrong) <= gamma(9 * ci) * forward_scale)
@@ -111,14 +121,8 @@ def test_bfloat16_forward_and_both_gradients_are_float32_sums_rounded_once_to_bf
         sum_error = gamma(k) * scale
         return np.all(np.abs(np.asarray(result, np.float64) - exact) <= sum_error + 2.0**-8 * (np.abs(exact) + sum_error))
 
-    assert within(y, conv_reference(x, w), conv_reference(np.abs(x), np.abs(w)), 9 * ci)
-    flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
-    assert within(dx, conv_reference(g, flipped), conv_reference(np.abs(g), np.abs(flipped)), 9 * co)
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    windows = [[padded[:, i : i + h, j : j + width, :] for j in range(3)] for i in range(3)]
-    exact = np.array([[np.einsum("nhwc,nhwo->co", windows[i][j], g) for j in range(3)] for i in range(3)])
-    scale = np.array([[np.einsum("nhwc,nhwo->co", np.abs(windows[i][j]), np.abs(g)) for j in range(3)] for i in range(3)])
-    assert within(dw, exact, scale, n * h * width)
+    for result, (exact, scale, k) in zip((y, dx, dw), references(x, w, g)):
+        assert within(result, exact, scale, k)
     # a shifted tap is far outside the bound: the check can fail
     assert not within(y, conv_reference(x, np.roll(w, 1, axis=0)), conv_reference(np.abs(x), np.abs(w)), 9 * ci)
 
