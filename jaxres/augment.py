@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # per channel, on the [0, 1] scale
-from jaxres.config import MIX_METHODS, check_choice
+from jaxres.config import CROP_PADDING_MODES, MIX_METHODS, check_choice
 from jaxres.errors import JaxresError
 
 
@@ -26,15 +26,19 @@ def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=jnp.float32) -> 
     return (jnp.asarray(images, dtype) - mean) * inverse_std
 
 
-def random_crop(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
-    """Zero-pad by `padding` on each side, then cut a random window of the original size.
+def random_crop(key: jax.Array, images: jax.Array, padding: int = 4, mode: str = "zeros") -> jax.Array:
+    """Pad by `padding` on each side, then cut a random window of the original size.
 
     images: T[N, H, W, C] -> T[N, H, W, C]. Offsets are uniform in [0, 2 * padding].
+    mode: "zeros" (the recipe's pad-crop) or "reflect" (mirrored edges without repeating the
+    border pixel, as torch's F.pad(..., 'reflect'): airbench's random translation).
     """
     if padding == 0:
         return images
+    check_choice("crop padding mode", mode, CROP_PADDING_MODES)
     n, height, width, _ = images.shape
-    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    pad_mode = "constant" if mode == "zeros" else "reflect"
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode=pad_mode)
     offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
 
     def crop_one(image, offset):
@@ -43,10 +47,24 @@ def random_crop(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Arra
     return jax.vmap(crop_one)(padded, offsets)
 
 
-def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
-    """Mirror each image left-right with probability 1/2.  T[N, H, W, C] -> T[N, H, W, C]."""
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+def random_flip(key: jax.Array, images: jax.Array, flip: jax.Array | None = None) -> jax.Array:
+    """Mirror each image left-right with probability 1/2, or where `flip` (bool[N]) says.
+    T[N, H, W, C] -> T[N, H, W, C]."""
+    if flip is None:
+        flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def alternating_flips(key: jax.Array, indices: jax.Array, epoch: jax.Array) -> jax.Array:
+    """airbench's alternating flip: which images of a batch to mirror in epoch `epoch`.
+
+    indices: int[B], the images' positions in the training set; epoch: int[] (from 0) ->
+    bool[B]. Image i is mirrored in even epochs when its coin bernoulli(fold_in(key, i))
+    comes up, and in odd epochs when it does not: every image on exactly every other epoch
+    (legacy/airbench94.py flips a random half once, then all of them in odd epochs). The
+    coins depend on `key` and i only, so they stay fixed for the run."""
+    coins = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(indices)
+    return coins ^ (epoch % 2 == 1)
 
 
 def cutout(key: jax.Array, images: jax.Array, size: int = 8) -> jax.Array:
@@ -68,13 +86,20 @@ def cutout(key: jax.Array, images: jax.Array, size: int = 8) -> jax.Array:
 
 
 def augment_batch(
-    key: jax.Array, images: jax.Array, crop_padding: int = 4, flip: bool = True, cutout_size: int = 8
+    key: jax.Array,
+    images: jax.Array,
+    crop_padding: int = 4,
+    flip: bool = True,
+    cutout_size: int = 8,
+    crop_mode: str = "zeros",
+    flips: jax.Array | None = None,
 ) -> jax.Array:
-    """The training augmentation: pad-crop, then flip, then cutout.  T[N,H,W,C] -> T[N,H,W,C]."""
+    """The training augmentation: pad-crop, then flip, then cutout.  T[N,H,W,C] -> T[N,H,W,C].
+    `flips` (bool[N], e.g. `alternating_flips`) replaces the random flips when given."""
     crop_key, flip_key, cutout_key = jax.random.split(key, 3)
-    images = random_crop(crop_key, images, crop_padding)
+    images = random_crop(crop_key, images, crop_padding, crop_mode)
     if flip:
-        images = random_flip(flip_key, images)
+        images = random_flip(flip_key, images, flips)
     return cutout(cutout_key, images, cutout_size)
 
 

@@ -52,6 +52,16 @@ def _float_or_auto(text: str):
 _float_or_auto.__name__ = "float or 'auto'"
 
 
+def _whole_or_float(text: str):
+    """A number, kept an int when it is whole ("24" -> 24, "9.9" -> 9.9): config.json then
+    records `epochs` as the user wrote it."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+_whole_or_float.__name__ = "float"
+
+
 def shown_default(field: dataclasses.Field) -> str:
     """How a field's default reads in --help and the README: its metadata's `shown`, else the value."""
     if field.metadata.get("shown"):
@@ -82,6 +92,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
         if name == "peak_lr":  # the one-cycle schedule's maximum: --max-lr is the same flag
             flags.append("--max-lr")
             parse = _float_or_auto
+        if name == "epochs":
+            parse = _whole_or_float
         parser.add_argument(*flags, type=parse, default=None, metavar=name.upper(), help=help_text)
 
 
@@ -94,7 +106,7 @@ def given_fields(args: argparse.Namespace) -> dict:
 # Flags of `python -m jaxres.train` that are not config fields: (flags, add_argument options, README default).
 TRAIN_EXTRA_FLAGS = (
     (("--preset",), dict(choices=sorted(config_lib.PRESETS), help="start from a named config (jaxres.config.PRESETS: "
-     "quick, recipe, shapes_demo); flags given beside it override its values"), ""),
+     "quick, recipe, shapes_demo, airbench94); flags given beside it override its values"), ""),
     (("--resume",), dict(action="store_true", help="continue the run in --workdir from its last checkpoint (flags may "
      "be omitted: the saved config is reused; run options such as --data, --cache-dir or --epoch-loop may change, "
      "the recipe may not)"), ""),

@@ -39,9 +39,10 @@ from jaxres.errors import JaxresError
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
 CONV_BACKENDS = ("auto", "xla", "onednn")
-TTA_MODES = ("none", "flip", "flip_translate")
+TTA_MODES = ("none", "flip", "flip_translate", "flip_translate_reflect")
+CROP_PADDING_MODES = ("zeros", "reflect")
 MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
-MODEL_NAMES = ("custom_resnet", "resnet18", "resnet34")
+MODEL_NAMES = ("custom_resnet", "resnet18", "resnet34", "airbench94")
 NORMS = ("batch", "group", "layer", "ghost_batch")
 
 
@@ -80,7 +81,9 @@ class TrainConfig:
     model: str = knob(
         "custom_resnet",
         "`custom_resnet` (ResNet-9, 6,573,130 parameters), `resnet18` (11,173,962) or `resnet34` "
-        "(21,282,122): the CIFAR variants (3x3 stem, no initial max-pool, global average pool)",
+        "(21,282,122): the CIFAR variants (3x3 stem, no initial max-pool, global average pool); "
+        "`airbench94` (1,971,640 at width 1): airbench94's network, a frozen 2x2 whitening "
+        "convolution, GELU, three conv-pool-BN blocks (see jaxres/airbench.py)",
     )
     width: float = knob(1.0, "channel width multiplier (0.25 trains quickly on a CPU)")
     norm: str = knob(
@@ -89,7 +92,7 @@ class TrainConfig:
         "statistics over virtual batches of 32 images; same variables as `batch`)",
     )
     # Optimisation
-    epochs: int = knob(24, "number of epochs")
+    epochs: float = knob(24, "number of epochs; a fraction trains the last epoch in part (9.9: nine epochs, then 0.9 of a tenth)")
     batch_size: int = knob(512, "training batch size (a multiple of the device count)")
     peak_lr: float = knob(
         0.4,
@@ -100,15 +103,42 @@ class TrainConfig:
     peak_epoch: float | None = knob(
         None, "epoch (fractional) at which the LR peaks", shown="5/24 of the run (epoch 5 of 24)"
     )
+    lr_start_factor: float = knob(0.0, "the learning rate at step 0, as a fraction of the peak (the schedule rises linearly from it)")
+    lr_end_factor: float = knob(0.0, "the learning rate at the last step, as a fraction of the peak (it falls linearly to it)")
     momentum: float = knob(0.9, "SGD momentum")
     nesterov: bool = knob(True, "Nesterov momentum")
     weight_decay: float = knob(5e-4, "L2 weight decay added to the gradient, as `torch.optim.SGD`")
+    decoupled_hyperparameters: bool = knob(
+        False,
+        "read `peak_lr` and `weight_decay` per 1,024 examples, decoupled from the momentum and from "
+        "each other, and convert them to SGD's as airbench does (`jaxres.optim.decoupled_sgd`)",
+    )
+    norm_bias_lr_scale: float = knob(
+        1.0, "learning-rate multiplier for BatchNorm biases (their weight decay is divided by it, so "
+        "the decay per step stays the same; airbench: 64)"
+    )
+    whiten_bias_epochs: int = knob(
+        3, "airbench94 only: epochs during which the whitening layer's bias is trained (then frozen)"
+    )
+    lookahead_every: int = knob(
+        0, "every this many steps, the weights and BatchNorm statistics move to an exponential moving "
+        "average of themselves (airbench's lookahead; 0 disables; see `jaxres.optim.lookahead_update`)"
+    )
+    lookahead_decay: float = knob(
+        0.95, "per-step decay of the lookahead average: decay**every * (step / total_steps)**3 per update"
+    )
     label_smoothing: float = knob(
         0.2, "label smoothing of the cross-entropy (`optax.smooth_labels` + `softmax_cross_entropy`)"
     )
     # Augmentation
     crop_padding: int = knob(4, "pad-and-random-crop padding in pixels (0 disables)")
+    crop_padding_mode: str = knob("zeros", "how the crop pads: `zeros` or `reflect` (airbench's translation)")
     flip: bool = knob(True, "random horizontal flips")
+    alternating_flip: bool = knob(
+        False,
+        "with `flip`: each image is mirrored on exactly every other epoch (a random half of the images in "
+        "even epochs, the other half in odd ones: airbench's scheme) instead of at random",
+    )
     cutout_size: int = knob(8, "side of the cutout square in pixels (0 disables)")
     mix: str = knob(
         "none",
@@ -124,7 +154,9 @@ class TrainConfig:
     tta: str = knob(
         "none",
         "test-time augmentation at every evaluation: `flip` (mean of the logits of the image and its "
-        "mirror) or `flip_translate` (also shifted by one pixel diagonally both ways: 6 views)",
+        "mirror), `flip_translate` (also shifted by one pixel diagonally both ways, zero-filled: 6 "
+        "views, equal weights) or `flip_translate_reflect` (airbench's TTA level 2: the same 6 views "
+        "reflect-padded, the plain pair weighted 1/2 and each shifted pair 1/4)",
     )
     # Precision
     precision: str = knob("fp32", "compute precision: `fp32`, `bf16`, or `fp16` with dynamic loss scaling")
@@ -153,6 +185,19 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
+
+    @property
+    def epoch_count(self) -> int:
+        """The number of epochs that run (a fractional last epoch counts as one)."""
+        return math.ceil(self.epochs)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps in the whole run: ceil(epochs * steps_per_epoch), as airbench counts them."""
+        return math.ceil(self.epochs * steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int, steps_per_epoch: int) -> int:
+        """Steps of epoch `epoch` (counted from 0): a full epoch, or what is left of the run."""
+        return min(steps_per_epoch, self.total_steps(steps_per_epoch) - epoch * steps_per_epoch)
 
     @property
     def resolved_peak_epoch(self) -> float:
@@ -227,7 +272,33 @@ def shapes_demo(**overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-PRESETS: dict[str, Callable[..., TrainConfig]] = {"quick": quick, "recipe": recipe, "shapes_demo": shapes_demo}
+def airbench94(**overrides) -> TrainConfig:
+    """airbench94 (Keller Jordan's cifar10-airbench, `legacy/airbench94.py`: 94.01 % mean over
+    1,000 runs on the official CIFAR-10) written anew in jaxres: its network (`model
+    airbench94`), 9.9 epochs of batch 1,024, Nesterov SGD with momentum 0.85 and the
+    decoupled LR 11.5 and weight decay 0.0153 per 1,024 examples, BatchNorm biases at 64x the
+    LR, the schedule 0.2 -> 1 over the first 23 % of steps then -> 0.07, lookahead every 5
+    steps, label smoothing 0.2, reflect-padded 2-pixel translation, alternating flip, no
+    cutout, and its TTA level 2 at the end (`flip_translate_reflect`).
+
+        python -m jaxres.train --preset airbench94 --data ../shared/data/cifar10-jpeg.tar.gz
+    """
+    values = dict(
+        model="airbench94", epochs=9.9, batch_size=1024, peak_lr=11.5, weight_decay=0.0153,
+        decoupled_hyperparameters=True, momentum=0.85, nesterov=True, norm_bias_lr_scale=64.0,
+        peak_epoch=0.23 * 9.9, lr_start_factor=0.2, lr_end_factor=0.07, lookahead_every=5,
+        lookahead_decay=0.95, whiten_bias_epochs=3, label_smoothing=0.2, crop_padding=2,
+        crop_padding_mode="reflect", flip=True, alternating_flip=True, cutout_size=0,
+        tta="flip_translate_reflect", eval_batch_size=2000, workdir="runs/airbench94",
+    )  # fmt: skip
+    if "epochs" in overrides and "peak_epoch" not in overrides:
+        values["peak_epoch"] = 0.23 * overrides["epochs"]
+    return TrainConfig(**{**values, **overrides})
+
+
+PRESETS: dict[str, Callable[..., TrainConfig]] = {
+    "quick": quick, "recipe": recipe, "shapes_demo": shapes_demo, "airbench94": airbench94,
+}  # fmt: skip
 
 
 def preset(name: str, **overrides) -> TrainConfig:
@@ -262,18 +333,20 @@ def validate(config: TrainConfig) -> None:
     Every comparison is written so that NaN fails it (`not x > 0`, never `x <= 0`).
     """
     _check_types(config)
-    positive_ints = ("epochs", "batch_size", "eval_batch_size", "loss_scale_growth_interval")
+    if not (config.epochs > 0 and math.isfinite(config.epochs)):
+        raise JaxresError(f"epochs must be a finite positive number, got {config.epochs}")
+    positive_ints = ("batch_size", "eval_batch_size", "loss_scale_growth_interval")
     for name in positive_ints:
         if not getattr(config, name) >= 1:
             raise JaxresError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.train_subset is not None and not config.train_subset >= 1:
         raise JaxresError(f"train_subset must be at least 1, got {config.train_subset}")
-    for name in ("crop_padding", "cutout_size", "misclassified_to_plot"):
+    for name in ("crop_padding", "cutout_size", "misclassified_to_plot", "whiten_bias_epochs", "lookahead_every"):
         if not getattr(config, name) >= 0:
             raise JaxresError(f"{name} must be at least 0, got {getattr(config, name)}")
     if not 0 <= config.seed < 2**63:
         raise JaxresError(f"seed must lie in [0, 2**63), got {config.seed}")
-    positive_floats = ("width", "peak_lr", "initial_loss_scale") + (("mix_alpha",) if config.mix_alpha is not None else ())
+    positive_floats = ("width", "peak_lr", "initial_loss_scale", "norm_bias_lr_scale") + (("mix_alpha",) if config.mix_alpha is not None else ())
     for name in positive_floats:
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
@@ -292,6 +365,7 @@ def validate(config: TrainConfig) -> None:
         ("norm", config.norm, NORMS),
         ("mix", config.mix, MIX_METHODS),
         ("tta", config.tta, TTA_MODES),
+        ("crop_padding_mode", config.crop_padding_mode, CROP_PADDING_MODES),
     ):
         check_choice(what, value, choices)
     if config.peak_epoch is not None and not 0 <= config.peak_epoch <= config.epochs:
@@ -302,3 +376,8 @@ def validate(config: TrainConfig) -> None:
         raise JaxresError(f"label_smoothing must lie in [0, 1), got {config.label_smoothing}")
     if not 0 <= config.momentum < 1:
         raise JaxresError(f"momentum must lie in [0, 1), got {config.momentum}")
+    for name in ("lr_start_factor", "lr_end_factor"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise JaxresError(f"{name} must lie in [0, 1], got {getattr(config, name)}")
+    if not 0 < config.lookahead_decay <= 1:
+        raise JaxresError(f"lookahead_decay must lie in (0, 1], got {config.lookahead_decay}")

@@ -32,7 +32,26 @@ def shift_images(inputs: jax.Array, dy: int, dx: int) -> jax.Array:
     return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width, :]
 
 
-TTA_SHIFTS = {"none": [(0, 0)], "flip": [(0, 0)], "flip_translate": [(0, 0), (1, 1), (-1, -1)]}
+def reflect_shift_images(inputs: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Translate by (dy, dx) pixels, filling with the mirrored edge (torch's F.pad 'reflect',
+    then a window: airbench's TTA shifts). inputs: float[N, H, W, C] -> float[N, H, W, C]."""
+    if dy == 0 and dx == 0:
+        return inputs
+    height, width = inputs.shape[1:3]
+    pad = max(abs(dy), abs(dx))
+    padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width, :]
+
+
+TTA_SHIFTS = {
+    "none": [(0, 0)],
+    "flip": [(0, 0)],
+    "flip_translate": [(0, 0), (1, 1), (-1, -1)],
+    "flip_translate_reflect": [(0, 0), (1, 1), (-1, -1)],
+}
+# the weight of each shift's (image, mirror) pair; equal unless given (airbench's TTA level 2:
+# 1/2 for the plain pair, 1/4 for each shifted one)
+TTA_WEIGHTS = {"flip_translate_reflect": (0.5, 0.25, 0.25)}
 
 
 def predict_logits(model, variables, inputs: jax.Array, tta: str = "none") -> jax.Array:
@@ -40,8 +59,18 @@ def predict_logits(model, variables, inputs: jax.Array, tta: str = "none") -> ja
 
     inputs: float32[N, H, W, 3] (normalised) -> float32[N, K]. tta: "none"; "flip" (the
     image and its mirror); "flip_translate" (both, each also shifted by (1, 1) and
-    (-1, -1) pixels: 6 views). The mean is taken over logits.
+    (-1, -1) pixels, zero-filled: 6 views, equal weights); "flip_translate_reflect" (the
+    same 6 views reflect-padded, weighted as airbench's TTA level 2,
+    legacy/airbench94.py `infer_mirror_translate`: 1/4 each for the image and its mirror,
+    1/8 for each shifted view). The (weighted) mean is taken over logits.
     """
+    if tta in TTA_WEIGHTS:
+        total = 0.0
+        for (dy, dx), weight in zip(TTA_SHIFTS[tta], TTA_WEIGHTS[tta]):
+            shifted = reflect_shift_images(inputs, dy, dx)
+            pair = model.apply(variables, shifted, train=False) + model.apply(variables, shifted[:, :, ::-1, :], train=False)
+            total = total + (weight / 2) * pair
+        return total
     views = []
     for dy, dx in TTA_SHIFTS[tta]:
         shifted = shift_images(inputs, dy, dx)

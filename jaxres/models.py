@@ -169,8 +169,13 @@ batch_norm_rows.defvjp(_batch_norm_rows_forward, _batch_norm_rows_backward)
 
 def _batch_norm_variables(module: nn.Module, channels: int) -> tuple:
     """flax.linen.BatchNorm's variables, declared in `module`: (params scale float32[C] = 1,
-    bias = 0, batch_stats mean = 0, var = 1), the last two as flax variables."""
-    scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = 0, batch_stats mean = 0, var = 1), the last two as flax variables. Without
+    `module.use_scale` the scale is the constant 1, not a parameter (airbench's BatchNorm,
+    whose weight PyTorch keeps at 1 with requires_grad=False)."""
+    if getattr(module, "use_scale", True):
+        scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    else:
+        scale = jnp.ones((channels,), jnp.float32)
     bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
     running_mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
     running_var = module.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
@@ -195,6 +200,7 @@ class BatchNorm(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    use_scale: bool = True  # False: no learned scale (a constant 1)
 
     @nn.compact
     def __call__(self, x):
@@ -497,7 +503,127 @@ class ResNet34(ResNet):
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
 
 
-MODELS = dict(zip(MODEL_NAMES, (CustomResNet, ResNet18, ResNet34)))  # config.MODEL_NAMES: custom_resnet, resnet18, resnet34
+def dirac_kernel_init(base_init: Callable = torch_default_kernel_init) -> Callable:
+    """`base_init`, then the first min(C_in, C_out) output filters set to the identity
+    (torch.nn.init.dirac_ on weight[:C_in], as airbench's `Conv.reset_parameters`): a 1 at
+    the kernel's centre from input channel i to output channel i, 0 elsewhere in them.
+    shape: (kh, kw, C_in, C_out), flax's HWIO."""
+
+    def init(key, shape, dtype=jnp.float32):
+        kernel = base_init(key, shape, dtype)
+        kh, kw, channels_in, channels_out = shape
+        n = min(channels_in, channels_out)
+        identity = jnp.zeros((kh, kw, channels_in, n), dtype).at[kh // 2, kw // 2].set(jnp.eye(channels_in, n, dtype=dtype))
+        return kernel.at[..., :n].set(identity)
+
+    return init
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU with the exact erf, as torch.nn.GELU() (flax's nn.gelu defaults to the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def max_pool_floor(x: jax.Array, size: int) -> jax.Array:
+    """size x size max-pool with stride `size`, dropping the rows and columns that do not fill a
+    window (PyTorch's nn.MaxPool2d(size) on sizes that are not multiples).
+    T[N, H, W, C] -> T[N, H // size, W // size, C]."""
+    n, height, width, channels = x.shape
+    x = x[:, : height // size * size, : width // size * size]
+    if size == 2:
+        return max_pool_2x2(x)
+    windows = x.reshape(n, height // size, size, width // size, size, channels)
+    return windows.max(axis=(2, 4))
+
+
+class Whitening(nn.Module):
+    """airbench's first layer: a 2x2 convolution (stride 1, no padding) to 2 * 3 * 2 * 2 = 24
+    channels with a bias, computed as one product of the 12-value patches with the kernel
+    (so a CPU epoch has no XLA convolution in it). Its kernel is not learned: it is set from
+    the data (`jaxres.airbench.whitening_kernel`); the bias is trained for a few epochs
+    (`jaxres.optim.param_group`). float[N, H, W, 3] -> float[N, H - 1, W - 1, 24]."""
+
+    features: int = 24
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        kernel = self.param("kernel", dirac_kernel_init(), (2, 2, channels, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        height, width = x.shape[1] - 1, x.shape[2] - 1
+        patches = jnp.concatenate(
+            [x[:, dy : dy + height, dx : dx + width] for dy in (0, 1) for dx in (0, 1)], axis=-1
+        )  # [N, H-1, W-1, (dy, dx, c)], the order of the HWIO kernel's first three axes
+        flat = jnp.asarray(kernel, self.dtype).reshape(-1, self.features)
+        return jnp.dot(patches.astype(self.dtype), flat) + jnp.asarray(bias, self.dtype)
+
+
+class AirbenchBlock(nn.Module):
+    """airbench's ConvGroup: conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU.
+
+    Convolutions have no bias and identity (dirac) first filters; BatchNorm has no learned
+    scale, eps 1e-12 and running-average momentum 0.6 in flax's convention (PyTorch's 0.4:
+    new = 0.6 * old + 0.4 * batch). float[N, H, W, C] -> float[N, H // 2, W // 2, features]."""
+
+    features: int
+    dtype: Any = jnp.float32
+    conv_backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = functools.partial(
+            nn.Conv, self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+            kernel_init=dirac_kernel_init(), conv_general_dilated=conv_function(self.conv_backend),
+        )  # fmt: skip
+        norm = functools.partial(
+            BatchNorm, use_running_average=not train, momentum=0.6, epsilon=1e-12, use_scale=False, dtype=self.dtype
+        )
+        x = conv(name="conv1")(x)
+        x = gelu(norm(name="norm1")(max_pool_floor(x, 2)))
+        x = gelu(norm(name="norm2")(conv(name="conv2")(x)))
+        return self.perturb("output", x)
+
+
+class Airbench94(nn.Module):
+    """airbench94's network (KellerJordan/cifar10-airbench, legacy/airbench94.py `make_net`):
+
+    whiten: 2x2 whitening convolution (24 channels, frozen kernel, bias) -> GELU
+    block1..3: `AirbenchBlock` of 64, 256, 256 channels (times `width`)
+    head:   max-pool 3 -> flatten -> dense(num_classes, no bias) -> x 1/9
+
+    At 32x32 the maps are 31 -> 15 -> 7 -> 3 -> 1 (pools floor odd sizes, as PyTorch's).
+    1,971,640 parameters at width 1 with 10 classes (the whitening kernel's 288 are not
+    trained; airbench's 1,152 BatchNorm weights, fixed at 1, are no parameters here). `norm` must be "batch" (airbench's BatchNorm). images: float[N, H, W, 3]
+    -> logits: float32[N, num_classes].
+    """
+
+    num_classes: int = 10
+    width: float = 1.0
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+    logit_scale: float = 1 / 9
+    conv_backend: str = "xla"
+
+    STAGES: ClassVar[tuple[str, ...]] = ("block1", "block2", "block3")
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        if self.norm != "batch":
+            raise JaxresError(f"the airbench94 model has airbench's own BatchNorm; norm {self.norm!r} is not offered")
+        block = functools.partial(AirbenchBlock, dtype=self.dtype, conv_backend=self.conv_backend)
+        x = gelu(Whitening(dtype=self.dtype, name="whiten")(jnp.asarray(images, self.dtype)))
+        for name, channels in zip(self.STAGES, (64, 256, 256)):
+            x = block(scaled_channels(channels, self.width), name=name)(x, train)
+        x = max_pool_floor(x, 3).reshape(x.shape[0], -1)
+        logits = nn.Dense(
+            self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init, name="head"
+        )(x)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) * self.logit_scale
+
+
+# config.MODEL_NAMES: custom_resnet, resnet18, resnet34, airbench94
+MODELS = dict(zip(MODEL_NAMES, (CustomResNet, ResNet18, ResNet34, Airbench94), strict=True))
 
 
 def create_model(

@@ -56,8 +56,9 @@ class EpochProgress:
         self.steps_per_epoch = steps_per_epoch
         self.bar = None
 
-    def start(self, epoch: int) -> None:
-        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, file=sys.stderr, unit="step")
+    def start(self, epoch: int, steps: int | None = None) -> None:
+        """A new bar for epoch `epoch` of `steps` steps (default: a full epoch)."""
+        self.bar = tqdm(total=steps or self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, file=sys.stderr, unit="step")
 
     def update(self, step_index) -> None:
         if self.bar is not None:
@@ -87,16 +88,18 @@ def format_row(row: dict) -> str:
 
 def metrics_row(result, schedule, steps_per_epoch: int, batch_size: int) -> dict:
     """The row of metrics.jsonl (and of the printed table) for an epoch's result
-    (`jaxres.train.EpochResult`); schedule: the run's LR schedule."""
+    (`jaxres.train.EpochResult`); schedule: the run's LR schedule. `steps_per_epoch` is the
+    run's full epoch; a fractional last epoch has fewer (`result.steps`)."""
+    steps = getattr(result, "steps", 0) or steps_per_epoch
     return {
         "epoch": result.epoch,
-        "lr": float(schedule(result.epoch * steps_per_epoch - 1)),
+        "lr": float(schedule((result.epoch - 1) * steps_per_epoch + steps - 1)),
         "train_loss": float(result.train["loss"]),
         "train_accuracy": float(result.train["accuracy"]),
         "test_loss": float(result.test["loss"]),
         "test_accuracy": float(result.test["accuracy"]),
         "seconds": result.seconds,
-        "images_per_second": steps_per_epoch * batch_size / result.seconds,
+        "images_per_second": steps * batch_size / result.seconds,
         "loss_scale": float(result.train["loss_scale"]),
         "skipped_steps": int(result.train["skipped_steps"]),
         "compile_seconds": result.compile_seconds,

@@ -7,21 +7,52 @@ of them optimise and report the same objective.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
-def one_cycle_lr(peak_lr: float, total_steps: int, peak_step: int) -> optax.Schedule:
-    """Linear 0 -> peak_lr over [0, peak_step], then linear peak_lr -> 0 at total_steps.
+def one_cycle_lr(
+    peak_lr: float, total_steps: int, peak_step: int, start_factor: float = 0.0, end_factor: float = 0.0
+) -> optax.Schedule:
+    """Linear start_factor * peak_lr -> peak_lr over [0, peak_step], then linear peak_lr ->
+    end_factor * peak_lr at total_steps (the recipe: factors 0; airbench: 0.2 and 0.07).
 
-    step: int[] -> float32[]. Steps past total_steps get 0.
+    step: int[] -> float32[]. Steps past total_steps keep the last value.
     """
     peak_step = int(min(max(peak_step, 0), total_steps))
-    rise = optax.linear_schedule(0.0, peak_lr, max(peak_step, 1))
-    fall = optax.linear_schedule(peak_lr, 0.0, max(total_steps - peak_step, 1))
+    rise = optax.linear_schedule(start_factor * peak_lr, peak_lr, max(peak_step, 1))
+    fall = optax.linear_schedule(peak_lr, end_factor * peak_lr, max(total_steps - peak_step, 1))
     if peak_step == 0:
         return fall
     return optax.join_schedules([rise, fall], [peak_step])
+
+
+def decoupled_sgd(lr: float, weight_decay: float, momentum: float, batch_size: int) -> dict:
+    """airbench's decoupled hyperparameters converted to SGD's, exactly as its code does.
+
+    `lr` and `weight_decay` are per 1,024 examples and decoupled from the momentum: with
+    kilostep_scale = 1024 * (1 + 1 / (1 - momentum)) (how much larger Nesterov's steps are
+    than the gradients, for constant gradients), airbench gives torch.optim.SGD
+    lr = lr / kilostep_scale and weight_decay = (weight_decay * batch_size / kilostep_scale) / lr
+    on a loss *summed* over the batch (legacy/airbench94.py, `main`). jaxres averages the
+    loss over the batch, so the same steps take lr * batch_size on the gradient and the same
+    coupled decay per step.
+
+    Returns {torch_lr, torch_weight_decay: airbench's torch.optim.SGD arguments (summed
+    loss); lr, weight_decay: the same optimizer for a mean loss (`sgd`)}.
+    """
+    kilostep_scale = 1024 * (1 + 1 / (1 - momentum))
+    torch_lr = lr / kilostep_scale
+    torch_weight_decay = (weight_decay * batch_size / kilostep_scale) / torch_lr
+    return {
+        "torch_lr": torch_lr,
+        "torch_weight_decay": torch_weight_decay,
+        "lr": torch_lr * batch_size,
+        "weight_decay": torch_weight_decay / batch_size,
+    }
 
 
 def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
@@ -46,11 +77,83 @@ def sgd(learning_rate, momentum: float, nesterov: bool, weight_decay: float) -> 
     )
 
 
+def param_group(path: tuple[str, ...]) -> str:
+    """The optimizer group of the parameter at `path` (its tree keys):
+
+    "frozen" (never updated: a whitening layer's kernel, computed from the data),
+    "whiten_bias" (the whitening layer's bias, trained for `whiten_bias_epochs` only),
+    "norm_bias" (a BatchNorm bias: `norm_bias_lr_scale`) or "default"."""
+    module, leaf = path[-2] if len(path) > 1 else "", path[-1]
+    if module == "whiten":
+        return "frozen" if leaf == "kernel" else "whiten_bias"
+    if leaf == "bias" and module.startswith("norm"):
+        return "norm_bias"
+    return "default"
+
+
+def param_groups(params) -> Any:
+    """`param_group` of every leaf of `params`, as a tree of the same structure."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path)), params
+    )
+
+
+def _uses_groups(config) -> bool:
+    return config.model == "airbench94" or config.norm_bias_lr_scale != 1.0
+
+
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The run's optimizer (`sgd` with the config's momentum, Nesterov and weight decay) and
-    its one-cycle schedule over `config.epochs * steps_per_epoch` steps, peaking at
-    `config.resolved_peak_epoch`. config: a `jaxres.config.TrainConfig`."""
-    total_steps = config.epochs * steps_per_epoch
+    """The run's optimizer and its learning-rate schedule. config: a `jaxres.config.TrainConfig`.
+
+    `sgd` with the config's momentum, Nesterov and weight decay (converted by
+    `decoupled_sgd` when `decoupled_hyperparameters`), over `config.total_steps` steps: the
+    LR rises from `lr_start_factor` of its peak to the peak at `config.resolved_peak_epoch`,
+    then falls to `lr_end_factor` of it (`one_cycle_lr`). When parameters are grouped
+    (`param_group`: airbench94, or `norm_bias_lr_scale` other than 1) each group gets its
+    own SGD: BatchNorm biases the LR times `norm_bias_lr_scale` and the weight decay divided
+    by it, a whitening bias stops after `whiten_bias_epochs`, frozen parameters never move.
+    The schedule returned is the default group's.
+    """
+    total_steps = config.total_steps(steps_per_epoch)
     peak_step = int(round(config.resolved_peak_epoch * steps_per_epoch))
-    schedule = one_cycle_lr(config.peak_lr, total_steps, peak_step)
-    return sgd(schedule, config.momentum, config.nesterov, config.weight_decay), schedule
+    lr, weight_decay = config.peak_lr, config.weight_decay
+    if config.decoupled_hyperparameters:
+        converted = decoupled_sgd(lr, weight_decay, config.momentum, config.batch_size)
+        lr, weight_decay = converted["lr"], converted["weight_decay"]
+    schedule = one_cycle_lr(lr, total_steps, peak_step, config.lr_start_factor, config.lr_end_factor)
+    default = sgd(schedule, config.momentum, config.nesterov, weight_decay)
+    if not _uses_groups(config):
+        return default, schedule
+    bias_scale = config.norm_bias_lr_scale
+    freeze_step = config.whiten_bias_epochs * steps_per_epoch
+    groups = {
+        "default": default,
+        "norm_bias": sgd(lambda step: schedule(step) * bias_scale, config.momentum, config.nesterov, weight_decay / bias_scale),
+        "whiten_bias": optax.chain(
+            sgd(schedule, config.momentum, config.nesterov, weight_decay),
+            optax.scale_by_schedule(lambda step: jnp.where(step < freeze_step, 1.0, 0.0)),
+        ),
+        "frozen": optax.set_to_zero(),
+    }  # fmt: skip
+    return optax.multi_transform(groups, param_groups), schedule
+
+
+def lookahead_update(step, total_steps: int, every: int, decay: float, average, current):
+    """airbench's lookahead after optimizer step `step` (counted from 1; int[]): every `every`
+    steps the average a of the weights w moves, a <- d * a + (1 - d) * w, and the weights
+    jump to it, w <- a, with d = decay**every * (step / total_steps)**3 (0.95**5 * (step /
+    T)**3 in legacy/airbench94.py); after the last step w <- a once more (d = 1, a kept).
+    average, current: trees of float arrays (weights and BatchNorm statistics, as airbench
+    averages its whole state_dict). Returns the new (average, current); between updates
+    both pass through unchanged."""
+    periodic = (step % every == 0)
+    weight = jnp.asarray(decay**every, jnp.float32) * (jnp.asarray(step, jnp.float32) / total_steps) ** 3
+
+    def one(a, w):
+        moved = a + (1 - weight).astype(a.dtype) * (w - a)  # torch's lerp_(w, 1 - weight)
+        return jnp.where(periodic, moved, a)
+
+    average = jax.tree_util.tree_map(one, average, current)
+    final = step >= total_steps
+    current = jax.tree_util.tree_map(lambda a, w: jnp.where(periodic | final, a, w), average, current)
+    return average, current

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxres import augment, data, evaluate, models, optim, parallel, plots, precision, rundir
+from jaxres import airbench, augment, data, evaluate, models, optim, parallel, plots, precision, rundir
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
 from jaxres import monitoring
@@ -50,13 +50,16 @@ from jaxres.monitoring import TABLE_HEADER, CompileClock, EpochProgress, format_
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a resumed run needs. `step` counts optimizer steps taken (skipped fp16 steps too)."""
+    """Everything a resumed run needs. `step` counts optimizer steps taken (skipped fp16 steps too).
+    `lookahead`: with `lookahead_every`, the moving average {params, batch_stats} of
+    `jaxres.optim.lookahead_update`; else None."""
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
     loss_scale: precision.LossScale
+    lookahead: Any = None
 
 
 def init_train_state(config: TrainConfig, optimizer: optax.GradientTransformation, variables: dict) -> TrainState:
@@ -69,16 +72,24 @@ def init_train_state(config: TrainConfig, optimizer: optax.GradientTransformatio
         if config.precision == "fp16"
         else precision.no_loss_scale()
     )
+    batch_stats = variables.get("batch_stats", {})
+    lookahead = None
+    if config.lookahead_every:  # copies: the state's buffers are donated
+        lookahead = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": batch_stats})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=batch_stats,
         opt_state=optimizer.init(params),
         loss_scale=scale,
+        lookahead=lookahead,
     )
 
 
 # --------------------------------------------------------------------------- steps
+
+# The key of `alternating_flip`'s per-image coins: fold_in(PRNGKey(seed), this), fixed for the run.
+ALTERNATING_FLIP_STREAM = 0x666C6970
 
 
 def train_step(
@@ -91,6 +102,8 @@ def train_step(
     optimizer: optax.GradientTransformation,
     config: TrainConfig,
     batch_sharding=None,
+    indices: jax.Array | None = None,
+    steps_per_epoch: int | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a batch of raw images.
 
@@ -98,8 +111,18 @@ def train_step(
     Returns the new state and float32 scalars {loss, accuracy, finite}.
     With fp16, a step whose gradients are not finite leaves params, optimizer state
     and BatchNorm statistics as they were, and backs the loss scale off.
+    `alternating_flip` needs the images' training-set `indices` (int[B]) and, like
+    `lookahead_every`, the run's `steps_per_epoch` (the epoch and the total step count).
     """
-    images = augment.augment_batch(key, images, config.crop_padding, config.flip, config.cutout_size)
+    flips = None
+    if config.flip and config.alternating_flip:
+        if indices is None or steps_per_epoch is None:
+            raise ValueError("alternating_flip needs the batch's indices and steps_per_epoch")
+        flip_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), ALTERNATING_FLIP_STREAM)
+        flips = augment.alternating_flips(flip_key, indices, state.step // steps_per_epoch)
+    images = augment.augment_batch(
+        key, images, config.crop_padding, config.flip, config.cutout_size, config.crop_padding_mode, flips
+    )
     targets = labels
     if config.mix != "none":  # soft labels mixed by area (RICAP, CutMix) or weight (mixup)
         images, targets = augment.mix_batch(
@@ -133,7 +156,16 @@ def train_step(
     else:
         loss_scale = state.loss_scale
 
-    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, loss_scale)
+    lookahead = state.lookahead
+    if config.lookahead_every:
+        if steps_per_epoch is None:
+            raise ValueError("lookahead_every needs steps_per_epoch")
+        lookahead, current = optim.lookahead_update(
+            state.step + 1, config.total_steps(steps_per_epoch), config.lookahead_every, config.lookahead_decay,
+            lookahead, {"params": params, "batch_stats": batch_stats},
+        )  # fmt: skip
+        params, batch_stats = current["params"], current["batch_stats"]
+    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, loss_scale, lookahead)
     # with mixing, a prediction is right when it names the label with the largest share
     reference = labels if config.mix == "none" else jnp.argmax(targets, -1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == reference)
@@ -147,12 +179,14 @@ def make_train_epoch(
     mesh: Mesh,
     steps_per_epoch: int,
     progress: Callable[[Any], None] | None = None,
+    steps: int | None = None,
 ):
     """`train_epoch(state, images, labels, key) -> (state, metrics)`, compiled.
 
     images: uint8[N, H, W, 3] and labels: int32[N] (replicated on the mesh). Each epoch
     shuffles with `key`, drops the last partial batch, and runs `train_step` over
-    `steps_per_epoch` batches, gathered and augmented on the device. metrics: {loss,
+    `steps` batches (default `steps_per_epoch`, the run's full epoch; fewer for the last,
+    fractional, epoch), gathered and augmented on the device. metrics: {loss,
     accuracy (means over steps), loss_scale, skipped_steps, first_nonfinite_step (-1 if
     none)}. `progress`, if given, is called on the host with the step index after each
     step (a `jax.debug.callback`). The state buffers are donated.
@@ -165,19 +199,21 @@ def make_train_epoch(
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
     step_fn = functools.partial(
-        train_step, model=model, optimizer=optimizer, config=config, batch_sharding=batch_sharding
-    )
+        train_step, model=model, optimizer=optimizer, config=config, batch_sharding=batch_sharding,
+        steps_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    steps = steps_per_epoch if steps is None else steps
 
     def shuffled_batches(key, num_images):
         permutation_key, augment_key = jax.random.split(key)
         order = jax.random.permutation(permutation_key, num_images)
-        batches = order[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch, config.batch_size)
+        batches = order[: steps * config.batch_size].reshape(steps, config.batch_size)
         return batches, augment_key
 
     def one_step(state, images, labels, batch_indices, step_index, augment_key):
         batch_indices = jax.lax.with_sharding_constraint(batch_indices, batch_sharding)
         step_key = jax.random.fold_in(augment_key, step_index)
-        state, metrics = step_fn(state, images[batch_indices], labels[batch_indices], step_key)
+        state, metrics = step_fn(state, images[batch_indices], labels[batch_indices], step_key, indices=batch_indices)
         if progress is not None:
             jax.debug.callback(progress, step_index)
         return state, metrics
@@ -200,7 +236,7 @@ def make_train_epoch(
                 step_index, batch_indices = inputs
                 return one_step(state, images, labels, batch_indices, step_index, augment_key)
 
-            state, per_step = jax.lax.scan(body, state, (jnp.arange(steps_per_epoch), batches))
+            state, per_step = jax.lax.scan(body, state, (jnp.arange(steps), batches))
             return state, summarize(state, per_step)
 
         return jax.jit(scanned_epoch, donate_argnums=(0,), out_shardings=replicated)
@@ -216,7 +252,7 @@ def make_train_epoch(
         def stepped_epoch(state, images, labels, key):
             batches, augment_key = shuffle(key, images.shape[0])
             per_step = []
-            for step_index in range(steps_per_epoch):
+            for step_index in range(steps):
                 state, metrics = step(state, images, labels, batches[step_index], step_index, augment_key)
                 per_step.append(metrics)
             return state, finish(state, per_step)
@@ -249,6 +285,7 @@ class RunSetup:
     test_labels: jax.Array
     init_key: jax.Array  # the model's initialisation
     data_key: jax.Array  # shuffles and augmentations: epoch e uses fold_in(data_key, e)
+    train_indices: np.ndarray | None = None  # the training subset's positions in the dataset
 
 
 def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = None) -> RunSetup:
@@ -285,6 +322,7 @@ def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = 
         test_labels=parallel.replicate(mesh, dataset.test.labels.astype(np.int32)),
         init_key=init_key,
         data_key=data_key,
+        train_indices=train_indices,
     )
 
 
@@ -301,6 +339,7 @@ class EpochResult:
     evaluation_seconds: float  # the evaluation's wall time, compilation included
     evaluation_compile_seconds: float  # of which compiling the evaluation (its first call)
     epoch_loop: str = ""  # how the epoch ran: "scan" or "steps" (`parallel.resolve_epoch_loop`)
+    steps: int = 0  # optimizer steps in the epoch (0: a full epoch; fewer in a fractional last one)
 
 
 def train_epochs(
@@ -309,14 +348,22 @@ def train_epochs(
     """Train epochs start_epoch+1 .. stop_epoch from `state` (replicated on the mesh), each
     followed by an evaluation on the test split; yields each epoch's `EpochResult`.
     The state passed in is donated (its buffers reused)."""
-    train_epoch = make_train_epoch(
-        setup.model, setup.optimizer, setup.config, setup.mesh, setup.steps_per_epoch,
-        progress=progress.update if progress else None,
-    )  # fmt: skip
+    programs = {}  # steps -> train_epoch: a fractional last epoch is a shorter program
+
+    def train_epoch_of(steps):
+        if steps not in programs:
+            programs[steps] = make_train_epoch(
+                setup.model, setup.optimizer, setup.config, setup.mesh, setup.steps_per_epoch,
+                progress=progress.update if progress else None, steps=steps,
+            )  # fmt: skip
+        return programs[steps]
+
     evaluate_test = evaluate.make_evaluate(setup.model, setup.config, setup.mesh)
     for epoch in range(start_epoch, stop_epoch):
+        steps = setup.config.steps_in_epoch(epoch, setup.steps_per_epoch)
+        train_epoch = train_epoch_of(steps)
         if progress is not None:
-            progress.start(epoch + 1)
+            progress.start(epoch + 1, steps)
         started = time.perf_counter()
         with CompileClock() as compile_clock:
             state, metrics = train_epoch(
@@ -332,7 +379,7 @@ def train_epochs(
             evaluation = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))
         yield EpochResult(
             epoch + 1, state, metrics, evaluation, seconds, compile_clock.seconds,
-            time.perf_counter() - evaluation_started, evaluation_clock.seconds, train_epoch.loop,
+            time.perf_counter() - evaluation_started, evaluation_clock.seconds, train_epoch.loop, steps,
         )  # fmt: skip
 
 
@@ -403,12 +450,14 @@ def train_and_evaluate(
 
     # 2. state
     variables = models.init_variables(setup.model, setup.init_key, dataset.train.images.shape[1:])
+    if config.model == "airbench94":  # its first layer is computed from the training images
+        variables = airbench.init_whitening(variables, dataset.train.images[setup.train_indices])
     state = init_train_state(config, setup.optimizer, variables)
     if resume:
         if (workdir / rundir.DATA_INFO_NAME).is_file():
             rundir.check_data_fits_run(workdir, dataset, train_images=info["train_images"])
         state = rundir.fit_state_dict(rundir.checkpoint_path(workdir), saved_state, state)
-        if int(state.step) != len(history) * setup.steps_per_epoch:
+        if int(state.step) != min(len(history) * setup.steps_per_epoch, config.total_steps(setup.steps_per_epoch)):
             raise JaxresError(
                 f"cannot resume {workdir}: its checkpoint is at step {int(state.step)}, not at the end of its "
                 f"epoch {len(history)} of {setup.steps_per_epoch} steps (did the training set change?)"
@@ -425,12 +474,12 @@ def train_and_evaluate(
         f"{setup.steps_per_epoch} steps of {config.batch_size} per epoch, {setup.mesh.devices.size} device(s)"
     )
     log(TABLE_HEADER)
-    stop_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    stop_epoch = config.epoch_count if stop_after_epoch is None else min(config.epoch_count, stop_after_epoch)
     bar = EpochProgress(setup.steps_per_epoch) if progress and is_main else None
     predictions = None
     for result in train_epochs(setup, state, len(history), stop_epoch, bar):
         state = result.state
-        monitoring.check_epoch_is_finite(config, workdir, result.epoch, result.train, result.test, setup.steps_per_epoch)
+        monitoring.check_epoch_is_finite(config, workdir, result.epoch, result.train, result.test, result.steps or setup.steps_per_epoch)
         predictions = result.test["predictions"]
         history.append(monitoring.metrics_row(result, setup.schedule, setup.steps_per_epoch, config.batch_size))
         log(format_row(history[-1]))

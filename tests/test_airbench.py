@@ -1,0 +1,424 @@
+"""The airbench94 recipe's parts (`--preset airbench94`), each against an independent
+reference: NumPy for the whitening, lookahead, flips, TTA and schedule, and a PyTorch twin of
+legacy/airbench94.py's network and optimizer (written anew here from its description) for
+two training steps from the same weights."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxres import airbench, augment, config as config_lib, evaluate, models, optim, train
+from jaxres.config import TrainConfig
+from jaxres.errors import JaxresError
+
+
+def small_airbench(**overrides) -> TrainConfig:
+    values = dict(width=0.25, batch_size=32, crop_padding=0, flip=False, workdir="unused")
+    return config_lib.airbench94(**{**values, **overrides})
+
+
+# --------------------------------------------------------------------------- whitening
+
+
+def test_whitened_patch_covariance_is_the_identity_on_the_whitened_directions():
+    rng = np.random.default_rng(0)
+    # correlated channels and neighbouring pixels, so that whitening has work to do
+    base = rng.normal(size=(64, 9, 9, 3))
+    mixed = base @ np.array([[1.0, 0.6, 0.2], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    images = mixed + 0.8 * np.roll(mixed, 1, axis=1) + 0.5 * np.roll(mixed, 1, axis=2)
+    kernel = airbench.whitening_kernel(images)
+    assert kernel.shape == (2, 2, 3, 24)
+    # the patches in the kernel's (dy, dx, c) order, built here independently
+    patches = np.stack(
+        [images[:, dy : dy + 8, dx : dx + 8, c] for dy in (0, 1) for dx in (0, 1) for c in range(3)], axis=-1
+    ).reshape(-1, 12)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues = np.linalg.eigvalsh(covariance)[::-1]
+    filters = kernel.reshape(12, 24).astype(np.float64)
+    whitened = patches @ filters[:, :12]
+    whitened_covariance = whitened.T @ whitened / len(whitened)
+    expected = np.diag(eigenvalues / (eigenvalues + airbench.WHITENING_EPS))
+    np.testing.assert_allclose(whitened_covariance, expected, atol=1e-4)
+    assert np.all(eigenvalues > 100 * airbench.WHITENING_EPS)  # so every direction is whitened
+    np.testing.assert_allclose(whitened_covariance, np.eye(12), atol=1e-2)
+    np.testing.assert_array_equal(filters[:, 12:], -filters[:, :12])  # the +/- pairs
+
+
+def test_whitening_layer_computes_the_kernel_on_every_2x2_patch():
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+    layer = models.Whitening()
+    variables = layer.init(jax.random.PRNGKey(0), images)
+    kernel = rng.normal(size=(2, 2, 3, 24)).astype(np.float32)
+    bias = rng.normal(size=(24,)).astype(np.float32)
+    out = np.asarray(layer.apply({"params": {"kernel": kernel, "bias": bias}}, images))
+    reference = np.asarray(
+        jax.lax.conv_general_dilated(images, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ) + bias
+    assert out.shape == (2, 4, 5, 24) and variables["params"]["kernel"].shape == (2, 2, 3, 24)
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_whitening_sample_is_the_start_of_the_fixed_shuffle():
+    images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
+    sample = airbench.whitening_sample(images, count=7)
+    order = np.random.default_rng(0).permutation(40)
+    np.testing.assert_array_equal(sample[:, 0, 0, 0], order[:7])
+
+
+def test_whitening_init_writes_the_kernel_into_the_model():
+    model = models.create_model("airbench94", width=0.25, conv_backend="xla")
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    images = np.random.default_rng(2).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    whitened = airbench.init_whitening(variables, images)
+    expected = airbench.whitening_kernel(np.asarray(augment.normalize(airbench.whitening_sample(images))))
+    np.testing.assert_array_equal(whitened["params"]["whiten"]["kernel"], expected)
+    assert whitened["params"]["block1"] is variables["params"]["block1"]
+
+
+# --------------------------------------------------------------------------- network
+
+
+def test_dirac_init_is_the_identity_map_on_the_first_filters():
+    key = jax.random.PRNGKey(3)
+    x = jax.random.normal(key, (2, 6, 6, 5))
+    for channels_out in (8, 5, 3):
+        conv = models.nn.Conv(channels_out, (3, 3), padding=1, use_bias=False, kernel_init=models.dirac_kernel_init())
+        variables = conv.init(key, x)
+        y = np.asarray(conv.apply(variables, x))
+        n = min(5, channels_out)
+        np.testing.assert_array_equal(y[..., :n], np.asarray(x)[..., :n])
+        if channels_out > 5:  # the other filters keep PyTorch's default init
+            kernel = np.asarray(variables["params"]["kernel"])
+            assert np.abs(kernel[..., 5:]).max() > 0 and np.abs(kernel[..., 5:]).max() <= 1 / math.sqrt(45)
+
+
+def test_airbench_shapes_parameters_and_frozen_batchnorm_scale():
+    model = models.create_model("airbench94", conv_backend="xla")
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    params = variables["params"]
+    assert models.count_params(params) == 1_971_640
+    assert "scale" not in params["block1"]["norm1"] and set(params["block1"]["norm1"]) == {"bias"}
+    assert params["head"]["kernel"].shape == (256, 10) and "bias" not in params["head"]
+    assert model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
+    assert model.apply(variables, jnp.zeros((1, 28, 28, 3))).shape == (1, 10)  # 27 -> 13 -> 6 -> 3 -> 1
+    with pytest.raises(JaxresError, match="norm 'group'"):
+        models.init_variables(models.create_model("airbench94", norm="group", conv_backend="xla"), jax.random.PRNGKey(0))
+
+
+def test_airbench_batchnorm_running_average_momentum_is_pytorchs_0_4():
+    norm = models.BatchNorm(use_running_average=False, momentum=0.6, epsilon=1e-12, use_scale=False)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3, 2)) * 3 + 1
+    variables = norm.init(jax.random.PRNGKey(1), x)
+    _, updates = norm.apply(variables, x, mutable=["batch_stats"])
+    flat = np.asarray(x).reshape(-1, 2)
+    # PyTorch's BatchNorm2d(momentum=0.4): new = (1 - 0.4) * old + 0.4 * batch (old mean 0, var 1)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.4 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.6 + 0.4 * flat.var(0), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def test_decoupled_hyperparameters_equal_the_published_conversion():
+    # legacy/airbench94.py, main(): kilostep_scale = 1024 * (1 + 1 / (1 - momentum)),
+    # lr = hyp lr / kilostep_scale, wd = hyp wd * batch_size / kilostep_scale, and
+    # torch.optim.SGD(weight_decay=wd / lr) on a loss summed over the batch
+    converted = optim.decoupled_sgd(11.5, 0.0153, 0.85, 1024)
+    kilostep_scale = 1024 * (1 + 1 / (1 - 0.85))
+    assert converted["torch_lr"] == 11.5 / kilostep_scale
+    assert converted["torch_weight_decay"] == (0.0153 * 1024 / kilostep_scale) / (11.5 / kilostep_scale)
+    np.testing.assert_allclose(converted["torch_lr"], 0.00146484375 * 1.0, rtol=1e-3)  # 11.5 / 7850.67
+    # on a mean loss: the same step, lr * batch_size on the mean gradient and wd / batch_size coupled
+    np.testing.assert_allclose(converted["lr"], 11.5 / kilostep_scale * 1024, rtol=1e-15)
+    np.testing.assert_allclose(converted["lr"] * converted["weight_decay"], 0.0153 * 1024 / kilostep_scale, rtol=1e-14)
+
+
+def test_schedule_equals_the_published_get_lr():
+    config = small_airbench()
+    steps_per_epoch = 48  # 50,000 // 1,024
+    total = config.total_steps(steps_per_epoch)
+    assert total == math.ceil(48 * 9.9) == 476
+    _, schedule = optim.make_optimizer(config, steps_per_epoch)
+    peak = optim.decoupled_sgd(11.5, 0.0153, 0.85, config.batch_size)["lr"]
+    warmup = int(total * 0.23)
+
+    def get_lr(step):  # legacy/airbench94.py, main()
+        if step < warmup:
+            frac = step / warmup
+            return 0.2 * (1 - frac) + 1.0 * frac
+        frac = (step - warmup) / (total - warmup)
+        return 1.0 * (1 - frac) + 0.07 * frac
+
+    ours = np.array([schedule(step) for step in range(total)])
+    np.testing.assert_allclose(ours, peak * np.array([get_lr(step) for step in range(total)]), rtol=2e-6)
+
+
+def test_fractional_epochs_count_steps_as_airbench():
+    config = small_airbench()
+    assert config.epoch_count == 10
+    assert [config.steps_in_epoch(e, 48) for e in range(10)] == [48] * 9 + [476 - 9 * 48]
+    with pytest.raises(JaxresError, match="epochs"):
+        TrainConfig(epochs=0.0)
+
+
+def _grouped_step(config, steps_per_epoch, step_count, grads, params):
+    optimizer, schedule = optim.make_optimizer(config, steps_per_epoch)
+    state = optimizer.init(params)
+    for _ in range(step_count):
+        updates, state = optimizer.update(grads, state, params)
+        params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    return params, schedule
+
+
+def test_param_groups_norm_bias_lr_whitening_bias_freeze_and_frozen_kernel():
+    config = small_airbench(whiten_bias_epochs=1)
+    params = {
+        "whiten": {"kernel": jnp.ones((2, 2, 3, 24)), "bias": jnp.ones(24)},
+        "block1": {"norm1": {"bias": jnp.ones(4)}, "conv1": {"kernel": jnp.ones((3, 3, 24, 4))}},
+    }
+    assert optim.param_groups(params) == {
+        "whiten": {"kernel": "frozen", "bias": "whiten_bias"},
+        "block1": {"norm1": {"bias": "norm_bias"}, "conv1": {"kernel": "default"}},
+    }
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    one, schedule = _grouped_step(config, 2, 1, grads, params)
+    lr = float(schedule(0))
+    wd = optim.decoupled_sgd(11.5, 0.0153, 0.85, 32)["weight_decay"]
+    np.testing.assert_array_equal(one["whiten"]["kernel"], params["whiten"]["kernel"])
+    # first Nesterov step: update = (1 + momentum) * (g + wd * p)
+    np.testing.assert_allclose(one["block1"]["conv1"]["kernel"], 1 - lr * 1.85 * (1 + wd), rtol=1e-6)
+    np.testing.assert_allclose(one["block1"]["norm1"]["bias"], 1 - 64 * lr * 1.85 * (1 + wd / 64), rtol=1e-6)
+    np.testing.assert_allclose(one["whiten"]["bias"], 1 - lr * 1.85 * (1 + wd), rtol=1e-6)
+    # whiten_bias_epochs=1 of 2 steps: steps 3 and 4 leave the whitening bias where step 2 put it
+    two, _ = _grouped_step(config, 2, 2, grads, params)
+    four, _ = _grouped_step(config, 2, 4, grads, params)
+    np.testing.assert_array_equal(four["whiten"]["bias"], two["whiten"]["bias"])
+    assert not np.allclose(four["block1"]["conv1"]["kernel"], two["block1"]["conv1"]["kernel"])
+
+
+def test_default_recipe_keeps_the_plain_sgd_chain():
+    optimizer, _ = optim.make_optimizer(TrainConfig(), 10)
+    state = optimizer.init({"w": jnp.ones(3)})
+    assert not any("MultiTransform" in type(s).__name__ for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "_fields")))
+
+
+# --------------------------------------------------------------------------- lookahead
+
+
+def test_lookahead_equals_a_numpy_reference():
+    every, decay, total = 5, 0.95, 12
+    rng = np.random.default_rng(4)
+    weights = [rng.normal(size=3).astype(np.float32) for _ in range(total + 1)]
+    # NumPy, as legacy/airbench94.py's training loop: after each step s (from 1) the weights
+    # are what the optimizer made (here given); every 5 steps average.lerp_(w, 1 - d), w <- average
+    average = weights[0].astype(np.float64).copy()
+    expected = []
+    for step in range(1, total + 1):
+        w = weights[step].astype(np.float64)
+        if step % every == 0:
+            d = decay**every * (step / total) ** 3
+            average = average + (1 - d) * (w - average)
+            w = average.copy()
+        if step >= total:
+            w = average.copy()
+        expected.append(w)
+    ours_average = {"w": jnp.asarray(weights[0])}
+    for step in range(1, total + 1):
+        ours_average, current = optim.lookahead_update(
+            jnp.asarray(step), total, every, decay, ours_average, {"w": jnp.asarray(weights[step])}
+        )
+        np.testing.assert_allclose(current["w"], expected[step - 1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours_average["w"], average, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_alternating_flip_flips_each_image_on_exactly_every_other_epoch():
+    key = jax.random.PRNGKey(5)
+    indices = jnp.arange(1000)
+    flips = np.stack([np.asarray(augment.alternating_flips(key, indices, jnp.asarray(e))) for e in range(6)])
+    assert np.all(flips[1:] != flips[:-1])  # each image changes every epoch: flipped every other one
+    assert np.all(flips[0::2] == flips[0]) and np.all(flips[1::2] == ~flips[0])
+    assert 400 < flips[0].sum() < 600  # a random half in even epochs
+    # a batch order does not matter: the coins belong to the images
+    shuffled = np.asarray(augment.alternating_flips(key, indices[::-1], jnp.asarray(3)))
+    np.testing.assert_array_equal(shuffled, flips[3][::-1])
+
+
+def test_alternating_flip_in_the_train_step_follows_the_epoch():
+    config = small_airbench(flip=True, alternating_flip=True, lookahead_every=0)
+    images = jnp.asarray(np.random.default_rng(6).integers(0, 256, (4, 8, 8, 3)), jnp.uint8)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_augment(key, batch, crop_padding, flip, cutout_size, crop_mode, flips):
+        seen["flips"] = flips
+        raise Stop
+
+    state = train.TrainState(jnp.asarray(7), {}, {}, (), None)
+    original = augment.augment_batch
+    try:
+        augment.augment_batch = fake_augment
+        with pytest.raises(Stop):
+            train.train_step(state, images, jnp.zeros(4, jnp.int32), jax.random.PRNGKey(0), model=None,
+                             optimizer=None, config=config, indices=jnp.arange(4), steps_per_epoch=3)  # fmt: skip
+    finally:
+        augment.augment_batch = original
+    flip_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), train.ALTERNATING_FLIP_STREAM)
+    np.testing.assert_array_equal(seen["flips"], augment.alternating_flips(flip_key, jnp.arange(4), jnp.asarray(2)))
+
+
+def test_reflect_crop_pads_with_mirrored_edges():
+    images = jnp.asarray(np.random.default_rng(7).integers(0, 256, (64, 5, 6, 2)), jnp.uint8)
+    out = np.asarray(augment.random_crop(jax.random.PRNGKey(0), images, 2, "reflect"))
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")  # torch's 'reflect'
+    windows = {(dy, dx) for dy in range(5) for dx in range(5)}
+    found = set()
+    for n in range(64):
+        matches = [(dy, dx) for dy, dx in windows if np.array_equal(out[n], padded[n, dy : dy + 5, dx : dx + 6])]
+        assert matches, f"image {n} is no window of the reflect-padded image"
+        found.update(matches)
+    assert len(found) > 15  # offsets spread over the 25 windows
+    with pytest.raises(JaxresError, match="crop padding mode"):
+        augment.random_crop(jax.random.PRNGKey(0), images, 2, "wrap")
+
+
+# --------------------------------------------------------------------------- TTA
+
+
+def test_tta_level_2_equals_a_numpy_reference():
+    rng = np.random.default_rng(8)
+    inputs = rng.normal(size=(3, 6, 6, 2)).astype(np.float32)
+    weights = rng.normal(size=(6 * 6 * 2, 4)).astype(np.float32)
+
+    class Linear:  # a model whose logits are a fixed linear map of the pixels
+        def apply(self, variables, x, train=False):
+            return jnp.asarray(x).reshape(x.shape[0], -1) @ weights
+
+    def net(x):
+        return x.reshape(x.shape[0], -1) @ weights
+
+    def mirror(x):  # legacy/airbench94.py infer_mirror
+        return 0.5 * net(x) + 0.5 * net(x[:, :, ::-1])
+
+    padded = np.pad(inputs, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    translated = [padded[:, 0:6, 0:6], padded[:, 2:8, 2:8]]
+    expected = 0.5 * mirror(inputs) + 0.5 * np.mean([mirror(t) for t in translated], axis=0)
+    ours = np.asarray(evaluate.predict_logits(Linear(), None, jnp.asarray(inputs), "flip_translate_reflect"))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- against a PyTorch twin
+
+
+def _torch_twin(params, width_channels):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
+            self.pool = nn.MaxPool2d(2)
+            self.norm1 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=0.4)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, padding="same", bias=False)
+            self.norm2 = nn.BatchNorm2d(c_out, eps=1e-12, momentum=0.4)
+            self.activ = nn.GELU()
+            for norm in (self.norm1, self.norm2):
+                norm.weight.requires_grad = False
+
+        def forward(self, x):
+            x = self.activ(self.norm1(self.pool(self.conv1(x))))
+            return self.activ(self.norm2(self.conv2(x)))
+
+    class Mul(nn.Module):
+        def forward(self, x):
+            return x / 9
+
+    c1, c2, c3 = width_channels
+    net = nn.Sequential(
+        nn.Conv2d(3, 24, 2, padding=0, bias=True), nn.GELU(),
+        Block(24, c1), Block(c1, c2), Block(c2, c3), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(c3, 10, bias=False), Mul(),
+    ).double()  # fmt: skip
+    to = lambda a, axes: torch.tensor(np.asarray(a, np.float64).transpose(axes))  # noqa: E731
+    with torch.no_grad():
+        net[0].weight.copy_(to(params["whiten"]["kernel"], (3, 2, 0, 1)))
+        net[0].bias.copy_(to(params["whiten"]["bias"], (0,)))
+        for index, name in zip((2, 3, 4), ("block1", "block2", "block3")):
+            block = params[name]
+            net[index].conv1.weight.copy_(to(block["conv1"]["kernel"], (3, 2, 0, 1)))
+            net[index].conv2.weight.copy_(to(block["conv2"]["kernel"], (3, 2, 0, 1)))
+            net[index].norm1.bias.copy_(to(block["norm1"]["bias"], (0,)))
+            net[index].norm2.bias.copy_(to(block["norm2"]["bias"], (0,)))
+        net[7].weight.copy_(to(params["head"]["kernel"], (1, 0)))
+    net[0].weight.requires_grad = False
+    return net
+
+
+def test_two_steps_equal_a_pytorch_twin_with_the_published_optimizer():
+    torch = pytest.importorskip("torch")
+    config = small_airbench(lookahead_every=0)
+    batch, steps_per_epoch = config.batch_size, 4
+    model = models.from_config(config, 10)
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(9)
+    images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3)), jnp.uint8)
+    labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    variables = airbench.init_whitening(variables, np.asarray(images))
+    optimizer, _ = optim.make_optimizer(config, steps_per_epoch)
+    state = train.init_train_state(config, optimizer, variables)
+    net = _torch_twin(jax.device_get(state.params), (16, 64, 64))
+
+    step = jax.jit(lambda s, k: train.train_step(s, images, labels, k, model=model, optimizer=optimizer, config=config,
+                                                 steps_per_epoch=steps_per_epoch))  # fmt: skip
+    for k in range(2):
+        state, _ = step(state, jax.random.PRNGKey(k))
+
+    # legacy/airbench94.py main(), for this batch size and run length
+    kilostep_scale = 1024 * (1 + 1 / (1 - 0.85))
+    lr, wd = 11.5 / kilostep_scale, 0.0153 * batch / kilostep_scale
+    lr_biases = lr * 64
+    norm_biases = [p for k, p in net.named_parameters() if ".norm" in k and p.requires_grad]
+    other = [p for k, p in net.named_parameters() if ".norm" not in k and p.requires_grad]
+    torch_optimizer = torch.optim.SGD(
+        [dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases), dict(params=other, lr=lr, weight_decay=wd / lr)],
+        momentum=0.85, nesterov=True,
+    )  # fmt: skip
+    total = math.ceil(steps_per_epoch * 9.9)
+    warmup = int(total * 0.23)
+    get_lr = lambda s: 0.2 * (1 - s / warmup) + s / warmup if s < warmup else (1 - (s - warmup) / (total - warmup)) + 0.07 * (s - warmup) / (total - warmup)  # noqa: E731, E501
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer, get_lr)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="none")
+    inputs = torch.tensor(np.asarray(augment.normalize(images), np.float64).transpose(0, 3, 1, 2))
+    targets = torch.tensor(np.asarray(labels), dtype=torch.long)
+    net.train()
+    for _ in range(2):
+        loss = loss_fn(net(inputs), targets).sum()
+        torch_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch_optimizer.step()
+        scheduler.step()
+
+    params = jax.device_get(state.params)
+    pairs = [(params["whiten"]["bias"], net[0].bias), (params["head"]["kernel"].T, net[7].weight)]
+    for index, name in zip((2, 3, 4), ("block1", "block2", "block3")):
+        pairs += [
+            (params[name]["conv1"]["kernel"].transpose(3, 2, 0, 1), net[index].conv1.weight),
+            (params[name]["norm1"]["bias"], net[index].norm1.bias),
+            (params[name]["norm2"]["bias"], net[index].norm2.bias),
+        ]
+    for ours, theirs in pairs:
+        theirs = theirs.detach().numpy()
+        # float32 (jaxres) against float64 (the twin); both moved from the same start by ~lr
+        scale = max(np.abs(theirs).max(), 1e-3)
+        np.testing.assert_allclose(np.asarray(ours, np.float64), theirs, atol=2e-4 * scale)
+    np.testing.assert_array_equal(params["whiten"]["kernel"], variables["params"]["whiten"]["kernel"])
