@@ -216,7 +216,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 130
     if result.history and jax.process_index() == 0:
         final = result.history[-1]
-        print(f"final test accuracy {100 * final['test_accuracy']:.2f}% — outputs in {config.workdir}")
+        with_tta = f" ({100 * final['final_tta_accuracy']:.2f}% with TTA {final['final_tta']})" if "final_tta" in final else ""
+        print(f"final test accuracy {100 * final['test_accuracy']:.2f}%{with_tta} — outputs in {config.workdir}")
     return 0
 
 

@@ -158,6 +158,12 @@ class TrainConfig:
         "views, equal weights) or `flip_translate_reflect` (airbench's TTA level 2: the same 6 views "
         "reflect-padded, the plain pair weighted 1/2 and each shifted pair 1/4)",
     )
+    final_tta: str = knob(
+        "none",
+        "one more evaluation of the final model with this test-time augmentation (as `tta`), recorded as "
+        "`final_tta_accuracy` in the last row of metrics.jsonl (airbench evaluates its epochs without TTA "
+        "and the final model with `flip_translate_reflect`)",
+    )
     # Precision
     precision: str = knob("fp32", "compute precision: `fp32`, `bf16`, or `fp16` with dynamic loss scaling")
     initial_loss_scale: float = knob(2.0**15, "fp16 only: the initial dynamic loss scale", shown="2^15")
@@ -279,7 +285,8 @@ def airbench94(**overrides) -> TrainConfig:
     decoupled LR 11.5 and weight decay 0.0153 per 1,024 examples, BatchNorm biases at 64x the
     LR, the schedule 0.2 -> 1 over the first 23 % of steps then -> 0.07, lookahead every 5
     steps, label smoothing 0.2, reflect-padded 2-pixel translation, alternating flip, no
-    cutout, and its TTA level 2 at the end (`flip_translate_reflect`).
+    cutout; the epochs evaluate without TTA and the final model with its TTA level 2
+    (`final_tta` `flip_translate_reflect`).
 
         python -m jaxres.train --preset airbench94 --data ../shared/data/cifar10-jpeg.tar.gz
     """
@@ -289,7 +296,7 @@ def airbench94(**overrides) -> TrainConfig:
         peak_epoch=0.23 * 9.9, lr_start_factor=0.2, lr_end_factor=0.07, lookahead_every=5,
         lookahead_decay=0.95, whiten_bias_epochs=3, label_smoothing=0.2, crop_padding=2,
         crop_padding_mode="reflect", flip=True, alternating_flip=True, cutout_size=0,
-        tta="flip_translate_reflect", eval_batch_size=2000, workdir="runs/airbench94",
+        tta="none", final_tta="flip_translate_reflect", eval_batch_size=2000, workdir="runs/airbench94",
     )  # fmt: skip
     if "epochs" in overrides and "peak_epoch" not in overrides:
         values["peak_epoch"] = 0.23 * overrides["epochs"]
@@ -365,6 +372,7 @@ def validate(config: TrainConfig) -> None:
         ("norm", config.norm, NORMS),
         ("mix", config.mix, MIX_METHODS),
         ("tta", config.tta, TTA_MODES),
+        ("final_tta", config.final_tta, TTA_MODES),
         ("crop_padding_mode", config.crop_padding_mode, CROP_PADDING_MODES),
     ):
         check_choice(what, value, choices)

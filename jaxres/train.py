@@ -383,6 +383,21 @@ def train_epochs(
         )  # fmt: skip
 
 
+def final_tta_evaluation(setup: RunSetup, state: TrainState) -> dict:
+    """The final model on the test split with `config.final_tta`: {final_tta,
+    final_tta_accuracy, final_tta_loss, final_tta_seconds (compilation included)}."""
+    started = time.perf_counter()
+    evaluate_test = evaluate.make_evaluate(setup.model, setup.config, setup.mesh, tta=setup.config.final_tta)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    evaluation = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))
+    return {
+        "final_tta": setup.config.final_tta,
+        "final_tta_accuracy": float(evaluation["accuracy"]),
+        "final_tta_loss": float(evaluation["loss"]),
+        "final_tta_seconds": time.perf_counter() - started,
+    }
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -483,6 +498,12 @@ def train_and_evaluate(
         predictions = result.test["predictions"]
         history.append(monitoring.metrics_row(result, setup.schedule, setup.steps_per_epoch, config.batch_size))
         log(format_row(history[-1]))
+        if is_main:
+            rundir.save_epoch(workdir, jax.device_get(state), history)
+
+    if history and config.final_tta != "none" and len(history) == config.epoch_count and "final_tta_accuracy" not in history[-1]:
+        history[-1].update(final_tta_evaluation(setup, state))
+        log(f"final model with TTA {config.final_tta}: test accuracy {100 * history[-1]['final_tta_accuracy']:.2f}%")
         if is_main:
             rundir.save_epoch(workdir, jax.device_get(state), history)
 
