@@ -422,3 +422,37 @@ def test_two_steps_equal_a_pytorch_twin_with_the_published_optimizer():
         scale = max(np.abs(theirs).max(), 1e-3)
         np.testing.assert_allclose(np.asarray(ours, np.float64), theirs, atol=2e-4 * scale)
     np.testing.assert_array_equal(params["whiten"]["kernel"], variables["params"]["whiten"]["kernel"])
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+@pytest.mark.slow
+def test_airbench_run_fractional_epochs_final_tta_and_bit_exact_resume(tmp_path):
+    from tests.helpers import quiet, random_dataset
+
+    dataset = random_dataset(num_train=128, num_test=40)
+
+    def config(workdir):
+        return config_lib.airbench94(
+            width=0.125, batch_size=32, epochs=1.5, peak_epoch=0.3, eval_batch_size=20, whiten_bias_epochs=1,
+            workdir=str(workdir), misclassified_to_plot=4,
+        )  # fmt: skip
+
+    whole = train.train_and_evaluate(config(tmp_path / "whole"), dataset=dataset, progress=False, log=quiet)
+    assert [row["epoch"] for row in whole.history] == [1, 2]
+    assert int(whole.state.step) == 6  # ceil(1.5 * 4)
+    last = whole.history[-1]
+    assert last["final_tta"] == "flip_translate_reflect" and 0 <= last["final_tta_accuracy"] <= 1
+    # after the last step the weights are the lookahead average
+    chex_equal = jax.tree_util.tree_map(np.array_equal, whole.state.params, whole.state.lookahead["params"])
+    assert all(jax.tree_util.tree_leaves(chex_equal))
+
+    stopped = config(tmp_path / "stopped")
+    train.train_and_evaluate(stopped, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
+    resumed = train.train_and_evaluate(stopped, resume=True, dataset=dataset, progress=False, log=quiet)
+    same = jax.tree_util.tree_map(
+        np.array_equal, jax.device_get(whole.state), jax.device_get(resumed.state)
+    )
+    assert all(jax.tree_util.tree_leaves(same))
+    assert resumed.history[-1]["final_tta_accuracy"] == last["final_tta_accuracy"]
