@@ -14,6 +14,7 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
@@ -203,11 +204,15 @@ def train_main(argv: list[str] | None = None) -> int:
         log = print if is_main else (lambda _: None)
         dataset = None
         rundir.check_workdir(Path(config.workdir), args.resume, writable=is_main)  # before any data is loaded
-        if auto_lr:
-            progress = sys.stderr.isatty() if args.progress is None else args.progress
-            dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress and is_main)
-            config = find_peak_lr(config, dataset, log)
-        result = train.train_and_evaluate(config, resume=args.resume, dataset=dataset, progress=args.progress, log=log)
+        # one run per workdir: held from here (the LR range test writes lr_find.png) to the end
+        with rundir.workdir_lock(config.workdir) if is_main else contextlib.nullcontext():
+            if auto_lr:
+                progress = sys.stderr.isatty() if args.progress is None else args.progress
+                dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress and is_main)
+                config = find_peak_lr(config, dataset, log)
+            result = train.train_and_evaluate(
+                config, resume=args.resume, dataset=dataset, progress=args.progress, log=log
+            )
     except KeyboardInterrupt:
         if rundir.checkpoint_path(workdir).is_file():
             print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)

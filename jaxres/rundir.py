@@ -20,21 +20,34 @@ flushed and fsynced, then renamed over the old one with `os.replace`, so a crash
 leaves either the previous file or the new one, whole. Because the state and the metrics rows
 are committed by the same rename, a crash can never separate an epoch's state from its row:
 metrics.jsonl is only a readable copy of the history, rewritten from the checkpoint
-(`save_epoch`, `start_run_files`).
+(`save_epoch`, `start_run_files`). Readers (`python -m jaxres.evaluate`, `python -m
+jaxres.gradcam`) may therefore read a workdir while a run writes it: each file they open is one
+whole version (tests/test_workdir_lock.py reads checkpoints while another process writes them).
+
+One run writes a workdir at a time: the writer holds `WORKDIR/.jaxres.lock` (an exclusive
+`flock`, released by the OS when the process ends, however it ends) for as long as it runs
+(`workdir_lock`, `holds_workdir_lock`); a second run on the same workdir is refused with an
+error naming the process that holds it. The lock file holds that process's id, host and command
+line, and is removed when the lock is released.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
 import flax.serialization
 import flax.traverse_util
+import jax
 import numpy as np
 
 from jaxres.config import TrainConfig
@@ -48,6 +61,7 @@ PLOT_NAMES = ("curves.png", "lr_schedule.png", "misclassified.png")
 # The files a run writes into its workdir (lr_find.png aside: `--peak-lr auto` writes it before
 # the run's own files). A folder holding any of them must be a jaxres run, see `check_workdir`.
 RUN_FILES = (CONFIG_NAME, DATA_INFO_NAME, METRICS_NAME, CHECKPOINT_NAME, *PLOT_NAMES)
+LOCK_NAME = ".jaxres.lock"  # held by the one run writing the workdir (`workdir_lock`)
 CHECKPOINT_HEADER = b"jaxres checkpoint 2\n"
 # Permissions of every run file: readable by all, like the plots and the data caches (mkstemp
 # alone would make them private to the owner, unlike every other output).
@@ -290,16 +304,9 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------- a run's life
 
 
-def check_workdir(workdir: Path, resume: bool, *, writable: bool = True) -> None:
-    """Check, before any data is loaded, that the run may use `workdir`.
-
-    A run starts in a missing or empty folder, or one that is a jaxres run without a
-    checkpoint (killed before its first epoch ended); it resumes only from a checkpoint. A
-    folder holding run files (config.json, metrics.jsonl, ...) without a jaxres config.json is
-    someone else's: refused, never overwritten. `writable`: also create the folder and write a
-    probe file in it (the process that writes the run's files).
-    """
-    workdir = Path(workdir)
+def _check_folder(workdir: Path) -> None:
+    """Raise JaxresError when `workdir` is a file, or a folder of someone else's files (run
+    files without a jaxres config.json)."""
     if workdir.exists() and not workdir.is_dir():
         raise JaxresError(f"--workdir {workdir} is a file, not a folder")
     present = [name for name in RUN_FILES if (workdir / name).exists()]
@@ -311,6 +318,131 @@ def check_workdir(workdir: Path, resume: bool, *, writable: bool = True) -> None
                 f"--workdir {workdir} holds {', '.join(present)} but is not a jaxres run ({error}); "
                 "refusing to overwrite its files: choose another --workdir"
             ) from None
+
+
+# Workdirs whose lock this process holds: resolved path -> the lock file's descriptor
+# (`workdir_lock` is re-entrant within a process: the CLI holds it around train_and_evaluate,
+# which takes it again).
+_held_locks: dict[Path, int] = {}
+
+
+def _holder_text(path: Path) -> str:
+    """Who holds the lock file at `path`, as its holder wrote it."""
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "another process (it has not written its id yet)"
+    return f"process {holder['pid']} on {holder.get('host', '?')} ({holder.get('command', '?')})"
+
+
+def _in_use_error(workdir: Path) -> JaxresError:
+    return JaxresError(
+        f"--workdir {workdir} is in use by another run: {_holder_text(workdir / LOCK_NAME)}; "
+        "wait for it to end, or choose another --workdir"
+    )
+
+
+def _refuse_if_in_use(workdir: Path) -> None:
+    """Raise JaxresError naming the holder when another process holds `workdir`'s lock
+    (looked at, not taken: a shared lock tried and dropped at once)."""
+    if workdir.resolve() in _held_locks:
+        return
+    try:
+        descriptor = os.open(workdir / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use_error(workdir) from None
+    finally:
+        os.close(descriptor)  # closing drops the shared lock
+
+
+def _take_lock(workdir: Path) -> int:
+    """The descriptor of `workdir`'s lock file, locked exclusively and holding this process's
+    id, host and command line. Raises JaxresError when another process holds it."""
+    path = workdir / LOCK_NAME
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        while True:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, RUN_FILE_MODE)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                raise _in_use_error(workdir) from None
+            try:  # the file locked may have been removed meanwhile by a holder releasing it
+                if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(descriptor)
+        command = " ".join(" ".join(getattr(sys, "orig_argv", sys.argv)).split())  # one line, for the message
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command[:300]}
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, (json.dumps(holder) + "\n").encode())
+    except OSError as error:
+        raise JaxresError(f"cannot write to --workdir {workdir}: {describe_os_error(error)}") from None
+    return descriptor
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path):
+    """Hold `workdir`'s lock (WORKDIR/.jaxres.lock, an exclusive `flock`) while the block runs:
+    the one writer of a workdir. Creates the folder. Re-entrant within a process.
+
+    Raises JaxresError, before taking anything, when `workdir` is a file or someone else's
+    folder (see `check_workdir`), cannot be written, or another process holds the lock (the
+    message names it: id, host, command line). The OS drops the lock when the process ends,
+    however it ends; a clean release also removes the lock file.
+    """
+    workdir = Path(workdir)
+    _check_folder(workdir)
+    key = workdir.resolve()
+    if key in _held_locks:  # taken by an outer block of this process
+        yield
+        return
+    descriptor = _take_lock(workdir)
+    _held_locks[key] = descriptor
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        with contextlib.suppress(OSError):
+            (workdir / LOCK_NAME).unlink()  # while still holding it: a process that opened it before retries
+        os.close(descriptor)
+
+
+def holds_workdir_lock(function):
+    """Decorate `function(config, ...)` (train_and_evaluate) to run holding `config.workdir`'s
+    lock (`workdir_lock`) on process 0, the one that writes the run's files."""
+
+    @functools.wraps(function)
+    def locked(config, *args, **kwargs):
+        if jax.process_index() != 0:
+            return function(config, *args, **kwargs)
+        with workdir_lock(config.workdir):
+            return function(config, *args, **kwargs)
+
+    return locked
+
+
+def check_workdir(workdir: Path, resume: bool, *, writable: bool = True) -> None:
+    """Check, before any data is loaded, that the run may use `workdir`.
+
+    A run starts in a missing or empty folder, or one that is a jaxres run without a
+    checkpoint (killed before its first epoch ended); it resumes only from a checkpoint. A
+    folder holding run files (config.json, metrics.jsonl, ...) without a jaxres config.json is
+    someone else's: refused, never overwritten. A folder another process is writing (it holds
+    the lock, `workdir_lock`) is refused, naming that process. `writable`: also create the
+    folder and write a probe file in it (the process that writes the run's files).
+    """
+    workdir = Path(workdir)
+    _check_folder(workdir)
+    _refuse_if_in_use(workdir)
     has_checkpoint = checkpoint_path(workdir).is_file()
     if has_checkpoint and not resume:
         raise JaxresError(

@@ -408,6 +408,7 @@ class RunResult:
     config: TrainConfig
 
 
+@rundir.holds_workdir_lock  # one run writes a workdir at a time: a second is refused, naming the first
 def train_and_evaluate(
     config: TrainConfig,
     *,
