@@ -29,6 +29,9 @@ gradient); `conv3x3` is a `jax.custom_vjp` over them.
 * The library is built once with the system C++ compiler (g++) against the
   `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (dependencies on Linux x86-64) into
   ``$JAXRES_CACHE/onednn/``; no compiler or no wheel: "auto" falls back to XLA, saying why once.
+  The build writes the library's sha256 beside it and renames both into place; every process
+  checks the digest before `dlopen` (a truncated library mapped into the process is a SIGBUS),
+  and rebuilds a damaged library, or one that does not load, saying so once.
 
 The results equal XLA's to float32 rounding (a sum of the same products in another order;
 in bfloat16, float32 sums rounded once to bfloat16, so within bfloat16 rounding of XLA's), not
@@ -38,6 +41,7 @@ bitwise: a run is deterministic for a given backend and CPU, as before.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -99,37 +103,112 @@ def locate() -> tuple[pathlib.Path, pathlib.Path]:
     return header.parents[2], library.parent
 
 
-def build(include: pathlib.Path, lib: pathlib.Path, folder: pathlib.Path | None = None) -> pathlib.Path:
-    """Compile onednn_conv.cc into the jaxres cache (once per source, oneDNN, compiler and
-    jaxlib) and return the shared library's path. The file appears whole or not at all."""
+LIBRARY_NAME = "libjaxres_onednn_conv.so"
+DIGEST_SUFFIX = ".sha256"  # beside the library: the sha256 of its bytes, written when it was built
+
+
+def _compiler() -> str:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise FileNotFoundError(f"no C++ compiler (g++ or c++) on PATH to build {SOURCE.name}")
-    ffi_include = pathlib.Path(jax.ffi.include_dir())
+    return compiler
+
+
+def library_path(include: pathlib.Path, lib: pathlib.Path, folder: pathlib.Path | None = None) -> pathlib.Path:
+    """Where `build` puts the library: a folder of the jaxres cache keyed by the source, oneDNN,
+    the compiler and jaxlib (or `folder`)."""
     key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{include}|{lib}|{compiler}|{importlib.metadata.version('jaxlib')}".encode()
+        SOURCE.read_bytes() + f"{include}|{lib}|{_compiler()}|{importlib.metadata.version('jaxlib')}".encode()
     ).hexdigest()[:16]
-    folder = folder or runtime.cache_root() / "onednn" / key
-    target = folder / "libjaxres_onednn_conv.so"
-    if target.is_file():
+    return (folder or runtime.cache_root() / "onednn" / key) / LIBRARY_NAME
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def damage(target: pathlib.Path) -> str | None:
+    """None when the library at `target` is the one its build wrote (its sha256 equals the
+    digest written beside it), else what is wrong with it (one phrase). Reading it is safe
+    whatever its state: only a verified file is ever given to dlopen (a truncated one mapped
+    into the process gives SIGBUS)."""
+    digest_path = target.with_name(target.name + DIGEST_SUFFIX)
+    try:
+        digest = digest_path.read_text().strip()
+    except FileNotFoundError:
+        return "it has no digest beside it (an interrupted build, or an older jaxres's)"
+    except (OSError, UnicodeDecodeError) as error:
+        return f"its digest {digest_path} is unreadable ({error})"
+    try:
+        actual = _file_digest(target)
+    except OSError as error:
+        return f"it is unreadable ({error})"
+    if actual != digest:
+        return f"its sha256 differs from the one written when it was built (truncated or overwritten: {target.stat().st_size} bytes)"
+    return None
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), 0o644)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def build(include: pathlib.Path, lib: pathlib.Path, folder: pathlib.Path | None = None, *,
+          rebuild: bool = False) -> pathlib.Path:
+    """Compile onednn_conv.cc into the jaxres cache (once per source, oneDNN, compiler and
+    jaxlib) and return the shared library's path, verified (`damage`): a cached library whose
+    bytes differ from its build's digest is rebuilt, saying so once on stderr; `rebuild`
+    rebuilds it anyway (it failed to load). The build is atomic: compiled in a scratch folder,
+    its digest written beside it, then renamed into place, so a kill at any point leaves the
+    old files or a pair that fails verification; concurrent builders take turns (a lock)."""
+    compiler = _compiler()
+    ffi_include = pathlib.Path(jax.ffi.include_dir())
+    target = library_path(include, lib, folder)
+    if not rebuild and target.is_file() and damage(target) is None:
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        built = pathlib.Path(scratch) / target.name
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE), f"-I{include}",
-                   f"-I{ffi_include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(built)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
-        os.replace(built, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same library: wait for it
+        if not rebuild and target.is_file():
+            problem = damage(target)
+            if problem is None:  # built by that other process meanwhile
+                return target
+            print(f"jaxres: the cached oneDNN library {target} is damaged: {problem}; rebuilding it", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = pathlib.Path(scratch) / target.name
+            command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE), f"-I{include}",
+                       f"-I{ffi_include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(built)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+            digest = _file_digest(built)
+            os.replace(built, target)
+            _write_atomically(target.with_name(target.name + DIGEST_SUFFIX), (digest + "\n").encode())
     return target
 
 
 def load() -> ctypes.CDLL:
-    """Build (if needed) and load the library, registering its FFI targets with JAX once.
-    Raises FileNotFoundError (what to install) or RuntimeError (the build's errors)."""
+    """Build (if needed), verify and load the library, registering its FFI targets with JAX
+    once. A cached library that fails to load is rebuilt once, saying so. Raises
+    FileNotFoundError (what to install), RuntimeError (the build's errors) or OSError (a
+    freshly built library that does not load)."""
     if "library" not in _loaded:
-        library = ctypes.cdll.LoadLibrary(str(build(*locate())))
+        include, lib = locate()
+        path = build(include, lib)
+        try:
+            library = ctypes.cdll.LoadLibrary(str(path))
+        except OSError as error:
+            print(f"jaxres: the cached oneDNN library {path} does not load ({error}); rebuilding it", file=sys.stderr)
+            library = ctypes.cdll.LoadLibrary(str(build(include, lib, rebuild=True)))
         for target in TARGETS.values():
             for name in (target, target + BF16_SUFFIX):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")

@@ -314,3 +314,75 @@ def test_a_missing_install_names_the_package(monkeypatch):
     monkeypatch.setattr(onednn.importlib.metadata, "distribution", not_installed)
     with pytest.raises(FileNotFoundError, match="pip install onednn-cpu-gomp onednn-devel-cpu-gomp"):
         onednn.locate()
+
+
+# --------------------------------------------------------------------------- the cached library (issue 25, item 2)
+
+FAKE_COMPILER = """#!/bin/sh
+# stands in for g++: copies a library built before to the -o path, or writes {garbage_once} first
+while [ $# -gt 1 ]; do [ "$1" = "-o" ] && out="$2"; shift; done
+echo build >> {log}
+if [ -n "{garbage_once}" ] && [ ! -e "{garbage_once}" ]; then : > "{garbage_once}"; echo not a library > "$out"
+else cp {real} "$out"; fi
+"""
+
+
+def fake_compiler(tmp_path, garbage_once: str = "") -> tuple[Path, Path]:
+    """(a compiler script that copies the real library, its log of builds): a rebuild in a
+    test costs a copy, not a compilation."""
+    real = onednn.build(*onednn.locate())  # the real one, compiled once in $JAXRES_CACHE
+    script, log = tmp_path / "fake-g++", tmp_path / "builds.log"
+    script.write_text(FAKE_COMPILER.format(log=log, real=real, garbage_once=garbage_once))
+    script.chmod(0o755)
+    return script, log
+
+
+LOAD_AND_PROBE = (
+    "from jaxres import onednn\n"
+    "assert onednn.unavailable_reason() is None, onednn.unavailable_reason()\n"
+    "print(onednn.implementations(1, 4, 4, 8, 8))\n"
+)
+
+
+def load_in_child(env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LOAD_AND_PROBE], env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "no digest"])
+def test_a_damaged_cached_library_is_rebuilt_saying_so_once_never_loaded(tmp_path, monkeypatch, damage):
+    library_or_skip()
+    compiler, log = fake_compiler(tmp_path)
+    env = {**os.environ, "JAXRES_CACHE": str(tmp_path / "cache"), "CXX": str(compiler)}
+    monkeypatch.setenv("JAXRES_CACHE", env["JAXRES_CACHE"])
+    monkeypatch.setenv("CXX", env["CXX"])
+    target = onednn.build(*onednn.locate())
+    digest_file = target.with_name(target.name + onednn.DIGEST_SUFFIX)
+    assert digest_file.read_text().strip() == onednn._file_digest(target)  # written beside it at build time
+    assert sorted(path.name for path in target.parent.iterdir()) == [".build.lock", target.name, digest_file.name]
+    size = target.stat().st_size
+    if damage == "truncated":  # dlopen of this gave SIGBUS: exit 135, nothing said
+        os.truncate(target, 4096)
+    elif damage == "empty":
+        os.truncate(target, 0)
+    elif damage == "garbage":
+        target.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    else:
+        digest_file.unlink()
+    done = load_in_child(env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("jaxres: the cached oneDNN library") == 1 and "rebuilding it" in done.stderr, done.stderr
+    assert log.read_text().count("build") == 2  # the first build, and the one rebuild
+    assert onednn.damage(target) is None and target.stat().st_size == size
+    again = load_in_child(env)  # the rebuilt library is used as it is, without a word
+    assert again.returncode == 0 and "jaxres:" not in again.stderr and log.read_text().count("build") == 2
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt_once(tmp_path):
+    library_or_skip()
+    compiler, log = fake_compiler(tmp_path, garbage_once=str(tmp_path / "garbage-written"))
+    env = {**os.environ, "JAXRES_CACHE": str(tmp_path / "cache"), "CXX": str(compiler)}
+    done = load_in_child(env)  # builds "not a library" (its digest right), which dlopen refuses
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("does not load") == 1 and "rebuilding it" in done.stderr, done.stderr
+    assert log.read_text().count("build") == 2
