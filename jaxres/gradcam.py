@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import evaluate, plots
+from jaxres import evaluate, models, plots
 from jaxres.augment import normalize as normalize_images
 from jaxres.errors import JaxresError, command_line, figure_output_path
 
@@ -309,6 +309,7 @@ def gradcam(
     _check_layer(model, layer)
     _check_method(method)
     check_images(images)
+    _check_map_size(model, np.shape(images)[1:3], layer, normalize)
     targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
     return _gradcam(
         model,
@@ -321,6 +322,23 @@ def gradcam(
         normalize=bool(normalize),
         upsample_to_input=bool(upsample),
     )
+
+
+def _check_map_size(model, image_size, layer: str, normalize: bool) -> None:
+    """JaxresError for images too small for `model` (`models.check_image_size`); a UserWarning
+    when `layer`'s map is a single pixel and is to be normalised: min-max normalisation makes
+    a one-value map all zeros."""
+    models.check_image_size(model, image_size)
+    sizes = models.stage_output_sizes(model, *map(int, image_size))
+    if normalize and sizes.get(layer) == (1, 1):
+        larger = [stage for stage, size in sizes.items() if size != (1, 1)]
+        instead = f"; explain an earlier layer ({larger[-1]}'s is {'x'.join(map(str, sizes[larger[-1]]))})" if larger else ""
+        warnings.warn(
+            f"{layer}'s map is 1x1 for {image_size[0]}x{image_size[1]} images: a single value, so its normalised "
+            f"map is all zeros{instead}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- pictures

@@ -48,14 +48,24 @@ def torch_default_bias_init(fan_in: int) -> Callable:
     return init
 
 
-@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2, as a reshape and a max.  T[N,H,W,C] -> T[N,H//2,W//2,C], H and W even.
+    """2x2 max-pool, stride 2.  T[N,H,W,C] -> T[N,H//2,W//2,C].
 
-    The gradient goes to the first maximum of each window in row-major order, as PyTorch's
-    max_pool2d sends it (JAX's own rule for `max` splits it between tied maxima, and needs
-    a reduction to count them); cheaper on CPU than reduce_window's select-and-scatter too.
+    An odd H or W loses its last row or column, as `torch.nn.functional.max_pool2d(x, 2)`
+    floors (a 28x28 image pools to 14, 7, then 3); their gradient is zero. The gradient goes
+    to the first maximum of each window in row-major order, as PyTorch's max_pool2d sends it
+    (JAX's own rule for `max` splits it between tied maxima, and needs a reduction to count
+    them); cheaper on CPU than reduce_window's select-and-scatter too.
     """
+    height, width = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    if (height, width) != tuple(x.shape[1:3]):
+        x = x[:, :height, :width]
+    return _max_pool_even(x)
+
+
+@jax.custom_vjp
+def _max_pool_even(x: jax.Array) -> jax.Array:
+    """`max_pool_2x2` of even H and W, as a reshape and a max."""
     return _pool_windows(x).max(axis=(2, 4))
 
 
@@ -83,7 +93,7 @@ def _max_pool_2x2_backward(residuals, g):
     return (gradient.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
 
 
-max_pool_2x2.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
+_max_pool_even.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -681,12 +691,49 @@ def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
 
 
+@functools.lru_cache(maxsize=64)
+def stage_output_sizes(model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]] | None:
+    """{stage: (h, w)} of each of `model.STAGES`'s outputs for height x width images, or None
+    when the model cannot take them (a stage left with no pixels: its traced init fails, or
+    an output has size 0). Traced only (`jax.eval_shape`), once per model and size."""
+    image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+    try:
+        shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), image)
+    except (ValueError, TypeError, ZeroDivisionError):  # e.g. a max over no pixels
+        return None
+    outputs = shapes.get("perturbations", {})
+    sizes = {stage: tuple(outputs[stage]["output"].shape[1:3]) for stage in getattr(model, "STAGES", ()) if stage in outputs}
+    return None if any(0 in size for size in sizes.values()) else sizes
+
+
+def smallest_image_size(model: nn.Module, largest: int = 256) -> int | None:
+    """The smallest S such that `model` takes S x S images (8 for the custom ResNet: its three
+    2x2 max-pools floor, 8 -> 4 -> 2 -> 1; 1 for ResNet-18/34, whose strided convolutions
+    round up), None if none up to `largest`."""
+    return next((size for size in range(1, largest + 1) if stage_output_sizes(model, size, size) is not None), None)
+
+
+def check_image_size(model: nn.Module, image_shape) -> None:
+    """Raise JaxresError when images of `image_shape` ((H, W) or (H, W, C)) are too small for
+    `model`, naming the size and the smallest one accepted."""
+    height, width = (int(n) for n in tuple(image_shape)[:2])
+    if stage_output_sizes(model, height, width) is None:
+        smallest = smallest_image_size(model)
+        accepted = f"the smallest it accepts is {smallest}x{smallest}" if smallest else "it accepts none up to 256x256"
+        raise JaxresError(
+            f"images of {height}x{width} pixels are too small for {type(model).__name__}: a stage would have no "
+            f"pixels left; {accepted}"
+        )
+
+
 def init_variables(model: nn.Module, key: jax.Array, image_shape=(32, 32, 3)) -> dict:
     """Fresh `{"params", ["batch_stats"]}` for `model` on images of `image_shape` (H, W, C).
 
     Only the collections a trained model keeps are returned (the `perturbations`
-    that `init` also creates are dropped: they depend on the batch size).
+    that `init` also creates are dropped: they depend on the batch size). Raises
+    JaxresError when the images are too small for the model (`check_image_size`).
     """
+    check_image_size(model, image_shape)
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return {name: value for name, value in variables.items() if name in ("params", "batch_stats")}
 
