@@ -1,0 +1,217 @@
+"""jaxres's `--preset airbench94` against the published airbench94, same CPU, same data, in one run.
+
+    python -m benchmarks.airbench --data ../shared/data/cifar10-jpeg.tar.gz --seeds 0 1 2 \\
+        --reference "REF_PYTHON REF_DIR/airbench94_cpu.py --seed {seed} --data {npz} --json {json}" \\
+        --reference-seeds 0 1 [--resume benchmarks/results/airbench94-cpu-....json]
+
+The reference is KellerJordan/cifar10-airbench's `legacy/airbench94.py`, run as its own
+process from a copy the user makes (it is never part of this repository): changed only as a
+CPU needs (device, float32, data read from an .npz, timers, a seed flag, a JSON result with
+`tta_val_acc`, `val_acc`, `total_time_seconds`; benchmarks/README.md lists the changes).
+This script writes that .npz (`--npz`) from jaxres's own decoder, so both sides see the same
+pixels: the training split permuted once with np.random.default_rng(0).permutation(N) (the
+JPEG copy is sorted by class, and airbench builds its whitening layer from the first 5,000
+training images; jaxres's preset takes the same 5,000, `jaxres.airbench.whitening_sample`),
+the test split as stored.
+
+Runs alternate between the two sides, seed by seed, one process at a time with the same
+thread count. Each finished run is written to the results file at once; `--resume FILE`
+skips the runs it holds and continues an interrupted jaxres run from its checkpoint, so a
+comparison longer than a session goes on in the next. Reported per side: final accuracy
+with and without TTA (level 2), the time airbench itself counts (whitening, the training
+epochs and the final TTA evaluation; jaxres: its epochs' training and compilation seconds
+and the final TTA evaluation), and the whole process's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common
+
+SHUFFLE_SEED = 0  # the permutation of the training split (= jaxres.airbench.WHITENING_SAMPLE_SEED)
+
+
+def write_reference_data(data: str, path: Path, cache_dir: str | None = None) -> dict:
+    """The .npz the reference reads: train_images/train_labels shuffled, test as stored, perm."""
+    from jaxres import airbench, data as data_lib
+
+    assert SHUFFLE_SEED == airbench.WHITENING_SAMPLE_SEED
+    dataset = data_lib.load_dataset(data, cache_dir=cache_dir, progress=False)
+    perm = np.random.default_rng(SHUFFLE_SEED).permutation(len(dataset.train.labels))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        temporary, train_images=dataset.train.images[perm], train_labels=dataset.train.labels[perm],
+        test_images=dataset.test.images, test_labels=dataset.test.labels, perm=perm,
+        class_names=np.array(dataset.class_names),
+    )  # fmt: skip
+    os.replace(temporary, path)
+    return {"npz": str(path), "source": dataset.source, "train": int(len(perm)), "test": int(len(dataset.test.labels))}
+
+
+def jaxres_command(args, seed: int, workdir: Path) -> list[str]:
+    command = [sys.executable, "-m", "jaxres.train", "--no-progress", "--workdir", str(workdir)]
+    if (workdir / "config.json").is_file() and any(workdir.glob("checkpoint*")):
+        return command + ["--resume"]  # an interrupted run goes on from its last epoch
+    return command + ["--preset", "airbench94", "--data", args.data, "--seed", str(seed), *args.jaxres_flag]
+
+
+def run_jaxres(args, seed: int, out_dir: Path) -> dict:
+    """One `--preset airbench94` run, its figures read from its metrics.jsonl."""
+    workdir = out_dir / f"jaxres-seed{seed}"
+    started = time.perf_counter()
+    subprocess.run(jaxres_command(args, seed, workdir), check=True, env=common_environment(args), preexec_fn=pinned(args))
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    return {
+        "seed": seed,
+        "accuracy": last["test_accuracy"],
+        "tta_accuracy": last["final_tta_accuracy"],
+        "timed_seconds": sum(r["seconds"] + r["compile_seconds"] for r in rows) + last["final_tta_seconds"],
+        "compile_seconds": sum(r["compile_seconds"] for r in rows),
+        "epoch_seconds": [r["seconds"] for r in rows],
+        "test_accuracy_per_epoch": [r["test_accuracy"] for r in rows],
+        "wall_seconds_this_process": wall,
+        "workdir": str(workdir),
+    }
+
+
+def run_reference(args, seed: int, out_dir: Path, npz: Path) -> dict:
+    """One run of the user's copy of the published script, read from the JSON it writes."""
+    result_path = out_dir / f"reference-seed{seed}.json"
+    command = shlex.split(args.reference.format(seed=seed, npz=npz, json=result_path))
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=common_environment(args), preexec_fn=pinned(args))
+    wall = time.perf_counter() - started
+    found = json.loads(result_path.read_text())
+    return {
+        "seed": seed,
+        "accuracy": found["val_acc"],
+        "tta_accuracy": found["tta_val_acc"],
+        "timed_seconds": found["total_time_seconds"],
+        "epoch_seconds": found.get("epoch_times"),
+        "test_accuracy_per_epoch": found.get("val_accs"),
+        "wall_seconds_this_process": wall,
+        "command": command,
+    }
+
+
+def common_environment(args) -> dict:
+    """Both sides on `--threads` threads: OpenMP/MKL's variables here, the cores in `pinned`."""
+    return common.thread_environment(args.threads)
+
+
+def pinned(args):
+    """A preexec_fn that pins the child to the first `--threads` allowed cores (XLA:CPU sizes
+    its pool from them), as the suite's workers pin themselves."""
+    return lambda: common.pin_to_cores(args.threads)
+
+
+def summary(runs: list[dict]) -> dict:
+    if not runs:
+        return {}
+    pick = lambda key: [r[key] for r in runs]  # noqa: E731
+    return {
+        "seeds": pick("seed"),
+        "tta_accuracy_mean": statistics.fmean(pick("tta_accuracy")),
+        "tta_accuracy_median": statistics.median(pick("tta_accuracy")),
+        "accuracy_mean": statistics.fmean(pick("accuracy")),
+        "timed_seconds_median": statistics.median(pick("timed_seconds")),
+        "wall_seconds_median": statistics.median(pick("wall_seconds_this_process")),
+    }
+
+
+def compare(results: dict) -> dict:
+    ours, theirs = summary(results["runs"]["jaxres"]), summary(results["runs"]["reference"])
+    comparison = {"jaxres": ours, "reference": theirs}
+    if ours and theirs:
+        comparison["tta_accuracy_mean_difference_points"] = 100 * (ours["tta_accuracy_mean"] - theirs["tta_accuracy_mean"])
+        comparison["timed_seconds_ratio_jaxres_over_reference"] = ours["timed_seconds_median"] / theirs["timed_seconds_median"]
+        comparison["wall_seconds_ratio_jaxres_over_reference"] = ours["wall_seconds_median"] / theirs["wall_seconds_median"]
+    return comparison
+
+
+def write(results: dict, path: Path) -> None:
+    results["comparison"] = compare(results)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(results, indent=1))
+    os.replace(temporary, path)
+
+
+def plan_runs(seeds: list[int], reference_seeds: list[int]) -> list[tuple[str, int]]:
+    """Alternating order: reference seed s, then jaxres seed s, for each seed; leftovers at the end."""
+    order = []
+    for seed in sorted(set(seeds) | set(reference_seeds)):
+        if seed in reference_seeds:
+            order.append(("reference", seed))
+        if seed in seeds:
+            order.append(("jaxres", seed))
+    return order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.airbench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz", help="the dataset (jaxres --data)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="jaxres seeds (default: 0 1 2)")
+    p.add_argument("--reference", help="the reference's command, with {seed}, {npz} and {json} (none: jaxres only)")
+    p.add_argument("--reference-seeds", type=int, nargs="+", default=[0, 1], help="reference seeds (default: 0 1)")
+    p.add_argument("--npz", default=str(common.RESULTS_DIR / "tmp" / "cifar10-shuffled.npz"),
+                   help="where the reference's shuffled data is written (git-ignored; never commit it)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=common.available_cores())
+    p.add_argument("--jaxres-flag", action="append", default=[], help="an extra jaxres.train flag (repeatable)")
+    p.add_argument("--out", default=str(common.RESULTS_DIR))
+    p.add_argument("--resume", help="a results file of an earlier run of this script: keep its runs, do the rest")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        path = Path(args.resume)
+        results = json.loads(path.read_text())
+        results.setdefault("resumed", []).append(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    else:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        path = Path(args.out) / f"airbench94-cpu-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+        results = {
+            "name": path.stem, "created": now.isoformat(timespec="seconds"), "machine": common.machine_record(),
+            "packages": common.package_versions(), "git": common.git_commit(), "threads": args.threads,
+            "data": args.data, "runs": {"jaxres": [], "reference": []},
+        }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(args.out) / "tmp" / results["name"]  # workdirs and the reference's JSON (git-ignored)
+    scratch.mkdir(parents=True, exist_ok=True)
+    npz = Path(args.npz)
+    reference_seeds = args.reference_seeds if args.reference else []
+    if reference_seeds and not npz.is_file():
+        results["reference_data"] = write_reference_data(args.data, npz)
+    for side, seed in plan_runs(args.seeds, reference_seeds):
+        if any(r["seed"] == seed for r in results["runs"][side]):
+            continue
+        print(f"{side} seed {seed} ...", flush=True)
+        run = run_jaxres(args, seed, scratch) if side == "jaxres" else run_reference(args, seed, scratch, npz)
+        results["runs"][side].append(run)
+        write(results, path)
+        print(f"{side} seed {seed}: {100 * run['tta_accuracy']:.2f} % with TTA ({100 * run['accuracy']:.2f} % without), "
+              f"{run['timed_seconds']:.0f} s timed, {run['wall_seconds_this_process']:.0f} s wall", flush=True)  # fmt: skip
+    write(results, path)
+    print(json.dumps(results["comparison"], indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
