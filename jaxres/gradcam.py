@@ -42,6 +42,9 @@ METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 # (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
 GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
 XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab A_kab + eps
+# The most images one figure of `python -m jaxres.gradcam` shows (a row of three panels each, 2.2
+# inches tall: 32 rows are a 660 x 7,000 pixel PNG); --skip pages through more.
+MAX_FIGURE_IMAGES = 32
 _TITLE_CHARACTERS_PER_LINE = 64  # plot_cams wraps longer titles: its figure is 6.6 inches wide
 
 
@@ -60,18 +63,35 @@ def _check_method(method: str) -> None:
 
 
 def check_images(images, stacklevel: int = 3) -> None:
-    """Raises JaxresError unless `images` is [N, H, W, 3]; warns for concrete float images
-    whose values all lie in [0, 1] (pixels scaled to [0, 1], which jaxres would normalise as
-    nearly black images; traced images are not looked at). `stacklevel` as in
-    `warnings.warn`, counted from here: 3 blames the caller of the public function."""
+    """Raises JaxresError unless `images` is an array (NumPy or JAX, not a list) shaped
+    [N, H, W, 3]; warns for concrete images on another scale than [0, 255]: float images whose
+    values all lie in [0, 1] (pixels scaled to [0, 1], which jaxres would normalise as nearly
+    black images) and images with values above 255 (16-bit pixels, say, which it would see as
+    glaring); traced images are not looked at. `stacklevel` as in `warnings.warn`, counted from
+    here: 3 blames the caller of the public function."""
+    if not hasattr(images, "dtype"):
+        raise JaxresError(
+            f"images must be an array (NumPy or JAX) of [N, H, W, 3] pixel values, got a {type(images).__name__}; "
+            "stack them first: np.stack(images)"
+        )
     shape = tuple(np.shape(images))
     if len(shape) != 4 or shape[-1] != 3:
         raise JaxresError(f"images must be [N, H, W, 3] pixel values (uint8 or float in [0, 255]), got shape {shape}")
-    array = images if hasattr(images, "dtype") else np.asarray(images)  # NumPy stays on the host, jax on its device
-    if jnp.issubdtype(array.dtype, jnp.floating) and _is_concrete(array) and array.size and float(array.max()) <= 1.0:
+    if not (_is_concrete(images) and images.size) or images.dtype == np.uint8:
+        return
+    largest = float(images.max())  # NumPy stays on the host, jax on its device
+    if jnp.issubdtype(images.dtype, jnp.floating) and largest <= 1.0:
         warnings.warn(
             "float images with values in [0, 1]: jaxres expects pixel values in [0, 255] (uint8, or float "
             "on that scale) and normalises them as in training; multiply by 255 first",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    elif largest > 255.0:
+        warnings.warn(
+            f"{images.dtype} images with values above 255 (the largest is {largest:g}): jaxres expects pixel values "
+            "in [0, 255] (uint8, or float on that scale) and normalises them as in training; scale 16-bit images "
+            "to 8 bits first (divide by 257)",
             UserWarning,
             stacklevel=stacklevel,
         )
@@ -91,6 +111,8 @@ def prepare_targets(targets, count: int, num_classes: int):
         return None
     if _is_concrete(targets):
         values = np.asarray(targets)
+        if values.size == 0 and values.ndim:
+            raise JaxresError(f"targets is empty: give None (the predicted classes), an int, or {count} ints (one per image)")
         if not np.issubdtype(values.dtype, np.integer):
             raise JaxresError(f"targets must be class indices (integers), got dtype {values.dtype}")
         if values.ndim == 0:
@@ -111,9 +133,28 @@ def prepare_targets(targets, count: int, num_classes: int):
 
 def inference_variables(variables) -> dict:
     """Only what inference needs: params and (if any) batch_stats. JaxresError without params."""
-    if "params" not in variables:
+    if not hasattr(variables, "keys") or "params" not in variables:
         raise JaxresError("variables have no 'params' collection")
     return {name: variables[name] for name in ("params", "batch_stats") if name in variables}
+
+
+@functools.lru_cache(maxsize=64)
+def _needs_batch_stats(model) -> bool:
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))  # fmt: skip
+    return "batch_stats" in shapes
+
+
+def check_variables(model, variables) -> None:
+    """Raises JaxresError unless `variables` has the collections `model` needs: params, and
+    batch_stats when its norm keeps running statistics (norm "batch")."""
+    inference_variables(variables)
+    if "batch_stats" not in variables and _needs_batch_stats(model):
+        raise JaxresError(
+            f"variables have no 'batch_stats' collection, which {type(model).__name__} (norm {getattr(model, 'norm', '?')!r}) "
+            "needs for its BatchNorm running statistics: pass {'params': ..., 'batch_stats': ...} as "
+            "models.init_variables or a checkpoint gives them"
+        )
 
 
 # --------------------------------------------------------------------------- the two passes
@@ -263,8 +304,9 @@ def gradcam(
       variables: the model's variables, {"params": ..., "batch_stats": ...}; other
         collections are ignored.
       images: uint8 or float[N, H, W, 3] pixel values in [0, 255], normalised here as
-        in training. Concrete float images whose values all lie in [0, 1] give a
-        UserWarning (pixels scaled to [0, 1] would be seen as nearly black).
+        in training (a NumPy or JAX array, not a list). Concrete float images whose
+        values all lie in [0, 1], and images with values above 255 (16-bit pixels), give
+        a UserWarning (they would be seen as nearly black, or glaring).
       targets: the class to explain per image: None (each image's predicted class),
         an int (one class for all images) or ints[N].
       layer: one of `model.STAGES`; the map explains that stage's output (its
@@ -281,9 +323,11 @@ def gradcam(
       resolution when `upsample=False`.
 
     Raises:
-      JaxresError: for images not shaped [N, H, W, 3], an unknown layer or method,
-        or targets that are not integers, not one per image, or out of the model's
-        class range.
+      JaxresError: for images that are not an array shaped [N, H, W, 3] or are too
+        small for the model (`models.check_image_size`), variables without the
+        collections the model needs (params; batch_stats with BatchNorm), an unknown
+        layer or method, or targets that are empty, not integers, not one per image,
+        or out of the model's class range.
 
     Against pytorch-grad-cam 1.5.7 on the same weights (`jaxres.convert`, its
     `target_layers=[model.<layer>]`, `ClassifierOutputTarget`), the normalised maps of
@@ -309,6 +353,7 @@ def gradcam(
     _check_layer(model, layer)
     _check_method(method)
     check_images(images)
+    check_variables(model, variables)
     _check_map_size(model, np.shape(images)[1:3], layer, normalize)
     targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
     return _gradcam(
@@ -428,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jaxres.gradcam",
         description="Grad-CAM heatmaps of a trained jaxres run: one row per image "
-        "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG.",
+        "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG; "
+        f"at most {MAX_FIGURE_IMAGES} images a figure (--skip pages through more misclassified ones).",
     )
     parser.add_argument("--workdir", required=True, help="run directory written by `python -m jaxres.train` (checkpoint + config)")
     parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on); it must have the run's classes and image size")
@@ -438,9 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--misclassified", type=int, default=None, metavar="K",
         help="explain K misclassified images, taken round-robin over their true classes (classes in the order they "
-        "first appear in the split), so that a split sorted by class still shows several (default: 16)",
+        f"first appear in the split), so that a split sorted by class still shows several; at most {MAX_FIGURE_IMAGES}, "
+        "one figure (default: 16)",
     )  # fmt: skip
-    which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I", help="explain these image indices of the split")
+    which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I",
+                       help=f"explain these image indices of the split (at most {MAX_FIGURE_IMAGES})")  # fmt: skip
+    parser.add_argument(
+        "--skip", type=int, default=0, metavar="S",
+        help=f"with --misclassified: skip the first S of them, to page through more than one figure holds "
+        f"(at most {MAX_FIGURE_IMAGES}): --skip {MAX_FIGURE_IMAGES} shows the next page (default: 0)",
+    )  # fmt: skip
     parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
     parser.add_argument("--method", choices=METHODS, default="gradcam", help="CAM method (default: gradcam)")
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
@@ -482,9 +535,28 @@ def run(args: argparse.Namespace) -> str:
     wanted = 16 if args.misclassified is None else args.misclassified
     if wanted < 1:
         raise JaxresError(f"--misclassified must be positive, got {wanted}")
+    if wanted > MAX_FIGURE_IMAGES:
+        raise JaxresError(
+            f"--misclassified {wanted}: one figure shows at most {MAX_FIGURE_IMAGES} images (MAX_FIGURE_IMAGES); "
+            f"ask for {MAX_FIGURE_IMAGES} or fewer, and page through more with --skip "
+            f"(--misclassified {MAX_FIGURE_IMAGES} --skip {MAX_FIGURE_IMAGES} shows the next {MAX_FIGURE_IMAGES})"
+        )
+    skip = getattr(args, "skip", 0)
+    if skip < 0:
+        raise JaxresError(f"--skip must be 0 or more, got {skip}")
+    if args.indices is not None:
+        if skip:
+            raise JaxresError("--skip pages through --misclassified; with --indices, name the images wanted")
+        if len(args.indices) > MAX_FIGURE_IMAGES:
+            raise JaxresError(
+                f"--indices names {len(args.indices)} images: one figure shows at most {MAX_FIGURE_IMAGES} "
+                f"(MAX_FIGURE_IMAGES); split them over several commands of {MAX_FIGURE_IMAGES} or fewer"
+            )
+    if args.layer is not None and not args.layer:
+        raise JaxresError("--layer is empty: name one of the model's stages (e.g. layer2), or omit it for the last")
     out = figure_output_path(args.out)
     model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
-    layer = args.layer or tuple(model.STAGES)[-1]
+    layer = tuple(model.STAGES)[-1] if args.layer is None else args.layer
     _check_layer(model, layer)
     split = getattr(dataset, args.split)
     images, labels = np.asarray(split.images), np.asarray(split.labels)
@@ -497,9 +569,13 @@ def run(args: argparse.Namespace) -> str:
     else:
         all_predictions = _predict(model, variables, images, args.batch_size)
         wrong = np.flatnonzero(all_predictions != labels)
-        indices = round_robin_over_classes(wrong, labels[wrong], wanted)
-        if indices.size == 0:
+        indices = round_robin_over_classes(wrong, labels[wrong], skip + wanted)[skip:]
+        if wrong.size == 0:
             raise JaxresError(f"no misclassified images in the {args.split} split: use --indices instead")
+        if indices.size == 0:
+            raise JaxresError(
+                f"--skip {skip} skips every misclassified image: the {args.split} split has {wrong.size}"
+            )
         predictions = all_predictions[indices]
     chosen, truths = images[indices], labels[indices]
     targets = predictions if args.target == "predicted" else truths

@@ -554,3 +554,65 @@ def test_cli_end_to_end_on_a_trained_run(tmp_path):
     out = tmp_path / "cams.png"
     assert cam_lib.main(["--workdir", str(workdir), "--misclassified", "4", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- issue 25: bounded figures, API edges
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--misclassified", "33"], "error: --misclassified 33: one figure shows at most 32 images (MAX_FIGURE_IMAGES); "
+         "ask for 32 or fewer, and page through more with --skip (--misclassified 32 --skip 32 shows the next 32)"),
+        (["--indices", *map(str, range(33))], "error: --indices names 33 images: one figure shows at most 32"),
+        (["--misclassified", "100000"], "error: --misclassified 100000: one figure shows at most 32 images"),
+        (["--layer", "", "--indices", "0"], "error: --layer is empty: name one of the model's stages"),
+        (["--skip", "-1"], "error: --skip must be 0 or more"),
+        (["--skip", "2", "--indices", "0"], "error: --skip pages through --misclassified"),
+    ],
+)
+def test_cli_bounds_a_figure_and_refuses_empty_flags_before_loading(fake_run, capsys, argv, message):
+    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert fake_run == {}
+
+
+def test_cli_skip_pages_through_the_misclassified_images(tmp_path, fake_run, monkeypatch, model, variables, images):
+    shown = []
+    real_plot = cam_lib.plot_cams
+
+    def plot_cams(chosen, cams, **kwargs):
+        shown.append(np.asarray(chosen))
+        return real_plot(chosen, cams, **kwargs)
+
+    monkeypatch.setattr(cam_lib, "plot_cams", plot_cams)
+    labels = np.arange(6)
+    wrong = np.flatnonzero(cam_lib._predict(model, variables, np.asarray(images), 256) != labels)
+    order = cam_lib.round_robin_over_classes(wrong, labels[wrong], 6)
+    assert len(order) >= 3  # random weights: most of the six are wrong
+    for page, skip in enumerate((0, 2)):
+        assert cam_lib.main(["--workdir", "RUN", "--misclassified", "2", "--skip", str(skip), "--out", str(tmp_path / f"{page}.png")]) == 0
+        np.testing.assert_array_equal(shown[page], np.asarray(images)[order[skip : skip + 2]])
+    with pytest.raises(JaxresError, match=f"--skip 6 skips every misclassified image: the test split has {len(wrong)}"):
+        cam_lib.run(cam_lib.build_parser().parse_args(["--workdir", "RUN", "--skip", "6", "--out", str(tmp_path / "x.png")]))
+
+
+def test_images_above_255_warn_like_the_unit_range(model, variables, images):
+    for sixteen_bit in (np.asarray(images, np.uint16) * 257, np.asarray(images, np.int16) * 100, np.asarray(images, np.float32) * 257):
+        with pytest.warns(UserWarning, match=r"images with values above 255 \(the largest is .*\): jaxres expects pixel values in \[0, 255\]"):
+            gradcam(model, variables, sixteen_bit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradcam(model, variables, np.asarray(images, np.uint16))  # on the 8-bit scale: no warning
+
+
+def test_api_edges_are_named_errors(model, variables, images):
+    with pytest.raises(JaxresError, match=r"targets is empty: give None \(the predicted classes\), an int, or 6 ints"):
+        gradcam(model, variables, images, targets=[])
+    with pytest.raises(JaxresError, match=r"images must be an array \(NumPy or JAX\).*got a list; stack them first: np.stack"):
+        gradcam(model, variables, list(images))
+    with pytest.raises(JaxresError, match="variables have no 'batch_stats' collection, which CustomResNet \\(norm 'batch'\\) needs"):
+        gradcam(model, {"params": variables["params"]}, images)
+    with pytest.raises(JaxresError, match="variables have no 'params' collection"):
+        gradcam(model, {"batch_stats": variables["batch_stats"]}, images)
