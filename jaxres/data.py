@@ -194,7 +194,8 @@ def _read_cache(path: pathlib.Path) -> Dataset | None:
 
 
 def _write_cache(path: pathlib.Path, dataset: Dataset) -> None:
-    """Stores `dataset` at `path` atomically (temp file + rename); warns instead of failing."""
+    """Stores `dataset` at `path` atomically (temp file + rename); warns instead of failing on
+    an OSError. On any exception (a KeyboardInterrupt too) the temporary file is removed."""
     arrays = {
         "class_names": np.asarray(dataset.class_names, dtype=str),
         "source": np.asarray(dataset.source, dtype=str),
@@ -210,10 +211,12 @@ def _write_cache(path: pathlib.Path, dataset: Dataset) -> None:
             np.savez(file, **arrays)
         os.chmod(temp_name, 0o644)  # mkstemp makes it private; a cache may be shared
         os.replace(temp_name, path)
-    except OSError as err:
+    except BaseException as err:  # an interrupt too: never leave the temporary file behind
+        if temp_name is not None:
+            pathlib.Path(temp_name).unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         warnings.warn(f"could not write the dataset cache {path}: {err}; the next load decodes again", stacklevel=4)
-        if temp_name is not None and os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 def _load_cached_tar(path: pathlib.Path, cache_dir: pathlib.Path, show_progress: bool) -> Dataset:
@@ -373,6 +376,16 @@ def _load_tfds_cifar10(
         return Dataset(train, test, CIFAR10_CLASSES, f"tensorflow-datasets cifar10 in {data_dir}")
 
     return _cached(cache_dir, "tfds-cifar10", _files_fingerprint([data_dir / "cifar10", *prepared]), read)
+
+
+def check_train_subset(subset: int | None, count: int) -> None:
+    """Raise JaxresError when a run's `train_subset` asks for more than the `count` images of
+    the training set (config.json would record a number of images the run never saw)."""
+    if subset is not None and subset > count:
+        raise JaxresError(
+            f"train_subset {subset} is larger than the training set ({count} images): "
+            f"use at most {count}, or leave it out to train on all of them"
+        )
 
 
 def select_train_subset(labels: np.ndarray, subset: int | None, seed: int) -> np.ndarray:

@@ -56,11 +56,20 @@ class Split:
 class Dataset:
     """A train and a test split sharing one image size and one list of class names.
 
-    class_names: the name of each label, in label order. source: where the data came from,
-    for humans (logs, dataset.json).
+    class_names: the name of each label, in label order; at least 2 (JaxresError otherwise).
+    source: where the data came from, for humans (logs, dataset.json).
     """
 
     train: Split
     test: Split
     class_names: tuple[str, ...]
     source: str
+
+    def __post_init__(self):
+        names = tuple(self.class_names)
+        if len(names) < 2:
+            raise JaxresError(
+                f"the dataset ({self.source}) has {len(names)} class{'' if len(names) == 1 else 'es'}"
+                f"{' (' + ', '.join(map(str, names)) + ')' if names else ''}: a classifier needs at least 2 "
+                "(with one, every prediction is right and the loss is 0)"
+            )

@@ -380,6 +380,8 @@ def _load_tar_tree(
     class_folders: dict[str, set[str]] = {split: set() for split in SPLIT_NAMES}
     roots: set[str] = set()
     misplaced: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    duplicates: list[str] = []
 
     def images_in_splits() -> Iterator[tuple[str, tuple[int, int]]]:
         for member in members:
@@ -400,6 +402,10 @@ def _load_tar_tree(
             if len(relative) != 3:
                 misplaced.append(member.name)
                 continue
+            if parts in seen:  # extracting keeps one copy: counting both would train on it twice
+                duplicates.append(member.name)
+                continue
+            seen.add(parts)
             class_folders[relative[0]].add(relative[1])
             entries.append(TreeEntry(relative[0], relative[1], relative[2], member.name))
             yield member.name, (member.offset_data, member.size)
@@ -414,6 +420,11 @@ def _load_tar_tree(
     if misplaced:
         raise JaxresError(
             f"image {misplaced[0]} in {where} is not directly inside a class folder: expected <split>/<class>/<image>"
+        )
+    if duplicates:
+        raise JaxresError(
+            f"{where} holds {duplicates[0]} more than once ({len(duplicates)} duplicate member name(s)): extracting "
+            "it keeps only the last copy; rebuild the archive with each image once"
         )
     return _assemble_tree(entries, images, class_folders, where, f"image folders in {path}")
 

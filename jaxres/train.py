@@ -293,6 +293,7 @@ def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = 
     on `dataset` (its `train_subset` selected). mesh: default all devices (`make_mesh`).
     Raises JaxresError when the batch sizes do not split over the devices or the training
     set is smaller than one batch."""
+    data.check_train_subset(config.train_subset, dataset.train.labels.shape[0])
     train_indices = data.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
     train_images = dataset.train.images[train_indices]
     mesh = parallel.make_mesh() if mesh is None else mesh

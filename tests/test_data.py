@@ -697,3 +697,55 @@ def test_real_cifar10_jpeg_archive(cifar10_dataset):
     np.testing.assert_array_equal(np.bincount(dataset.test.labels), [1000] * 10)
     mean = dataset.train.images.reshape(-1, 3).mean(axis=0) / 255
     np.testing.assert_allclose(mean, data.CIFAR10_MEAN, atol=0.01)
+
+
+# ------------------------------------------------------------------ issue 25, item 5: a named error or a true record
+
+
+def test_a_dataset_with_fewer_than_two_classes_is_refused(tmp_path):
+    split = Split(np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int32))
+    with pytest.raises(JaxresError, match=r"the dataset \(one\) has 1 class \(cat\): a classifier needs at least 2"):
+        Dataset(split, split, ("cat",), "one")
+    with pytest.raises(JaxresError, match=r"the dataset \(none\) has 0 classes: a classifier needs at least 2"):
+        Dataset(split, split, (), "none")
+    layout = {split_name: {"cat": {"a.png": random_image(1)}} for split_name in ("train", "test")}
+    write_tree(tmp_path / "tree", layout)
+    with pytest.raises(JaxresError, match=r"the dataset \(image folders at .*tree\) has 1 class \(cat\)"):
+        load(tmp_path / "tree", tmp_path)
+
+
+def test_a_train_subset_larger_than_the_training_set_is_named(tmp_path):
+    from jaxres import train
+    from tests.helpers import random_dataset, tiny_config
+
+    with pytest.raises(JaxresError, match=r"train_subset 200 is larger than the training set \(128 images\): use at most 128"):
+        train.prepare_run(tiny_config(tmp_path, train_subset=200), random_dataset())
+    data.check_train_subset(128, 128)  # all of it: fine
+    data.check_train_subset(None, 128)
+
+
+def test_a_tar_with_a_duplicate_member_name_is_refused(tmp_path):
+    entries = tree_tar_entries("")
+    name, payload = next((n, p) for n, p in entries if n.endswith("train/dog/b.png"))
+    archive = write_tar(tmp_path / "twice.tar.gz", [*entries, ("./" + name, payload)])
+    with pytest.raises(JaxresError, match=r"twice\.tar\.gz holds \./train/dog/b\.png more than once \(1 duplicate"):
+        load(archive, tmp_path)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError, OSError])
+def test_the_cache_writer_removes_its_temporary_file_on_any_exception(tmp_path, monkeypatch, error):
+    dataset = make_shapes(num_train=2, num_test=2, image_size=8)
+
+    def interrupted(file, **arrays):
+        file.write(b"partial")
+        raise error("stopped mid-write")
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    path = tmp_path / "cache" / "entry.npz"
+    if error is OSError:
+        with pytest.warns(UserWarning, match="could not write the dataset cache"):
+            data._write_cache(path, dataset)
+    else:
+        with pytest.raises(error):
+            data._write_cache(path, dataset)
+    assert list((tmp_path / "cache").iterdir()) == []
