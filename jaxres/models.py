@@ -138,7 +138,10 @@ def row_means(x: jax.Array) -> jax.Array:
     rows, channels = x.shape
     blocks = math.gcd(rows, 32)
     weights = jnp.full((blocks, rows // blocks), 1.0 / rows, x.dtype)
-    block_sums = jax.lax.dot_general(weights, x.reshape(blocks, rows // blocks, channels), (((1,), (1,)), ((0,), (0,))))
+    block_sums = jax.lax.dot_general(
+        weights, x.reshape(blocks, rows // blocks, channels), (((1,), (1,)), ((0,), (0,))),
+        precision=jax.lax.Precision.HIGHEST,  # float32 sums on a GPU too, not TF32 (the CPU's are anyway)
+    )  # fmt: skip
     return block_sums.sum(axis=0)
 
 
