@@ -283,6 +283,14 @@ def _range_test_step(
 # --------------------------------------------------------------------------- from a training config
 
 
+def range_test_model(config: TrainConfig, num_classes: int):
+    """The model the range test trains for the run `config` describes: the run's model,
+    computing in its precision, except fp16 in fp32 (the range test has no loss scaling)."""
+    if config.precision == "fp16":
+        config = dataclasses.replace(config, precision="fp32")
+    return models.from_config(config, num_classes)
+
+
 def range_test_for_config(
     config: TrainConfig,
     dataset,
@@ -297,13 +305,11 @@ def range_test_for_config(
     Uses the config's model, width, norm, batch size, train subset, momentum, Nesterov,
     weight decay and label smoothing, and the model the run would start from (the same
     init key from `config.seed`); images are normalised, not augmented. Precision: bf16
-    runs in bf16, fp16 in fp32 (no loss scaling here), fp32 in fp32.
+    runs in bf16, fp16 in fp32 (no loss scaling here), fp32 in fp32 (`range_test_model`).
     """
-    if config.precision == "fp16":
-        config = dataclasses.replace(config, precision="fp32")
     indices = data.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
     images, labels = dataset.train.images[indices], dataset.train.labels[indices].astype(np.int32)
-    model = models.from_config(config, len(dataset.class_names))
+    model = range_test_model(config, len(dataset.class_names))
     init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
     variables = models.init_variables(model, init_key, images.shape[1:])
     return lr_range_test(

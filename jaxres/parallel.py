@@ -11,6 +11,8 @@ device's).
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 from jax.extend import core as jax_core
@@ -84,19 +86,25 @@ def resolve_epoch_loop(epoch_loop: str, trace_step=None) -> str:
 
 def xla_convolutions(closed_jaxpr) -> int:
     """How many `conv_general_dilated` (XLA convolutions) a jaxpr holds, sub-jaxprs included."""
-    count = 0
+    return primitive_counts(closed_jaxpr)["conv_general_dilated"]
+
+
+def primitive_counts(closed_jaxpr) -> collections.Counter:
+    """{primitive name: how many times it occurs} in a jaxpr, sub-jaxprs included (the bodies
+    of scans, conditionals, custom_vjp rules, pjit calls)."""
+    counts = collections.Counter()
     pending = [closed_jaxpr.jaxpr]
     while pending:
         jaxpr = pending.pop()
         for eqn in jaxpr.eqns:
-            count += eqn.primitive.name == "conv_general_dilated"
+            counts[eqn.primitive.name] += 1
             for param in eqn.params.values():
                 for value in param if isinstance(param, (list, tuple)) else (param,):
                     if isinstance(value, jax_core.ClosedJaxpr):
                         pending.append(value.jaxpr)
                     elif isinstance(value, jax_core.Jaxpr):
                         pending.append(value)
-    return count
+    return counts
 
 
 class LoopChoice:
