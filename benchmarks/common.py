@@ -66,6 +66,22 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def weights_digest(path: Path | str) -> str:
+    """A digest of the arrays in an npz of weights (names, dtypes, shapes, bytes; not the zip
+    file's own bytes, which carry timestamps): equal digests, the same initial weights."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    with np.load(path) as archive:
+        for name in sorted(archive.files):
+            array = np.ascontiguousarray(archive[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- worker protocol
 
 

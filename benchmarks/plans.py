@@ -12,11 +12,12 @@ import dataclasses
 
 from benchmarks import common
 
-TASK_NAMES = ("parity", "train", "eval", "gradcam", "accuracy")
+TASK_NAMES = ("parity", "train", "eval", "gradcam", "accuracy", "converged")
 
 OVERRIDABLE_FIELDS = (
     "repeats", "warmup", "loader_workers", "accuracy_epochs", "accuracy_subset", "accuracy_width",
     "accuracy_precision", "accuracy_target", "accuracy_repeats", "budget_seconds", "eval_images", "gradcam_images",
+    "converged_width", "converged_epochs", "converged_subset", "converged_batch", "converged_seeds",
 )  # flags that replace the plan's field of the same name when given
 
 
@@ -51,6 +52,14 @@ class Plan:
     accuracy_precision: str
     accuracy_target: float | None
     accuracy_repeats: int
+    # the recipe at convergence: whole runs of both frameworks from the same weights, one per
+    # seed, final test accuracy without and with `converged_tta` (the "converged" task)
+    converged_width: float
+    converged_epochs: int
+    converged_subset: int | None
+    converged_batch: int
+    converged_seeds: int
+    converged_tta: str
     tasks: list[str]
     budget_seconds: float | None
     parity_tolerance: float = 1e-4  # max |logit diff| / max |logit|
@@ -73,7 +82,10 @@ def measured_widths(widths: list[float]) -> dict:
 
 def cpu_full_plan(device: str, threads: int) -> Plan:
     """The CPU suite: widths 0.25 and 1.0, batches 128 and 512, fp32 and bf16, the DataLoader
-    pipeline on every train row, time to accuracy at width 0.25 on all images for 4 epochs."""
+    pipeline on every train row, time to accuracy at width 0.25 on all images for 4 epochs, and
+    last the recipe at convergence: width 0.25, 24 epochs on all images, batch 512, two seeds
+    per framework, final accuracy without and with the flip TTA (hours on 2 cores: resumable,
+    `benchmarks.run --resume`)."""
     return Plan(
         suite="cpu",
         mode="full",
@@ -102,6 +114,12 @@ def cpu_full_plan(device: str, threads: int) -> Plan:
         accuracy_precision="fp32",
         accuracy_target=None,
         accuracy_repeats=1,
+        converged_width=0.25,
+        converged_epochs=24,
+        converged_subset=None,
+        converged_batch=512,
+        converged_seeds=2,
+        converged_tta="flip",
         tasks=list(TASK_NAMES),
         budget_seconds=None,
     )
@@ -123,6 +141,7 @@ def cpu_quick_plan(device: str, threads: int) -> Plan:
         accuracy_epochs=4,
         accuracy_subset=10240,
         accuracy_repeats=3,
+        tasks=[task for task in TASK_NAMES if task != "converged"],  # hours: the full suite's alone
     )
 
 
@@ -174,6 +193,11 @@ def smoke_plan(plan: Plan) -> Plan:
         accuracy_epochs=1,
         accuracy_subset=1024,
         accuracy_batch=128,
+        converged_width=0.0625,
+        converged_epochs=1,
+        converged_subset=1024,
+        converged_batch=128,
+        converged_seeds=2,
         loader_workers=min(plan.loader_workers, 1),
     )
 
@@ -241,4 +265,25 @@ def make_plan(args) -> Plan:
         raise SystemExit("error: --repeats must be at least 1")
     if plan.accuracy_repeats < 1:
         raise SystemExit("error: --accuracy-repeats must be at least 1")
+    if plan.converged_seeds < 1:
+        raise SystemExit("error: --converged-seeds must be at least 1")
     return plan
+
+
+PLAN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Plan) if field.default is not dataclasses.MISSING}
+
+
+def plan_from_record(record: dict) -> Plan:
+    """The `Plan` a results file recorded (`dataclasses.asdict` through JSON, whose object keys
+    are strings: `train_images_per_measure`'s widths come back as floats). Exits with an error
+    naming the missing fields when the file is older than this `Plan`."""
+    names = {field.name for field in dataclasses.fields(Plan)}
+    missing = sorted(name for name in names if name not in record and name not in PLAN_DEFAULTS)
+    if missing:
+        raise SystemExit(f"error: the recorded plan lacks {', '.join(missing)} (written by an older benchmarks.run): cannot resume it")
+    values = {**PLAN_DEFAULTS, **{name: value for name, value in record.items() if name in names}}
+    values["train_images_per_measure"] = {
+        key if key == "default" else float(key): value for key, value in values["train_images_per_measure"].items()
+    }
+    return Plan(**values)
+

@@ -1,6 +1,7 @@
 """Render benchmark results: markdown tables, the README "Results" section, the ratio chart.
 
     python -m benchmarks.report [benchmarks/results/latest.json] [--out benchmarks/results/README_results.md] [--chart benchmarks/results/ratios.png]
+        [--converged-from benchmarks/results/<a --tasks converged run>.json]
 
 Ratios are always JAX / PyTorch of the quantity in the column: for throughput (images/s)
 above 1 means jaxres is faster; for seconds and memory below 1 means jaxres needs less.
@@ -17,6 +18,7 @@ from pathlib import Path
 from benchmarks import common
 
 TASK_TITLES = {"train": "train", "eval": "eval", "gradcam": "Grad-CAM"}
+TRAINING_TASKS = ("accuracy", "converged")  # rows of whole training runs, one per framework and seed
 
 
 # --------------------------------------------------------------------------- formatting
@@ -101,7 +103,7 @@ def setting_text(row: dict) -> str:
         return f"width {s['width']:g}, {s['precision']}, {s['eval_images']} images, batch {s['eval_batch']}"
     if task == "gradcam":
         return f"width {s['width']:g}, {s['gradcam_images']} images, batch {s['gradcam_batch']}, {s.get('layer', 'layer3')}"
-    if task == "accuracy":
+    if task in TRAINING_TASKS:
         subset = s.get("train_subset")
         images = "all train images" if not subset else f"{subset} train images"
         target = f", target {100 * s['target']:.0f}%" if s.get("target") else ""
@@ -205,6 +207,52 @@ def accuracy_table(results: dict) -> list[str]:
     return lines
 
 
+def converged_table(results: dict) -> list[str]:
+    """The converged rows: per framework the median final test accuracy without and with TTA and
+    the median wall time, the seeds, and the paired (same seed) jaxres - PyTorch differences."""
+    rows = [r for r in results["rows"] if r["task"] == "converged"]
+    if not rows:
+        return []
+    lines = table_header(
+        "setting", "seeds", "jaxres test acc", "PyTorch test acc", "jaxres with TTA", "PyTorch with TTA",
+        "jaxres − PyTorch, points (paired): no TTA; TTA", "jaxres wall s", "PyTorch wall s", "wall JAX/PyTorch",
+    )
+    def setting_and_seeds(row: dict) -> tuple[str, str]:
+        s = row.get("setting")
+        if not s:
+            return row["name"], ""
+        return setting_text(row) + (f", TTA {s['tta']}" if s.get("tta") else ""), ", ".join(str(seed) for seed in s["seeds"])
+
+    for row in rows:
+        if "skipped" in row or "error" in row:
+            setting, seeds = setting_and_seeds(row)
+            done = sum(len(runs) for runs in row.get("runs", {}).values())
+            if row.get("error", "").startswith("incomplete"):  # a checkpoint of a run in progress
+                text = row["error"]
+            else:
+                text = not_measured_text(row) + (f" ({done} runs recorded)" if done else "")
+            lines.append(table_row(setting, seeds, text, "", "", "", "", "", "", ""))
+            continue
+        j, t = row["workers"]["jax"], row["workers"]["torch"]
+        tta = lambda w: accuracy_text(w["final_tta_accuracy"]) if "final_tta_accuracy" in w else "–"  # noqa: E731
+        differences = row.get("paired_difference", {})
+        difference = "; ".join(difference_text(differences[k]) for k in ("final_accuracy", "final_tta_accuracy") if k in differences)
+        lines.append(table_row(
+            *setting_and_seeds(row), accuracy_text(j["final_accuracy"]), accuracy_text(t["final_accuracy"]), tta(j), tta(t), difference or "–",
+            fmt_summary(j["wall_seconds"]), fmt_summary(t["wall_seconds"]), fmt_ratio(row["ratios"].get("wall_seconds jax/torch")),
+        ))
+    return lines
+
+
+def difference_text(difference: dict) -> str:
+    """A paired accuracy difference in points: the mean, its standard error, and each seed's."""
+    text = f"{100 * difference['mean']:+.2f}"
+    if difference.get("standard_error") is not None:
+        text += f" (s.e. {100 * difference['standard_error']:.2f}"
+        text += "; per seed " + ", ".join(f"{100 * v:+.2f}" for v in difference["values"]) + ")"
+    return text
+
+
 def accuracy_text(summary: dict) -> str:
     """A median accuracy, with its range when there were several runs."""
     text = fmt_percent(summary["median"])
@@ -241,7 +289,7 @@ def warmup_table(results: dict) -> list[str]:
                 describe_variant(label, worker), fmt_number(worker.get("first_call_seconds")), overheads, second_run_text(j),
             ))
     for row in results["rows"]:
-        if row["task"] == "accuracy" and "workers" in row:
+        if row["task"] in TRAINING_TASKS and "workers" in row:
             lines.append(table_row(row["name"], "–", fmt_number(row["workers"]["jax"].get("compile_seconds")), "eager", "–", "–", "–"))
             count += 1
     return lines if count else []
@@ -255,7 +303,7 @@ def memory_table(results: dict) -> list[str]:
     for row in results["rows"]:
         if "workers" not in row:
             continue
-        if row["task"] == "accuracy":
+        if row["task"] in TRAINING_TASKS:
             j, t = row["workers"]["jax"], row["workers"]["torch"]
             ratio = j["memory_mib"] / t["memory_mib"] if common.is_number(j.get("memory_mib")) and common.is_number(t.get("memory_mib")) and t["memory_mib"] else None
             lines.append(table_row(row["name"], fmt_number(j.get("memory_mib")), "device pipeline", fmt_number(t.get("memory_mib")), fmt_number(ratio)))
@@ -316,13 +364,12 @@ def markdown(results: dict) -> str:
         "",
         f"Each cell: median (min–max) of {plan.get('repeats')} alternating runs after {plan.get('warmup')} warm-up call(s); "
         "ratios are JAX/PyTorch computed pair by pair (throughput > 1: jaxres faster; seconds and memory < 1: jaxres needs less).",
-        "",
-        "**Throughput** (images/s; compilation and warm-up excluded)",
-        "",
-        *throughput_table(results),
     ]
+    if any(row["task"] in TASK_TITLES for row in results["rows"]):  # e.g. none in a `--tasks converged` run
+        out += ["", "**Throughput** (images/s; compilation and warm-up excluded)", "", *throughput_table(results)]
     for title, table in (
         ("**Time to accuracy** (each framework once per seed, from the same initial weights, compilation included: each run starts with an empty compilation cache; wall time from the first step to the last evaluation; medians (min–max) and the median of the per-seed ratios when there are several seeds)", accuracy_table(results)),
+        ("**The recipe at convergence** (each framework once per seed from the same initial weights, seed r: data order and augmentation r on both sides; final test accuracy of the last epoch without and with the test-time augmentation (flip: the mean of the logits of image and mirror); medians (min–max) per framework, the paired difference averaged over seeds; wall time as above, the TTA evaluation apart)", converged_table(results)),
         ("**Compile / warm-up** (never part of the throughput; overhead = first call minus a steady call)", warmup_table(results)),
         ("**Peak memory**", memory_table(results)),
         ("**Same computation check** (same weights through `jaxres.convert`, logits and Grad-CAM on the same test images, fp32)", parity_table(results)),
@@ -337,11 +384,16 @@ def markdown(results: dict) -> str:
         out += ["", "Skipped: " + "; ".join(f"{r['name']}: {r['skipped']}" for r in skipped)]
     if results.get("notes"):
         out += ["", *[f"Note: {note}" for note in results["notes"]]]
+    for resumed in results.get("resumed", []):
+        out += ["", f"Resumed at {resumed['at']} from `{resumed['from']}` (recorded with commit "
+                f"{((resumed.get('previous_git') or {}).get('commit') or 'unknown')[:12]}): kept "
+                + ("; ".join(resumed["kept"]) if resumed.get("kept") else "nothing") + "."]
     return "\n".join(out) + "\n"
 
 
-def readme_section(results: dict, chart_path: str | None = "benchmarks/results/ratios.png") -> str:
-    """The README's "Results" section, made from one results JSON."""
+def readme_section(results: dict, chart_path: str | None = "benchmarks/results/ratios.png", converged_from: dict | None = None) -> str:
+    """The README's "Results" section, made from one results JSON; with `converged_from`
+    (another results JSON, e.g. of `--tasks converged`, hours long) its converged rows too."""
     command = {
         "quick": "python -m benchmarks.run --quick",
         "full": "python -m benchmarks.run",
@@ -360,7 +412,26 @@ def readme_section(results: dict, chart_path: str | None = "benchmarks/results/r
         out += [f"![JAX/PyTorch ratios]({chart_path})", ""]
     body = markdown(results).split("\n", 2)[2]  # drop the heading and the blank line after it
     out.append(body)
+    if converged_from is not None:
+        out += converged_section(converged_from)
     return "\n".join(out)
+
+
+def converged_section(results: dict) -> list[str]:
+    """The converged rows of `results` for the README, with the run's command, machine and file."""
+    table = converged_table(results)
+    if not table:
+        return []
+    resumed = f", resumed {len(results['resumed'])} time(s)" if results.get("resumed") else ""
+    return [
+        f"**The recipe at convergence** (measured with `python -m benchmarks.run --tasks converged` on {machine_line(results)}"
+        f"{resumed}; raw numbers: `benchmarks/results/{results['name']}.json`; each framework once per seed from the same "
+        "initial weights, seed r: data order and augmentation r on both sides; final test accuracy without and with the "
+        "flip TTA (the mean of the logits of image and mirror); the paired difference averaged over seeds)",
+        "",
+        *table,
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- chart
@@ -375,7 +446,7 @@ def chart_entries(results: dict) -> list[tuple[str, float, float, float]]:
             for label, worker, ratio in comparisons(row):
                 name = f"{row['name']} vs {label.replace('torch-', '') if label != 'torch' else 'torch'}"
                 entries.append((name, ratio["median"], ratio["min"], ratio["max"]))
-        elif row["task"] == "accuracy" and "ratios" in row:
+        elif row["task"] in TRAINING_TASKS and "ratios" in row:
             ratio = row["ratios"]["wall_seconds jax/torch"]
             entries.append((f"{row['name']} (1 / wall ratio)", 1 / ratio["median"], 1 / ratio["max"], 1 / ratio["min"]))
     return entries
@@ -435,13 +506,17 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="?", default=str(common.RESULTS_DIR / "latest.json"))
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "README_results.md"), help="where the README section goes")
     parser.add_argument("--chart", default=None, help="also redraw the ratio chart here (e.g. benchmarks/results/ratios.png)")
+    parser.add_argument("--converged-from", metavar="RESULTS_JSON",
+                        help="also the converged rows of this results file (a `--tasks converged` run's: hours, so run apart)")
     args = parser.parse_args(argv)
-    path = Path(args.results)
-    if not path.is_file():
-        print(f"error: no results at {path}; run `python -m benchmarks.run --quick` first", file=sys.stderr)
-        return 2
-    results = json.loads(path.read_text())
-    section = readme_section(results)
+    paths = [Path(args.results)] + ([Path(args.converged_from)] if args.converged_from else [])
+    for path in paths:
+        if not path.is_file():
+            print(f"error: no results at {path}; run `python -m benchmarks.run --quick` first", file=sys.stderr)
+            return 2
+    results = json.loads(paths[0].read_text())
+    converged_from = json.loads(paths[1].read_text()) if args.converged_from else None
+    section = readme_section(results, converged_from=converged_from)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(section)
     if args.chart:

@@ -1,11 +1,16 @@
 """The rows of a benchmark result: each task's measurements (through a `processes.Runner`)
 turned into a row of per-worker summaries and JAX/PyTorch ratios, or a row that records
-why it was skipped or failed.
+why it was skipped or failed. Rows of whole training runs (time to accuracy, the recipe at
+convergence) are one `training_row` of a `TrainingRuns`; a resumed run (`Recorded`) keeps
+the complete rows and the training runs its results file recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -78,10 +83,15 @@ def one_minute_load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def measured_row(runner: Runner, task: str, name: str, setting: dict, specs: list) -> dict:
+def measured_row(runner: Runner, task: str, name: str, setting: dict, specs: list, recorded: Recorded | None = None) -> dict:
     """Run `specs` ((label, framework, options) per worker) in turn for `task` and summarise them
     into a row: per-worker summaries, JAX/PyTorch ratios, the load average before and after.
-    A worker failure gives a row with the error (the suite carries on)."""
+    A worker failure gives a row with the error (the suite carries on). A complete row of the
+    same setting in `recorded` (a resumed run's) is kept instead."""
+    kept = recorded.complete_row(task, name, setting) if recorded else None
+    if kept is not None:
+        runner.log(f"[{runner.elapsed():6.0f} s] {name}: kept from {recorded.source}")
+        return {**kept, "kept_from": kept.get("kept_from", recorded.source)}
     runner.log(f"[{runner.elapsed():6.0f} s] {name}: {', '.join(label for label, _, _ in specs)}")
     load_before = one_minute_load()
     row_started = time.perf_counter()
@@ -106,13 +116,14 @@ def measured_row(runner: Runner, task: str, name: str, setting: dict, specs: lis
     }
 
 
-def parity_row(runner: Runner, width: float, weights: Path) -> dict:
+def parity_row(runner: Runner, width: float, weights: Path, save_weights: bool = True) -> dict:
     """Compare both frameworks on the same weights at `width` (the PyTorch worker creates
-    `weights` first): max logit difference, argmax agreement, Grad-CAM difference, passed."""
+    `weights` first, unless `save_weights` is False: a resumed run's existing weights): max
+    logit difference, argmax agreement, Grad-CAM difference, passed, the weights' digest."""
     import numpy as np
 
     options = {"width": width, "weights": weights}
-    torch_result = runner.one_shot("torch", "torch", "parity", {**options, "save_weights": True})
+    torch_result = runner.one_shot("torch", "torch", "parity", {**options, "save_weights": save_weights})
     jax_result = runner.one_shot("jax", "jax", "parity", options)
     torch_logits, jax_logits = np.asarray(torch_result["logits"]), np.asarray(jax_result["logits"])
     scale = float(np.abs(torch_logits).max())
@@ -134,10 +145,12 @@ def parity_row(runner: Runner, width: float, weights: Path) -> dict:
         "tolerance": runner.plan.parity_tolerance,
         "passed": bool(relative <= runner.plan.parity_tolerance and agree.all()),
         "parameters": torch_result.get("parameters"),
+        "weights_digest": common.weights_digest(weights),
+        "weights_created": save_weights,
     }
 
 
-def train_rows(runner: Runner, weights_for) -> list[dict]:
+def train_rows(runner: Runner, weights_for, recorded: Recorded | None = None) -> list[dict]:
     """One train row per width, batch and precision (jaxres against PyTorch's device pipeline,
     and the DataLoader pipeline on the plan's `loader_rows`), then the torch.compile row if planned."""
     plan, rows, first = runner.plan, [], True
@@ -153,8 +166,8 @@ def train_rows(runner: Runner, weights_for) -> list[dict]:
                 specs = [("jax", "jax", options), ("torch-device", "torch", {**options, "pipeline": "device"})]
                 if plan.loader_rows == "all" or first:
                     specs.append(("torch-loader", "torch", {**options, "pipeline": "loader", "loader_workers": plan.loader_workers}))
-                row = measured_row(runner, "train", name, setting, specs)
-                if first and "workers" in row:
+                row = measured_row(runner, "train", name, setting, specs, recorded)
+                if first and "workers" in row and "kept_from" not in row:
                     row["workers"]["jax"]["second_run"] = second_run_first_call(runner, "train", options)
                 first = False
                 rows.append(row)
@@ -167,7 +180,7 @@ def train_rows(runner: Runner, weights_for) -> list[dict]:
         else:
             options = {**setting, "weights": weights_for(width)}
             specs = [("jax", "jax", options), ("torch-compile", "torch", {**options, "pipeline": "device", "torch_compile": True})]
-            rows.append(measured_row(runner, "train", name, setting, specs))
+            rows.append(measured_row(runner, "train", name, setting, specs, recorded))
     return rows
 
 
@@ -187,7 +200,7 @@ def second_run_first_call(runner: Runner, task: str, options: dict) -> dict:
     return {name: ready.get(name) for name in ("first_call_seconds", "compile_seconds")}
 
 
-def eval_rows(runner: Runner, weights_for) -> list[dict]:
+def eval_rows(runner: Runner, weights_for, recorded: Recorded | None = None) -> list[dict]:
     """One eval row per eval width and precision."""
     plan, rows = runner.plan, []
     for width in plan.eval_widths:
@@ -198,11 +211,12 @@ def eval_rows(runner: Runner, weights_for) -> list[dict]:
                 rows.append(skipped_row("eval", name, setting, BUDGET_USED_UP))
                 continue
             options = {**setting, "weights": weights_for(width)}
-            rows.append(measured_row(runner, "eval", name, setting, [("jax", "jax", options), ("torch", "torch", options)]))
+            specs = [("jax", "jax", options), ("torch", "torch", options)]
+            rows.append(measured_row(runner, "eval", name, setting, specs, recorded))
     return rows
 
 
-def gradcam_rows(runner: Runner, weights_for) -> list[dict]:
+def gradcam_rows(runner: Runner, weights_for, recorded: Recorded | None = None) -> list[dict]:
     """One Grad-CAM row (layer3, predicted class) per Grad-CAM width."""
     plan, rows = runner.plan, []
     for width in plan.gradcam_widths:
@@ -213,77 +227,201 @@ def gradcam_rows(runner: Runner, weights_for) -> list[dict]:
             continue
         options = {**setting, "weights": weights_for(width)}
         options.pop("layer")
-        rows.append(measured_row(runner, "gradcam", name, setting, [("jax", "jax", options), ("torch", "torch", options)]))
+        specs = [("jax", "jax", options), ("torch", "torch", options)]
+        rows.append(measured_row(runner, "gradcam", name, setting, specs, recorded))
     return rows
 
 
-def accuracy_row(runner: Runner, weights_for, data_reason: str | None) -> dict:
-    """Time to accuracy: each framework trains from the same weights in turn, `accuracy_repeats`
-    times, repeat r with seed r (data order, augmentation, train subset: the same subset on both
-    sides) and a cold compilation cache (each jaxres run compiles, as a first run does); skipped
-    (with `data_reason`) without the real CIFAR-10 copy."""
-    plan = runner.plan
-    setting = {
-        "width": plan.accuracy_width,
-        "epochs": plan.accuracy_epochs,
-        "train_subset": plan.accuracy_subset,
-        "batch": plan.accuracy_batch,
-        "precision": plan.accuracy_precision,
-        "target": plan.accuracy_target,
-        "repeats": plan.accuracy_repeats,
-        "seeds": list(range(plan.accuracy_repeats)),
-    }
-    name = f"time to accuracy w{plan.accuracy_width:g} {plan.accuracy_epochs} epochs"
+@dataclasses.dataclass(frozen=True)
+class TrainingRuns:
+    """A row of whole training runs, each framework once per seed from the same weights: time
+    to accuracy (`accuracy_runs`) and the recipe at convergence (`converged_runs`)."""
+
+    task: str  # the plan's task name, and the row's
+    name: str
+    width: float
+    epochs: int
+    subset: int | None  # train images (None: all)
+    batch: int
+    precision: str
+    target: float | None  # report the time to reach this test accuracy
+    seeds: int  # run r uses seed r (data order, augmentation, train subset) on both sides
+    tta: str = "none"  # also evaluate the final model with this test-time augmentation
+
+    def setting(self) -> dict:
+        """What the row records as its setting (a resumed run keeps recorded runs of the same one)."""
+        setting = {
+            "width": self.width,
+            "epochs": self.epochs,
+            "train_subset": self.subset,
+            "batch": self.batch,
+            "precision": self.precision,
+            "target": self.target,
+            "repeats": self.seeds,
+            "seeds": list(range(self.seeds)),
+        }
+        if self.tta != "none":
+            setting["tta"] = self.tta
+        return setting
+
+    def options(self, weights: Path) -> dict:
+        """The workers' `accuracy` task flags (less the seed)."""
+        options = {
+            "width": self.width,
+            "epochs": self.epochs,
+            "train_subset": self.subset,
+            "accuracy_batch": self.batch,
+            "precision": self.precision,
+            "target": self.target,
+            "weights": weights,
+        }
+        if self.tta != "none":
+            options["tta"] = self.tta
+        return options
+
+
+def accuracy_runs(plan: Plan) -> TrainingRuns:
+    """The time-to-accuracy row of `plan` (`accuracy_*` fields)."""
+    return TrainingRuns(
+        "accuracy", f"time to accuracy w{plan.accuracy_width:g} {plan.accuracy_epochs} epochs", plan.accuracy_width,
+        plan.accuracy_epochs, plan.accuracy_subset, plan.accuracy_batch, plan.accuracy_precision, plan.accuracy_target,
+        plan.accuracy_repeats,
+    )  # fmt: skip
+
+
+def converged_runs(plan: Plan) -> TrainingRuns:
+    """The converged row of `plan` (`converged_*` fields): fp32, no target, final accuracy with TTA too."""
+    return TrainingRuns(
+        "converged", f"converged w{plan.converged_width:g} {plan.converged_epochs} epochs", plan.converged_width,
+        plan.converged_epochs, plan.converged_subset, plan.converged_batch, "fp32", None, plan.converged_seeds,
+        plan.converged_tta,
+    )  # fmt: skip
+
+
+def paired_difference(first: list[float], second: list[float]) -> dict:
+    """{mean, standard_error (None for one pair), values} of first[i] - second[i]."""
+    values = [float(a) - float(b) for a, b in zip(first, second, strict=True)]
+    mean = statistics.fmean(values)
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": mean, "standard_error": error, "values": values}
+
+
+def training_row(runner: Runner, spec: TrainingRuns, weights_for, data_reason: str | None,
+                 recorded: Recorded | None = None, checkpoint=None) -> dict:
+    """Each framework trains from the same weights in turn, once per seed (seed r: data order,
+    augmentation, train subset, the same subset on both sides), each with a cold compilation
+    cache (each jaxres run compiles, as a first run does); skipped (with `data_reason`) without
+    the real CIFAR-10 copy.
+
+    recorded: a resumed results file's rows; its runs of this row (same setting, same
+    weights) are kept, not run again. checkpoint(row): called with the row so far (marked
+    incomplete) after every run, to write the results file."""
+    setting = spec.setting()
     if data_reason:
-        return skipped_row("accuracy", name, setting, data_reason)
-    options = {
-        "width": plan.accuracy_width,
-        "epochs": plan.accuracy_epochs,
-        "train_subset": plan.accuracy_subset,
-        "accuracy_batch": plan.accuracy_batch,
-        "precision": plan.accuracy_precision,
-        "target": plan.accuracy_target,
-        "weights": weights_for(plan.accuracy_width),
-    }
+        return skipped_row(spec.task, spec.name, setting, data_reason)
+    weights = weights_for(spec.width)
+    digest = common.weights_digest(weights)
+    options = spec.options(weights)
+    kept = (recorded or Recorded()).runs(spec.task, spec.name, setting, digest)
     runs = {"jax": [], "torch": []}
-    runner.log(f"[{runner.elapsed():6.0f} s] {name} (each framework in turn, {plan.accuracy_repeats} run(s) each)")
+    total = 2 * spec.seeds
+
+    def row_so_far(error: str) -> dict:
+        return {"task": spec.task, "name": spec.name, "setting": setting, "error": error, "runs": runs}
+
+    runner.log(f"[{runner.elapsed():6.0f} s] {spec.name} (each framework in turn, {spec.seeds} run(s) each"
+               + (f", {len(kept)} kept from {recorded.source}" if kept else "") + ")")
     try:
-        for seed in range(plan.accuracy_repeats):
+        for seed in range(spec.seeds):
             runner.fresh_compilation_cache()
             for framework in ("jax", "torch"):
+                if (framework, seed) in kept:
+                    runs[framework].append(kept[(framework, seed)])
+                    runner.log(f"    {framework} seed {seed}: kept from {recorded.source}")
+                    continue
                 result = runner.one_shot(
                     framework, framework, "accuracy", {**options, "seed": seed}, timeout=max(runner.timeout, 36000)
                 )
                 result.pop("event", None)
                 result["seed"] = seed
+                result["weights_digest"] = digest
                 runs[framework].append(result)
-                runner.log(
-                    f"    {framework} seed {seed}: accuracy {result['final_accuracy']:.4f}, wall {result['wall_seconds']:.1f} s"
-                )
+                tta = f", with TTA {result['final_tta_accuracy']:.4f}" if "final_tta_accuracy" in result else ""
+                runner.log(f"    {framework} seed {seed}: accuracy {result['final_accuracy']:.4f}{tta}, wall {result['wall_seconds']:.1f} s")
+                if checkpoint is not None:
+                    done = len(runs["jax"]) + len(runs["torch"])
+                    checkpoint(row_so_far(f"incomplete: {done} of {total} runs recorded (continue with --resume)"))
     except WorkerError as error:
         runner.log(f"    failed: {error}")
-        return {"task": "accuracy", "name": name, "setting": setting, "error": str(error), "runs": runs}
+        return row_so_far(str(error))
+    return summarize_training_runs(spec, runs, runner.plan.device)
+
+
+def summarize_training_runs(spec: TrainingRuns, runs: dict, device: str) -> dict:
+    """The row of complete `runs` ({framework: [run per seed]}): per-framework summaries, the
+    per-seed wall ratios, and the paired (per-seed) jaxres - PyTorch accuracy differences."""
     walls = {f: [r["wall_seconds"] for r in runs[f]] for f in runs}
     ratios = {"wall_seconds jax/torch": common.ratio_summary(walls["jax"], walls["torch"])}
     targets = [(a["seconds_to_target"], b["seconds_to_target"]) for a, b in zip(runs["jax"], runs["torch"])]
-    if plan.accuracy_target is not None and all(a is not None and b is not None for a, b in targets):
+    if spec.target is not None and all(a is not None and b is not None for a, b in targets):
         ratios["seconds_to_target jax/torch"] = common.ratio_summary([a for a, _ in targets], [b for _, b in targets])
+    accuracies = ["final_accuracy"] + (["final_tta_accuracy"] if spec.tta != "none" else [])
+    workers = {}
+    for f in runs:
+        workers[f] = {
+            "final_accuracy": common.summarize([r["final_accuracy"] for r in runs[f]]),
+            "wall_seconds": common.summarize(walls[f]),
+            "seconds_to_target": [r["seconds_to_target"] for r in runs[f]],
+            "train_images": runs[f][0]["train_images"],
+            "test_images": runs[f][0]["test_images"],
+            "memory_mib": peak_memory_mib(runs[f][0], device),
+            "compile_seconds": runs[f][0].get("compile_seconds"),
+        }
+        if spec.tta != "none":
+            workers[f]["final_tta_accuracy"] = common.summarize([r["final_tta_accuracy"] for r in runs[f]])
     return {
-        "task": "accuracy",
-        "name": name,
-        "setting": setting,
+        "task": spec.task,
+        "name": spec.name,
+        "setting": spec.setting(),
         "runs": runs,
-        "workers": {
-            f: {
-                "final_accuracy": common.summarize([r["final_accuracy"] for r in runs[f]]),
-                "wall_seconds": common.summarize(walls[f]),
-                "seconds_to_target": [r["seconds_to_target"] for r in runs[f]],
-                "train_images": runs[f][0]["train_images"],
-                "test_images": runs[f][0]["test_images"],
-                "memory_mib": peak_memory_mib(runs[f][0], plan.device),
-                "compile_seconds": runs[f][0].get("compile_seconds"),
-            }
-            for f in runs
-        },
+        "workers": workers,
         "ratios": ratios,
+        "paired_difference": {
+            name: paired_difference([r[name] for r in runs["jax"]], [r[name] for r in runs["torch"]]) for name in accuracies
+        },
     }
+
+
+class Recorded:
+    """The rows of the results file a run resumes (`benchmarks.run --resume`; empty for a new
+    run): a complete row of the same task, name and setting is kept whole, the runs of a
+    training row one by one. `kept` lists what was kept, for the results' record."""
+
+    def __init__(self, rows: list[dict] = (), source: str | None = None, parity: list[dict] = ()):
+        self.rows = list(rows)
+        self.source = source
+        self.parity = list(parity)  # the recorded parity checks (each with its weights' digest)
+        self.kept: list[str] = []
+
+    def matching(self, task: str, name: str, setting: dict) -> list[dict]:
+        return [r for r in self.rows if r.get("task") == task and r.get("name") == name and r.get("setting") == setting]
+
+    def complete_row(self, task: str, name: str, setting: dict) -> dict | None:
+        """The recorded row, if it was measured to the end (not skipped, not failed)."""
+        for row in self.matching(task, name, setting):
+            if "workers" in row and "error" not in row and "skipped" not in row:
+                self.kept.append(name)
+                return row
+        return None
+
+    def runs(self, task: str, name: str, setting: dict, weights_digest: str) -> dict:
+        """{(framework, seed): run} of the recorded training row (complete or not) whose runs
+        started from the same weights (`common.weights_digest`)."""
+        kept = {}
+        for row in self.matching(task, name, setting):
+            for framework, runs in row.get("runs", {}).items():
+                for run in runs:
+                    if run.get("weights_digest") == weights_digest:
+                        kept[(framework, run["seed"])] = {**run, "kept_from": run.get("kept_from", self.source)}
+        self.kept += [f"{name}: {framework} seed {seed}" for framework, seed in sorted(kept)]
+        return kept

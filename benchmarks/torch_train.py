@@ -327,21 +327,36 @@ def train_steps(trainer: Trainer, batches: Iterator, steps: int) -> dict:
     return {"loss": float(torch.stack(losses).mean()), "accuracy": float(torch.stack(correct).sum()) / seen}
 
 
+TTA_MODES = ("none", "flip")
+
+
+def predict_logits(forward, images: torch.Tensor, recipe: Recipe, tta: str = "none") -> torch.Tensor:
+    """Logits of uint8[B, H, W, 3] images, averaged over test-time augmentations: "none"; "flip"
+    (the mean of the logits of the image and its mirror, as `jaxres.evaluate.predict_logits`).
+    -> float32[B, K] (the forward under autocast when the recipe's precision asks)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    dtype = AUTOCAST_DTYPES.get(recipe.precision)
+    views = [images] if tta == "none" else [images, images.flip(2)]  # axis 2 of NHWC: the width
+    logits = []
+    for view in views:
+        inputs = to_model_input(normalize(view.permute(0, 3, 1, 2)), recipe)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            logits.append(forward(inputs).float())
+    return sum(logits) / len(logits)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, forward=None) -> dict:
-    """Loss (the training criterion) and accuracy over uint8[N, H, W, 3] images, in eval mode."""
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, forward=None, tta: str = "none") -> dict:
+    """Loss (the training criterion) and accuracy over uint8[N, H, W, 3] images, in eval mode,
+    on the logits of `predict_logits(..., tta)`."""
     model.eval()
     forward = model if forward is None else forward
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="sum")
-    dtype = AUTOCAST_DTYPES.get(recipe.precision)
-    device_type = images.device.type
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for start in range(0, images.shape[0], recipe.eval_batch_size):
-        batch = images[start : start + recipe.eval_batch_size]
-        inputs = to_model_input(normalize(batch.permute(0, 3, 1, 2)), recipe)
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            logits = forward(inputs).float()
+        logits = predict_logits(forward, images[start : start + recipe.eval_batch_size], recipe, tta)
         target = labels[start : start + recipe.eval_batch_size]
         loss_sum += criterion(logits, target)
         correct += (logits.argmax(1) == target).sum()
@@ -363,12 +378,15 @@ def train_to_accuracy(
     seed: int = 0,
     target: float | None = None,
     log: Callable[[str], None] = lambda _: None,
+    tta: str = "none",
 ) -> dict:
     """The whole recipe (device pipeline): `recipe.epochs` epochs, test accuracy after each.
 
     Returns {history: [{epoch, train_loss, train_accuracy, test_accuracy, seconds,
     elapsed}], final_accuracy, wall_seconds, seconds_to_target (None if not reached)}.
-    `elapsed` counts from the first step, evaluation included (what a user waits).
+    `elapsed` counts from the first step, evaluation included (what a user waits). With a
+    `tta` other than "none", the final model is evaluated once more with it, apart from the
+    wall time: {tta, final_tta_accuracy, final_tta_loss, tta_seconds} too.
     """
     steps_per_epoch = train_images.shape[0] // recipe.batch_size
     trainer = Trainer(model, recipe, steps_per_epoch, device)
@@ -397,9 +415,15 @@ def train_to_accuracy(
             reached = elapsed
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"the PyTorch training loss became non-finite at epoch {epoch + 1}")
-    return {
+    out = {
         "history": history,
         "final_accuracy": history[-1]["test_accuracy"],
         "wall_seconds": time.perf_counter() - started,
         "seconds_to_target": reached,
     }
+    if tta != "none":
+        tta_started = time.perf_counter()
+        evaluation = evaluate(model, test_images, test_labels, recipe, forward=trainer.forward, tta=tta)
+        out.update(tta=tta, final_tta_accuracy=evaluation["accuracy"], final_tta_loss=evaluation["loss"],
+                   tta_seconds=time.perf_counter() - tta_started)
+    return out

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-batch", type=int, default=512)
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--target", type=float, default=None, help="accuracy: report the time to reach this test accuracy")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="accuracy: also evaluate the final model with this test-time augmentation (flip: image and mirror)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parity-images", type=int, default=64)
     return p

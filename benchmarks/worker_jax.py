@@ -256,11 +256,14 @@ def time_to_accuracy(args, arrays) -> dict:
             reached = elapsed
         if config.precision != "fp16" and int(result.train["first_nonfinite_step"]) >= 0:
             raise FloatingPointError(f"the jaxres training loss became non-finite at epoch {result.epoch}")
+    wall_seconds = time.perf_counter() - started
     train_images, test_images = setup.train_images, setup.test_images
+    tta = getattr(args, "tta", "none")
     return {
         "history": history,
         "final_accuracy": history[-1]["test_accuracy"],
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall_seconds,
+        **(final_tta_evaluation(setup, result.state, tta) if tta != "none" else {}),
         "compile_seconds": compile_total,
         "seconds_to_target": reached,
         **describe_common(config, result.epoch_loop),
@@ -269,4 +272,20 @@ def time_to_accuracy(args, arrays) -> dict:
         "test_images": int(test_images.shape[0]),
         "epochs": config.epochs,
         "batch_size": config.batch_size,
+    }
+
+
+def final_tta_evaluation(setup: train.RunSetup, state: train.TrainState, tta: str) -> dict:
+    """The final model on the test split with the test-time augmentation `tta`
+    (`evaluate.make_evaluate`; flip: the mean of the logits of image and mirror), apart from
+    the wall time: {tta, final_tta_accuracy, final_tta_loss, tta_seconds, tta_compile_seconds}."""
+    evaluate_test = evaluate.make_evaluate(setup.model, setup.config, setup.mesh, tta=tta)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    evaluation, seconds, compile_seconds = timed(lambda: jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels)))
+    return {
+        "tta": tta,
+        "final_tta_accuracy": float(evaluation["accuracy"]),
+        "final_tta_loss": float(evaluation["loss"]),
+        "tta_seconds": seconds,
+        "tta_compile_seconds": compile_seconds,
     }

@@ -294,7 +294,8 @@ def time_to_accuracy(args, arrays) -> dict:
     test_labels = torch.from_numpy(arrays["test_labels"].astype(np.int64)).to(device)
     model = torch_train.build_model(recipe, device, state_dict=load_weights(args.weights))
     result = torch_train.train_to_accuracy(
-        model, recipe, train_images, train_labels, test_images, test_labels, device, seed=args.seed, target=args.target
+        model, recipe, train_images, train_labels, test_images, test_labels, device, seed=args.seed, target=args.target,
+        tta=getattr(args, "tta", "none"),
     )
     return {
         **result,

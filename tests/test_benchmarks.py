@@ -3,6 +3,7 @@ weights round trip, the statistics and ratio arithmetic, the report rendering.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks import common, plans, report, rows, run, torch_train  # noqa: E402
+from benchmarks import common, plans, processes, report, rows, run, torch_train  # noqa: E402
 from benchmarks.torch_reference import CustomResNet as TorchResNet  # noqa: E402
 
 WIDTH = 0.0625
@@ -218,6 +219,35 @@ def test_mixed_precision_steps_run(precision):
         torch_train.Trainer(model, recipe, 4, torch.device("cpu"))
 
 
+def test_flip_tta_logits_match_jaxres():
+    """The converged row's TTA: the PyTorch side's flip (mean of the logits of image and mirror)
+    is jaxres.evaluate's on the same weights and images; "none" is the plain forward."""
+    import jax
+
+    from jaxres import augment, convert, evaluate, models
+    from jaxres.config import TrainConfig
+
+    torch_model = torch_model_with_random_statistics(seed=2).eval()
+    flax_model = models.from_config(TrainConfig(width=WIDTH), num_classes=10)
+    variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
+    images = images_uint8(16, seed=5)
+    recipe = torch_train.Recipe(width=WIDTH, channels_last=True)
+    torch_model = torch_model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = torch_train.predict_logits(torch_model, torch.from_numpy(images), recipe, "none").numpy()
+        flipped = torch_train.predict_logits(torch_model, torch.from_numpy(images), recipe, "flip").numpy()
+        mirror = torch_train.predict_logits(torch_model, torch.from_numpy(images[:, :, ::-1].copy()), recipe, "none").numpy()
+    np.testing.assert_allclose(flipped, (plain + mirror) / 2, rtol=0, atol=1e-6)
+    expected = np.asarray(jax.jit(lambda v, x: evaluate.predict_logits(flax_model, v, augment.normalize(x), "flip"))(variables, images))
+    np.testing.assert_allclose(flipped, expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
+    assert not np.allclose(flipped, plain)  # the mirror changes the logits
+    labels = torch.from_numpy(expected.argmax(1).astype(np.int64))
+    result = torch_train.evaluate(torch_model, torch.from_numpy(images), labels, recipe, tta="flip")
+    assert result["accuracy"] == 1.0  # its predictions are jaxres's flip TTA's
+    with pytest.raises(ValueError, match="tta must be one of"):
+        torch_train.predict_logits(torch_model, torch.from_numpy(images), recipe, "flip_translate")
+
+
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -350,6 +380,51 @@ def test_markdown_report_states_ratios_and_machine(tmp_path):
     assert report.chart_entries(results)[1][1] == pytest.approx(20.0 / 30.0)
 
 
+def fake_training_run(framework: str, seed: int, tta: bool = True) -> dict:
+    """A worker's `accuracy` result, its accuracies set by framework and seed."""
+    accuracy = {"jax": 0.86, "torch": 0.87}[framework] + 0.01 * seed
+    run = {"final_accuracy": accuracy, "wall_seconds": 100.0 + 10 * seed + (framework == "jax"), "seconds_to_target": None,
+           "train_images": 1024, "test_images": 10000, "peak_rss_mib": 500.0, "compile_seconds": 3.0, "seed": seed}
+    if tta:
+        run.update(tta="flip", final_tta_accuracy=accuracy + 0.004 * (1 + seed) * (framework == "jax"))
+    return run
+
+
+CONVERGED = rows.TrainingRuns("converged", "converged w0.25 24 epochs", 0.25, 24, None, 512, "fp32", None, 2, "flip")
+
+
+def fake_converged_row() -> dict:
+    runs = {f: [fake_training_run(f, seed) for seed in (0, 1)] for f in ("jax", "torch")}
+    return rows.summarize_training_runs(CONVERGED, runs, "cpu")
+
+
+def test_report_renders_the_converged_row():
+    row = fake_converged_row()
+    runs = row["runs"]
+    assert row["setting"]["tta"] == "flip" and row["setting"]["seeds"] == [0, 1]
+    assert row["workers"]["jax"]["final_tta_accuracy"]["median"] == pytest.approx(0.871)
+    difference = row["paired_difference"]
+    assert difference["final_accuracy"]["mean"] == pytest.approx(-0.01) and difference["final_accuracy"]["standard_error"] == pytest.approx(0)
+    assert difference["final_tta_accuracy"]["values"] == pytest.approx([-0.006, -0.002])
+    results = fake_results()
+    results["rows"].append(row)
+    results["rows"].append({"task": "converged", "name": "converged w0.5 24 epochs", "setting": CONVERGED.setting(),
+                            "error": "incomplete: 1 of 4 runs recorded (continue with --resume)", "runs": {"jax": [runs["jax"][0]], "torch": []}})
+    results["resumed"] = [{"from": "benchmarks/results/x.json", "at": "2026-01-02T00:00:00+00:00", "previous_git": {"commit": "abcdef0123456789"},
+                           "kept": ["converged w0.25 24 epochs: jax seed 0"]}]
+    text = report.markdown(results)
+    assert ("| width 0.25, all train images, 24 epochs, batch 512, fp32, TTA flip | 0, 1 | 86.50% (86.00%–87.00%) | 87.50% (87.00%–88.00%) "
+            "| 87.10% (86.40%–87.80%) | 87.50% (87.00%–88.00%) | -1.00 (s.e. 0.00; per seed -1.00, -1.00); -0.40 (s.e. 0.20; per seed -0.60, -0.20) "
+            "| 106 (101–111) | 105 (100–110) | **1.01** (1.01–1.01) |") in text
+    assert "| 0, 1 | incomplete: 1 of 4 runs recorded (continue with --resume) |" in text
+    assert "Resumed at 2026-01-02T00:00:00+00:00 from `benchmarks/results/x.json` (recorded with commit abcdef012345): kept converged w0.25 24 epochs: jax seed 0." in text
+    # the time-to-accuracy table keeps its own rows only
+    assert text.count("| width 0.25, 8192 train images, 2 epochs") == 1
+    assert "converged w0.25 24 epochs (1 / wall ratio)" in [e[0] for e in report.chart_entries(results)]
+    assert "| converged w0.25 24 epochs | 500 | device pipeline | 500 | 1.00 |" in text
+    assert "**Throughput**" not in report.markdown({**fake_results(), "rows": [row]})  # a `--tasks converged` run has none
+
+
 def test_report_command_writes_the_readme_section(tmp_path):
     source = tmp_path / "latest.json"
     source.write_text(json.dumps(fake_results()))
@@ -357,6 +432,14 @@ def test_report_command_writes_the_readme_section(tmp_path):
     assert report.main([str(source), "--out", str(out)]) == 0
     assert out.read_text().startswith("## Results")
     assert report.main([str(tmp_path / "missing.json")]) == 2
+    # the converged row of another run (`--tasks converged`, hours long) in the same section
+    converged = {**fake_results(), "name": "cpu-full-converged", "rows": [fake_converged_row()]}
+    (tmp_path / "converged.json").write_text(json.dumps(converged))
+    assert report.main([str(source), "--out", str(out), "--converged-from", str(tmp_path / "converged.json")]) == 0
+    section = out.read_text()
+    assert "**The recipe at convergence** (measured with `python -m benchmarks.run --tasks converged` on Test CPU" in section
+    assert "raw numbers: `benchmarks/results/cpu-full-converged.json`" in section
+    assert "| width 0.25, all train images, 24 epochs, batch 512, fp32, TTA flip | 0, 1 | 86.50%" in section
 
 
 # --------------------------------------------------------------------------- plan and protocol
@@ -374,7 +457,22 @@ def test_plans():
         plans.make_plan(parser.parse_args(["--quick", "--accuracy-repeats", "0"]))
     full = plans.make_plan(parser.parse_args(["--suite", "cpu"]))
     assert (full.widths, full.batches, full.accuracy_subset) == ([0.25, 1.0], [128, 512], None)
+    # the recipe at convergence: in the full suite (last), not in --quick nor on the GPU (which has width 1)
+    assert full.tasks[-1] == "converged" and "converged" not in quick.tasks
+    assert (full.converged_width, full.converged_epochs, full.converged_subset, full.converged_batch) == (0.25, 24, None, 512)
+    assert full.converged_seeds >= 2 and full.converged_tta == "flip"
+    only = plans.make_plan(parser.parse_args(["--suite", "cpu", "--tasks", "converged", "--converged-seeds", "3"]))
+    assert only.tasks == ["converged"] and only.converged_seeds == 3
+    smoke = plans.make_plan(parser.parse_args(["--suite", "cpu", "--smoke"]))
+    assert "converged" in smoke.tasks and (smoke.converged_epochs, smoke.converged_subset, smoke.converged_seeds) == (1, 1024, 2)
+    with pytest.raises(SystemExit, match="--converged-seeds must be at least 1"):
+        plans.make_plan(parser.parse_args(["--converged-seeds", "0"]))
+    # a recorded plan comes back from its JSON (the widths of train_images_per_measure as floats again)
+    assert plans.plan_from_record(json.loads(json.dumps(dataclasses.asdict(full)))) == full
+    with pytest.raises(SystemExit, match="lacks converged_batch"):
+        plans.plan_from_record({k: v for k, v in dataclasses.asdict(full).items() if k != "converged_batch"})
     gpu = plans.make_plan(parser.parse_args(["--suite", "gpu"]))
+    assert "converged" not in gpu.tasks
     assert gpu.precisions == ["fp16", "bf16", "fp32"] and gpu.accuracy_epochs == 24 and gpu.accuracy_target == 0.94
     assert gpu.budget_seconds and gpu.budget_seconds < 600
     smoke_on_cpu = plans.make_plan(parser.parse_args(["--suite", "gpu", "--device", "cpu", "--smoke"]))
@@ -390,6 +488,71 @@ def test_protocol_lines_round_trip():
     env = common.thread_environment(3, {"XLA_FLAGS": "--xla_foo=1 intra_op_parallelism_threads=9 --xla_bar=2"})
     assert env["OMP_NUM_THREADS"] == "3" and env["XLA_FLAGS"].split() == [
         "--xla_foo=1", "--xla_bar=2", "--xla_cpu_multi_thread_eigen=true"]
+
+
+class StubRunner(processes.Runner):
+    """A `Runner` whose workers are stubs (no processes): parity writes the weights and answers
+    the same logits for both sides, accuracy answers `fake_training_run`. Each accuracy run
+    is recorded in `calls` with the number of runs the results file held when it started;
+    the run numbered `interrupt_at` raises KeyboardInterrupt (Ctrl-C during a worker)."""
+
+    calls: list = []
+    interrupt_at: int | None = None
+    results_file: Path | None = None
+
+    def one_shot(self, label, framework, task, options, timeout=None):
+        if task == "parity":
+            if options.get("save_weights"):
+                Path(options["weights"]).parent.mkdir(parents=True, exist_ok=True)
+                np.savez(options["weights"], weight=np.arange(6.0).reshape(2, 3))
+            return {"logits": [[0.1, 0.7]], "cams": [[[0.5]]], "parameters": 6}
+        assert task == "accuracy" and options["tta"] == "flip" and options["epochs"] == 1
+        recorded = 0
+        if self.results_file.is_file():
+            row = json.loads(self.results_file.read_text())["rows"][-1]
+            recorded = sum(len(runs) for runs in row["runs"].values())
+        StubRunner.calls.append((framework, options["seed"], recorded))
+        if len(StubRunner.calls) == StubRunner.interrupt_at:
+            raise KeyboardInterrupt
+        return {"event": "result", **fake_training_run(framework, options["seed"])}
+
+
+def test_converged_row_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    """The results file is written after every run of the converged row; interrupted during
+    its third run, `--resume FILE` keeps the two runs recorded (same plan, framework, seed and
+    weights), measures only the missing two, and records that it resumed and from what."""
+    monkeypatch.setattr(run, "Runner", StubRunner)
+    monkeypatch.setattr(run, "resolve_data", lambda path, cache_dir, log: ("stub", {"source": "stub"}, None))
+    StubRunner.results_file = tmp_path / "converged.json"
+    StubRunner.calls, StubRunner.interrupt_at = [], 3
+    argv = ["--suite", "cpu", "--smoke", "--tasks", "converged", "--name", "converged", "--out", str(tmp_path), "--no-chart"]
+    assert run.main(argv) == 130
+    # seed 0 on both sides, then seed 1: each run saw the runs before it already in the file
+    assert StubRunner.calls == [("jax", 0, 0), ("torch", 0, 1), ("jax", 1, 2)]
+    interrupted = json.loads(StubRunner.results_file.read_text())
+    row = interrupted["rows"][-1]
+    assert row["task"] == "converged" and row["error"].startswith("incomplete: 2 of 4 runs")
+    assert [(f, r["seed"]) for f, runs in row["runs"].items() for r in runs] == [("jax", 0), ("torch", 0)]
+    assert "--resume" in interrupted["interrupted"]
+
+    with pytest.raises(SystemExit, match="drop --tasks"):  # the plan is the file's
+        run.main(["--resume", str(StubRunner.results_file), "--tasks", "train"])
+    StubRunner.calls, StubRunner.interrupt_at = [], None
+    assert run.main(["--resume", str(StubRunner.results_file), "--no-chart"]) == 0
+    assert StubRunner.calls == [("jax", 1, 2), ("torch", 1, 3)]  # only the missing runs
+    results = json.loads(StubRunner.results_file.read_text())
+    assert (results["name"], results["created"], results["plan"]) == (interrupted["name"], interrupted["created"], interrupted["plan"])
+    assert results["parity"][0]["weights_created"] is False  # the recorded runs' weights, reused
+    row = results["rows"][-1]
+    assert "error" not in row and row["setting"]["seeds"] == [0, 1]
+    assert [r.get("kept_from") for r in row["runs"]["jax"]] == ["converged.json", None]
+    assert row["workers"]["torch"]["final_accuracy"]["values"] == [0.87, 0.88]
+    assert row["paired_difference"]["final_tta_accuracy"]["values"] == pytest.approx([-0.006, -0.002])
+    (resumed,) = results["resumed"]
+    assert resumed["from"] == str(StubRunner.results_file) and resumed["previous_interrupted"] == interrupted["interrupted"]
+    assert resumed["kept"] == ["converged w0.0625 1 epochs: jax seed 0", "converged w0.0625 1 epochs: torch seed 0"]
+    assert json.loads((tmp_path / "latest.json").read_text()) == results
+    assert "Resumed at" in (tmp_path / "README_results.md").read_text()
 
 
 def test_gpu_script_dry_run():
