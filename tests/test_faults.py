@@ -334,8 +334,8 @@ def test_impossible_flags_are_named_before_any_work(tmp_path, capsys, flags, fie
 
 
 def test_config_json_with_wrongly_typed_values_is_named(tmp_path):
-    for values, message in [({"width": "wide"}, "width must be a float"), ({"epochs": 2.5}, "epochs must be an int"),
-                            ({"flip": 1}, "flip must be a bool")]:  # fmt: skip
+    for values, message in [({"width": "wide"}, "width must be a float"), ({"batch_size": 2.5}, "batch_size must be an int"),
+                            ({"epochs": "24"}, "epochs must be a float"), ({"flip": 1}, "flip must be a bool")]:  # fmt: skip
         (tmp_path / "config.json").write_text(json.dumps(values))
         with pytest.raises(JaxresError, match=message):
             TrainConfig.load(tmp_path / "config.json")
@@ -399,8 +399,8 @@ def test_an_epoch_with_every_step_skipped_stops_the_run_and_keeps_the_checkpoint
     before = (workdir / "checkpoint.msgpack").read_bytes()
     real_make_train_epoch = train.make_train_epoch
 
-    def make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=None):
-        train_epoch = real_make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress)
+    def make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=None, steps=None):
+        train_epoch = real_make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress, steps)
 
         def all_skipped(*inputs):
             state, metrics = train_epoch(*inputs)
