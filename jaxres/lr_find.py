@@ -307,6 +307,7 @@ def range_test_for_config(
     init key from `config.seed`); images are normalised, not augmented. Precision: bf16
     runs in bf16, fp16 in fp32 (no loss scaling here), fp32 in fp32 (`range_test_model`).
     """
+    data.check_train_subset(config.train_subset, dataset.train.labels.shape[0])
     indices = data.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
     images, labels = dataset.train.images[indices], dataset.train.labels[indices].astype(np.int32)
     model = range_test_model(config, len(dataset.class_names))

@@ -720,6 +720,10 @@ def test_a_train_subset_larger_than_the_training_set_is_named(tmp_path):
 
     with pytest.raises(JaxresError, match=r"train_subset 200 is larger than the training set \(128 images\): use at most 128"):
         train.prepare_run(tiny_config(tmp_path, train_subset=200), random_dataset())
+    from jaxres import lr_find
+
+    with pytest.raises(JaxresError, match=r"train_subset 200 is larger than the training set \(128 images\)"):
+        lr_find.range_test_for_config(tiny_config(tmp_path, train_subset=200), random_dataset())  # the LR range test too
     data.check_train_subset(128, 128)  # all of it: fine
     data.check_train_subset(None, 128)
 
