@@ -14,10 +14,12 @@
 #   1. parity: the same weights in both frameworks, logits and Grad-CAM compared (no TF32);
 #   2. time to accuracy: the full recipe in each framework (width 1, all 50,000 images,
 #      24 epochs, batch 512, fp16 with loss scaling / AMP + GradScaler), target 94%;
-#   3. train throughput, fp16, bf16 and fp32, widths 1.0 and 0.25, batches 512 and 128
+#   3. train throughput, fp16, bf16 and fp32, width 1.0, batch 512
 #      (jaxres: one lax.scan program per measurement; PyTorch: channels_last, cudnn.benchmark,
-#      AMP, tensors on the GPU; the first setting also with the original DataLoader pipeline
-#      and with torch.compile);
+#      AMP, tensors on the GPU; the first setting also with the original DataLoader pipeline;
+#      `--torch-compile` adds a torch.compile row, `--widths 1 0.25 --batches 512 128` the small
+#      model: by the per-row estimates, plans.estimated_gpu_seconds, the default plan takes
+#      about 435 s and the wider one about 1,015 s, over the budget);
 #   4. eval throughput (fp32, bf16, fp16) and Grad-CAM throughput (fp32).
 # A row starts only if it should end within the time budget (500 s, judged by the last row
 # of its kind); rows after it are recorded as

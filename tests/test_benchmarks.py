@@ -475,6 +475,11 @@ def test_plans():
     assert "converged" not in gpu.tasks
     assert gpu.precisions == ["fp16", "bf16", "fp32"] and gpu.accuracy_epochs == 24 and gpu.accuracy_target == 0.94
     assert gpu.budget_seconds and gpu.budget_seconds < 600
+    # the plan fits its budget by the per-row estimates; with torch.compile and width 0.25 it did not
+    estimate = plans.estimated_gpu_seconds(gpu)
+    assert estimate["total"] == sum(v for k, v in estimate.items() if k != "total") <= gpu.budget_seconds
+    wider = plans.make_plan(parser.parse_args(["--suite", "gpu", "--widths", "1", "0.25", "--batches", "512", "128", "--torch-compile"]))
+    assert plans.estimated_gpu_seconds(wider)["total"] > gpu.budget_seconds
     smoke_on_cpu = plans.make_plan(parser.parse_args(["--suite", "gpu", "--device", "cpu", "--smoke"]))
     # on a CPU: bf16 through PyTorch's CPU autocast, no fp16 (a GPU's)
     assert smoke_on_cpu.precisions == ["bf16", "fp32"] and smoke_on_cpu.accuracy_precision == "fp32"
