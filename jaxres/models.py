@@ -702,6 +702,8 @@ def stage_output_sizes(model: nn.Module, height: int, width: int) -> dict[str, t
     image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
     try:
         shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), image)
+    except JaxresError:  # the model refuses its options (not the size): say that, not "too small"
+        raise
     except (ValueError, TypeError, ZeroDivisionError):  # e.g. a max over no pixels
         return None
     outputs = shapes.get("perturbations", {})
