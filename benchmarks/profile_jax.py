@@ -154,7 +154,10 @@ def profile_jax(args) -> dict:
     from jaxres import models, optim, parallel, train
     from jaxres.config import TrainConfig
 
-    config = TrainConfig(width=args.width, batch_size=args.batch)
+    from jaxres import config as config_lib
+
+    sizes = {"width": args.width, "batch_size": args.batch}
+    config = config_lib.preset(args.preset, **sizes) if args.preset else TrainConfig(**sizes)
     model = models.from_config(config, num_classes=10)
     optimizer, _ = optim.make_optimizer(config, args.steps)
     mesh = parallel.make_mesh()
@@ -172,7 +175,10 @@ def profile_jax(args) -> dict:
     try:
         import functools
 
-        step = functools.partial(train.train_step, model=model, optimizer=optimizer, config=config)
+        step = functools.partial(
+            train.train_step, model=model, optimizer=optimizer, config=config, steps_per_epoch=args.steps,
+            indices=jax.numpy.arange(args.batch),
+        )  # fmt: skip
         lowered = jax.jit(step).lower(state, images[: args.batch], labels[: args.batch], jax.random.PRNGKey(0))
         step_hlo = lowered.compile().as_text()
     except Exception as error:  # noqa: BLE001
@@ -281,6 +287,7 @@ def markdown(profile: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", help="profile a named preset's step (e.g. airbench94), at --width and --batch")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6)
