@@ -160,7 +160,7 @@ class TrainConfig:
     )
     final_tta: str = knob(
         "none",
-        "one more evaluation of the final model with this test-time augmentation (as `tta`), recorded as "
+        "one more evaluation of the final model with this TTA (as `tta`), recorded as "
         "`final_tta_accuracy` in the last row of metrics.jsonl (airbench evaluates its epochs without TTA "
         "and the final model with `flip_translate_reflect`)",
     )
