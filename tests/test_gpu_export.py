@@ -44,6 +44,7 @@ import pytest
 from jax.export import DisabledSafetyCheck
 
 from jaxres import evaluate, gradcam, lr_find, models, onednn, optim, parallel, precision, train
+from jaxres import config as config_lib
 from jaxres.config import MIX_METHODS, TTA_MODES, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,14 +225,17 @@ TRAIN_CASES = [
     for model in ("custom_resnet", "resnet18")
     for precision_name in ("fp32", "bf16", "fp16")
     for mix in ("none", "cutmix")
-]
+] + [("airbench94", precision_name, "none") for precision_name in ("fp32", "bf16", "fp16")]
 
 
 @pytest.mark.parametrize("model_name, precision_name, mix", TRAIN_CASES)
 def test_train_epoch_exports_for_cuda(model_name, precision_name, mix):
     """The training epoch of the recipe (scan over 97 steps of 512: gather, augment, mix,
     forward, backward, SGD, fp16's loss scaling and skipped steps), as a GPU run builds it."""
-    config = TrainConfig(model=model_name, precision=precision_name, mix=mix)
+    if model_name == "airbench94":  # the fast recipe: its preset's lookahead, alternating flip, groups
+        config = config_lib.airbench94(precision=precision_name)
+    else:
+        config = TrainConfig(model=model_name, precision=precision_name, mix=mix)
     epoch, arguments = train_epoch_program(config)
     exported = export_for_cuda(epoch, *arguments)
     check_exported(exported, precision_name, batch_norm_statistics=True)
