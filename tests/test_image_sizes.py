@@ -1,6 +1,6 @@
-"""Images whose sizes are not multiples of 8 (issue 25, item 4): the 2x2 max-pool floors odd
-sizes as PyTorch's does, the model trains and Grad-CAM explains 28x28 and 36x36 images, and a
-size too small for the model is refused naming it and the smallest accepted."""
+"""Images whose sizes are not multiples of 8 (issue 25, item 4): the model trains and Grad-CAM
+explains 28x28 and 36x36 images, and a size too small for the model is refused naming it and
+the smallest accepted. (The 2x2 max-pool on odd sizes against PyTorch's: tests/test_models.py.)"""
 
 import warnings
 
@@ -14,23 +14,6 @@ from jaxres import models, train
 from jaxres.data import Dataset, Split
 from jaxres.errors import JaxresError
 from tests.helpers import quiet, random_variables, tiny_config
-
-
-@pytest.mark.parametrize("height, width", [(7, 9), (5, 5), (6, 3), (28, 28), (3, 2)])
-def test_max_pool_floors_odd_sizes_like_torch_values_and_gradients(height, width):
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(height * 31 + width)
-    x = rng.integers(0, 4, (2, height, width, 3)).astype(np.float32)  # few values: many tied maxima
-    g = rng.standard_normal((2, height // 2, width // 2, 3)).astype(np.float32)
-
-    pooled, pullback = jax.vjp(models.max_pool_2x2, jnp.asarray(x))
-    (gradient,) = pullback(jnp.asarray(g))
-
-    x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    y_torch = torch.nn.functional.max_pool2d(x_torch, 2)
-    y_torch.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
-    np.testing.assert_array_equal(np.asarray(pooled), y_torch.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(np.asarray(gradient), x_torch.grad.numpy().transpose(0, 2, 3, 1))
 
 
 def sized_dataset(size: int, num_train: int = 64, num_test: int = 20) -> Dataset:

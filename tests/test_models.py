@@ -151,14 +151,16 @@ def test_batch_norm_equals_flax_batch_norm_in_float64():
             chex.assert_trees_all_close(ours_stats, ref_stats, rtol=0, atol=1e-12)
 
 
-def test_max_pool_sends_the_gradient_to_the_first_maximum_as_pytorch():
+@pytest.mark.parametrize("height, width", [(6, 8), (7, 9), (5, 5), (6, 3), (28, 28), (3, 2)])
+def test_max_pool_sends_the_gradient_to_the_first_maximum_as_pytorch(height, width):
     """Pooled values and gradients equal torch.nn.functional.max_pool2d's on inputs full of
-    ties (small integers), where a tie-splitting rule would differ."""
+    ties (small integers), where a tie-splitting rule would differ; odd sizes floor as
+    PyTorch's (the last row or column dropped, its gradient zero)."""
     import torch
 
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 3, (2, 6, 8, 3)).astype(np.float32)
-    g = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    rng = np.random.default_rng(height * 31 + width)
+    x = rng.integers(0, 3, (2, height, width, 3)).astype(np.float32)
+    g = rng.normal(size=(2, height // 2, width // 2, 3)).astype(np.float32)
     pooled, pullback = jax.vjp(models.max_pool_2x2, jnp.asarray(x))
     (gradient,) = pullback(jnp.asarray(g))
     x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
