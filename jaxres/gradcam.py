@@ -2,6 +2,7 @@
 
     cams = gradcam(model, variables, images)                 # float32[N, H, W] in [0, 1]
     cams = gradcam(model, variables, images, targets=3, layer="layer2", method="layercam")
+    cams = gradcam(model, variables, images, method="scorecam", score="softmax", aug_smooth=True)
     figure = plot_cams(images, cams, true_labels, pred_labels, class_names)
 
 How it works: one forward pass in inference mode (BatchNorm uses its running
@@ -13,7 +14,10 @@ of the *sum* over the batch of each image's target logit is every image's own gr
 since in inference mode the images do not interact. No hooks, no global state: the
 whole computation is one jitted function of (variables, images, targets), cached per
 (model, layer, method, flags), which runs under `jax.jit` and `jax.vmap` and is
-differentiable with respect to the images (a CAM can be part of a loss).
+differentiable with respect to the images (a CAM can be part of a loss). The methods'
+formulas, the passes and the target scores are in `jaxres.cam_methods` (every method of
+pytorch-grad-cam 1.5.7 that jaxres has, each citing its source file); this module checks
+the arguments, post-processes (ReLU, upsampling, normalisation, aug_smooth) and plots.
 
 Also here: `overlay` and `plot_cams` (the course library's image / heatmap / overlay
 view) and the command line `python -m jaxres.gradcam --workdir RUN ...`. Scores of the
@@ -33,15 +37,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import evaluate, models, plots
+from jaxres import cam_methods, evaluate, models, plots
 from jaxres.augment import normalize as normalize_images
+from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam's names before cam_methods)
+    ALL_METHODS,
+    GRADCAM_PLUS_PLUS_EPSILON,
+    SCORES,
+    XGRADCAM_EPSILON,
+    cam_from_activation,
+    inference_variables,
+    min_max_normalize,
+    stage_activation_and_gradient,
+    upsample,
+)
 from jaxres.errors import JaxresError, command_line, figure_output_path
 
+# The five methods jaxres had first (benchmarks/localisation.py compares them); `gradcam` takes
+# every one of ALL_METHODS (the formulas and the passes are in jaxres.cam_methods).
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
-# The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
-# (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
-GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
-XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab A_kab + eps
+AUGMENTATION_FACTORS = (0.9, 1.0, 1.1)  # base_cam.py: tta.Multiply(factors=[0.9, 1, 1.1]), with tta.HorizontalFlip()
 # The most images one figure of `python -m jaxres.gradcam` shows (a row of three panels each, 2.2
 # inches tall: 32 rows are a 660 x 7,000 pixel PNG); --skip pages through more.
 MAX_FIGURE_IMAGES = 32
@@ -57,9 +71,8 @@ def _check_layer(model, layer: str) -> None:
         raise JaxresError(f"unknown layer {layer!r} for {type(model).__name__}; choose one of {', '.join(stages)}")
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise JaxresError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+def _check_method(method: str, eigen_smooth: bool = False) -> None:
+    cam_methods.check_method(method, ALL_METHODS, eigen_smooth)
 
 
 def check_images(images, stacklevel: int = 3) -> None:
@@ -131,12 +144,6 @@ def prepare_targets(targets, count: int, num_classes: int):
     return values
 
 
-def inference_variables(variables) -> dict:
-    """Only what inference needs: params and (if any) batch_stats. JaxresError without params."""
-    if not hasattr(variables, "keys") or "params" not in variables:
-        raise JaxresError("variables have no 'params' collection")
-    return {name: variables[name] for name in ("params", "batch_stats") if name in variables}
-
 
 @functools.lru_cache(maxsize=64)
 def _needs_batch_stats(model) -> bool:
@@ -157,124 +164,58 @@ def check_variables(model, variables) -> None:
         )
 
 
-# --------------------------------------------------------------------------- the two passes
+
+# --------------------------------------------------------------------------- post-processing and smoothing
 
 
-def stage_activation_and_gradient(model, variables, inputs: jax.Array, targets: jax.Array | None, layer: str):
-    """One forward and one backward pass, in inference mode.
-
-    inputs: float32[N, H, W, 3] (normalised); targets: int32[N] or None (the predicted
-    classes). Returns (logits float32[N, classes], targets int32[N], activation
-    float32[N, h, w, K], gradient float32[N, h, w, K]) where activation is the output
-    of stage `layer` and gradient is d logits[n, targets[n]] / d activation[n].
-    """
-    variables = inference_variables(variables)
-    _, shapes = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, mutable=["perturbations"]), variables, inputs
-    )
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes["perturbations"]))
-
-    def forward(perturbation):
-        perturbations = {**zeros, layer: {"output": perturbation}}
-        logits, state = model.apply(
-            {**variables, "perturbations": perturbations},
-            inputs,
-            train=False,
-            capture_intermediates=lambda module, method: module.path == (layer,) and method == "__call__",
-            mutable=["intermediates"],
-        )
-        return logits, state["intermediates"][layer]["__call__"][0]
-
-    logits, backward, activation = jax.vjp(forward, zeros[layer]["output"], has_aux=True)
-    if targets is None:
-        targets = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    (gradient,) = backward(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
-    return logits, targets, activation.astype(jnp.float32), gradient.astype(jnp.float32)
 
 
-def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str = "gradcam") -> jax.Array:
-    """The raw map (before ReLU) of `method` from A and G = dS/dA.  float32[N,h,w,K] x2 -> [N,h,w].
-
-    With A_k the k-th channel of the stage's output, G_k its gradient, sums over the
-    positions (i, j) of the h x w map and Z = h * w:
-
-    gradcam   (Selvaraju et al. 2017):  w_k = (1/Z) sum_ij G_kij;        cam = sum_k w_k A_k
-    gradcam++ (Chattopadhay et al. 2018, eq. 19), the closed form for an exponential score:
-              alpha_kij = G^2 / (2 G^2 + (sum_ab A_kab) G^3 + eps_pp), 0 where G = 0;
-              w_k = sum_ij alpha_kij ReLU(G_kij);                        cam = sum_k w_k A_k
-    hirescam  (Draelos & Carin 2020):   cam = sum_k G_k * A_k  (elementwise, no averaging)
-    xgradcam  (Fu et al. 2020):         w_k = sum_ij G_kij A_kij / (sum_ab A_kab + eps_x);
-                                        cam = sum_k w_k A_k
-    layercam  (Jiang et al. 2021):      cam = sum_k ReLU(G_k) * A_k
-
-    eps_pp = GRADCAM_PLUS_PLUS_EPSILON = 1e-6 and eps_x = XGRADCAM_EPSILON = 1e-7. Each
-    formula and constant is the one in pytorch-grad-cam 1.5.7's source (grad_cam.py,
-    grad_cam_plusplus.py, hirescam.py, xgrad_cam.py, layer_cam.py; its Grad-CAM++ zeroes
-    alpha where the gradient, not the activation, is 0, as here), so on the same A and G
-    the maps agree to float32 rounding. Grad-CAM++ is sensitive to eps_pp: where G^2 is
-    near 1e-6 (small gradients, deep stages) eps_pp is a large part of the denominator,
-    and 1e-7 instead changes normalised maps by a few 1e-2. `gradcam` applies the final
-    ReLU (all the papers do, and so does pytorch-grad-cam).
-    """
-    _check_method(method)
-    if method == "gradcam":
-        weights = jnp.mean(gradient, axis=(1, 2))
-        return jnp.einsum("nhwk,nk->nhw", activation, weights)
-    if method == "gradcam++":
-        squared = gradient**2
-        cubed = squared * gradient
-        activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
-        alpha = squared / (2 * squared + activation_sum * cubed + GRADCAM_PLUS_PLUS_EPSILON)
-        alpha = jnp.where(gradient != 0, alpha, 0.0)
-        weights = jnp.sum(alpha * jax.nn.relu(gradient), axis=(1, 2))
-        return jnp.einsum("nhwk,nk->nhw", activation, weights)
-    if method == "hirescam":
-        return jnp.sum(gradient * activation, axis=-1)
-    if method == "xgradcam":
-        activation_sum = jnp.sum(activation, axis=(1, 2), keepdims=True)
-        weights = jnp.sum(gradient * activation / (activation_sum + XGRADCAM_EPSILON), axis=(1, 2))
-        return jnp.einsum("nhwk,nk->nhw", activation, weights)
-    return jnp.sum(jax.nn.relu(gradient) * activation, axis=-1)  # layercam
-
-
-def min_max_normalize(maps: jax.Array) -> jax.Array:
-    """Per map, (x - min) / (max - min).  float[N, H, W] -> float32[N, H, W] in [0, 1].
-
-    A flat map (max == min) gives zeros, never NaN, and so does its gradient.
-    """
-    maps = jnp.asarray(maps, jnp.float32)
-    low = jnp.min(maps, axis=(1, 2), keepdims=True)
-    span = jnp.max(maps, axis=(1, 2), keepdims=True) - low
-    flat = span <= 0
-    return jnp.where(flat, 0.0, (maps - low) / jnp.where(flat, 1.0, span))
-
-
-def upsample(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of float[N, h, w] maps to [N, H, W] with `jax.image.resize`.
-
-    Pixel centres sit at half-pixel offsets and the two-tap (triangle) weights that fall
-    outside the map are dropped and the rest renormalised, which is the same as
-    PyTorch's edge clamping: the result equals
-    `F.interpolate(mode="bilinear", align_corners=False)` to float rounding, for integer
-    and non-integer factors alike (tested; antialias is off, as PyTorch's default, so
-    this holds for downsampling too).
-    """
-    count = maps.shape[0]
-    return jax.image.resize(maps, (count, *size), method="bilinear", antialias=False)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "layer", "method", "relu", "normalize", "upsample_to_input"))
-def _gradcam(model, variables, images, targets, *, layer, method, relu, normalize, upsample_to_input):
-    inputs = normalize_images(images)
-    _, _, activation, gradient = stage_activation_and_gradient(model, variables, inputs, targets, layer)
-    cam = cam_from_activation(activation, gradient, method)
+def _post_processed_maps(model, variables, inputs, classes, key, size, *, layer, method, score, eigen_smooth, relu, normalize, upsample_to_input):
+    cam = cam_methods.raw_map(model, variables, inputs, classes, key, layer=layer, method=method, score=score, eigen_smooth=eigen_smooth)
     if relu:
         cam = jax.nn.relu(cam)
     if upsample_to_input:
-        cam = upsample(cam, images.shape[1:3])
+        cam = upsample(cam, size)
     if normalize:
         cam = min_max_normalize(cam)
     return cam
+
+
+def augmentation_smoothed(maps_of_inputs, inputs: jax.Array, classes) -> jax.Array:
+    """aug_smooth: the mean of the maps of the 6 augmented inputs, each de-augmented.
+
+    maps_of_inputs: (inputs float32[M, H, W, 3], classes int32[M] or None) -> float32[M, h, w];
+    inputs float32[N, H, W, 3] (normalised, as the library's input_tensor). As base_cam.py's
+    forward_augmentation_smoothing with its default tta.Compose([tta.HorizontalFlip(),
+    tta.Multiply(factors=[0.9, 1, 1.1])]): every (flip, factor) pair, inputs multiplied by
+    the factor (AUGMENTATION_FACTORS) and flipped left-right, each map post-processed as
+    without smoothing, flipped back where the input was (Multiply's de-augmentation is the
+    identity), and the 6 maps averaged (not normalised again). With classes None each
+    augmented image explains its own predicted class, as the library's forward does. The 6 N
+    images go through the model as one batch."""
+    variants = [factor * (inputs[:, :, ::-1] if flipped else inputs) for flipped in (False, True) for factor in AUGMENTATION_FACTORS]
+    count = len(variants)
+    repeated = None if classes is None else jnp.tile(classes, count)
+    maps = maps_of_inputs(jnp.concatenate(variants), repeated)
+    maps = maps.reshape(count, inputs.shape[0], *maps.shape[1:])
+    flipped = count // 2  # the second half, HorizontalFlip's True
+    maps = jnp.concatenate([maps[:flipped], maps[flipped:, :, :, ::-1]])
+    return jnp.mean(maps, axis=0)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "layer", "method", "score", "eigen_smooth", "aug_smooth", "relu", "normalize", "upsample_to_input")
+)
+def _gradcam(model, variables, images, targets, key=None, *, layer, method, score="logit", eigen_smooth=False, aug_smooth=False,
+             relu, normalize, upsample_to_input):  # fmt: skip
+    options = dict(layer=layer, method=method, score=score, eigen_smooth=eigen_smooth, relu=relu, normalize=normalize,
+                   upsample_to_input=upsample_to_input)  # fmt: skip
+
+    def maps_of_inputs(inputs, classes):
+        return _post_processed_maps(model, variables, inputs, classes, key, images.shape[1:3], **options)
+
+    inputs = normalize_images(images)
+    return augmentation_smoothed(maps_of_inputs, inputs, targets) if aug_smooth else maps_of_inputs(inputs, targets)
 
 
 def gradcam(
@@ -287,6 +228,11 @@ def gradcam(
     relu: bool = True,
     normalize: bool = True,
     upsample: bool = True,
+    *,
+    score="logit",
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """Class activation maps of `images` for `targets`, explained at stage `layer`.
 
@@ -311,12 +257,25 @@ def gradcam(
         an int (one class for all images) or ints[N].
       layer: one of `model.STAGES`; the map explains that stage's output (its
         residual add included).
-      method: one of `METHODS`: "gradcam", "gradcam++", "hirescam", "xgradcam",
-        "layercam".
+      method: one of `ALL_METHODS` (formulas and their pytorch-grad-cam sources in
+        `jaxres.cam_methods`): "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam",
+        "gradcam_elementwise", "eigengradcam", "shapleycam" (gradient-based), "eigencam",
+        "scorecam", "ablationcam", "fem", "randomcam" (gradient-free; scorecam and
+        ablationcam run N K forward passes, batched on the device).
       relu: whether to apply the final ReLU (as all the papers do).
       normalize: whether to min-max normalise each map to [0, 1], after upsampling
         as the course library does; a flat map gives zeros.
       upsample: whether to resize the maps bilinearly to H x W (see `upsample`).
+      score: what is explained (`cam_methods.target_scores`): "logit" (the class's
+        pre-softmax logit), "softmax" (its probability), "binary" (a model with one output:
+        +output for class 1, -output for class 0), "rest", or a function (logits
+        float32[N, C], classes int32[N]) -> float32[N] (regression, custom targets).
+      eigen_smooth: the first principal component of the weighted activations instead of
+        their channel sum (pytorch-grad-cam's eigen_smooth), for the methods of
+        `cam_methods.EIGEN_SMOOTH_METHODS`.
+      aug_smooth: the mean of the maps of the flipped x (0.9, 1.0, 1.1)-scaled inputs, each
+        de-augmented (`augmentation_smoothed`; pytorch-grad-cam's aug_smooth).
+      key: a PRNG key, for "randomcam" (its random channel weights) and only there.
 
     Returns:
       float32[N, H, W] maps on the device, or float32[N, h, w] at the layer's
@@ -327,7 +286,8 @@ def gradcam(
         small for the model (`models.check_image_size`), variables without the
         collections the model needs (params; batch_stats with BatchNorm), an unknown
         layer or method, or targets that are empty, not integers, not one per image,
-        or out of the model's class range.
+        or out of the model's class range; eigen_smooth with a method that has none;
+        randomcam without a key (or a key with another method); an unknown score.
 
     Against pytorch-grad-cam 1.5.7 on the same weights (`jaxres.convert`, its
     `target_layers=[model.<layer>]`, `ClassifierOutputTarget`), the normalised maps of
@@ -351,18 +311,31 @@ def gradcam(
       channel's maximum is tied (e.g. a dead channel, all zeros after the ReLU).
     """
     _check_layer(model, layer)
-    _check_method(method)
+    _check_method(method, eigen_smooth)
     check_images(images)
     check_variables(model, variables)
     _check_map_size(model, np.shape(images)[1:3], layer, normalize)
-    targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
+    if (method == "randomcam") != (key is not None):
+        raise JaxresError("randomcam needs key=jax.random.key(seed)" if key is None else f"key is for randomcam only, not {method}")
+    if not callable(score) and score not in SCORES:
+        raise JaxresError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}, or pass a function (logits, classes) -> scores")
+    if score == "binary":
+        if model.num_classes != 1:
+            raise JaxresError(f"score 'binary' needs a model with one output, {type(model).__name__} has {model.num_classes}")
+        targets = prepare_targets(1 if targets is None else targets, np.shape(images)[0], 2)  # the positive class by default
+    else:
+        targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
     return _gradcam(
         model,
         variables,
         images,
         targets,
+        key,
         layer=layer,
         method=method,
+        score=score,
+        eigen_smooth=bool(eigen_smooth),
+        aug_smooth=bool(aug_smooth),
         relu=bool(relu),
         normalize=bool(normalize),
         upsample_to_input=bool(upsample),
@@ -495,7 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(at most {MAX_FIGURE_IMAGES}): --skip {MAX_FIGURE_IMAGES} shows the next page (default: 0)",
     )  # fmt: skip
     parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
-    parser.add_argument("--method", choices=METHODS, default="gradcam", help="CAM method (default: gradcam)")
+    parser.add_argument("--method", choices=ALL_METHODS, default="gradcam", help="CAM method (default: gradcam)")
+    parser.add_argument("--score", choices=SCORES, default="logit", help="what is explained: the class's logit, its softmax "
+                        "probability, a one-output model's binary output, or ReST (default: logit)")  # fmt: skip
+    parser.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations instead of their sum")
+    parser.add_argument("--aug-smooth", action="store_true", help="average the maps of flipped and 0.9/1.0/1.1-scaled inputs")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of randomcam's weights (default: 0)")
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
     parser.add_argument("--out", default="cams.png", help="the image to write; its suffix (.png, .pdf, .svg, ...) sets the format (default: cams.png)")
@@ -579,9 +557,12 @@ def run(args: argparse.Namespace) -> str:
         predictions = all_predictions[indices]
     chosen, truths = images[indices], labels[indices]
     targets = predictions if args.target == "predicted" else truths
+    options = dict(method=args.method, score=args.score, eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth)
+    if args.method == "randomcam":
+        options["key"] = jax.random.key(args.seed)
     cams = np.concatenate(
         [
-            np.asarray(gradcam(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size], layer=layer, method=args.method))
+            np.asarray(gradcam(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size], layer=layer, **options))
             for i in range(0, len(chosen), args.batch_size)
         ]
     )

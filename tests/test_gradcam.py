@@ -216,8 +216,8 @@ def test_targets(model, variables, images, layer3_and_logits):
 def test_bad_layer_method_and_images(model, variables, images):
     with pytest.raises(JaxresError, match="unknown layer 'layer4'.*prep, layer1, layer2, layer3"):
         gradcam(model, variables, images, layer="layer4")
-    with pytest.raises(JaxresError, match="unknown CAM method 'scorecam'.*gradcam, gradcam\\+\\+, hirescam, xgradcam, layercam"):
-        gradcam(model, variables, images, method="scorecam")
+    with pytest.raises(JaxresError, match="unknown CAM method 'gradcam\\+'.*gradcam, gradcam\\+\\+, hirescam, xgradcam, layercam, .*, randomcam"):
+        gradcam(model, variables, images, method="gradcam+")
     with pytest.raises(JaxresError, match=r"\[N, H, W, 3\].*\(32, 32, 3\)"):
         gradcam(model, variables, images[0])
     with pytest.raises(JaxresError, match=r"\(6, 3, 32, 32\)"):
@@ -539,7 +539,10 @@ def test_cli_argument_parsing():
         parser.parse_args(["--workdir", "RUN", "--misclassified", "3", "--indices", "1"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
-        parser.parse_args(["--workdir", "RUN", "--method", "scorecam"])
+        parser.parse_args(["--workdir", "RUN", "--method", "gradcam+"])
+    for method in cam_lib.ALL_METHODS:  # every method, option and score kind
+        args = parser.parse_args(["--workdir", "RUN", "--method", method, "--score", "softmax", "--eigen-smooth", "--aug-smooth"])
+        assert (args.method, args.score, args.eigen_smooth, args.aug_smooth, args.seed) == (method, "softmax", True, True, 0)
     assert "--misclassified K" in parser.format_help()
 
 
