@@ -25,16 +25,20 @@ import numpy as np
 
 from jaxres.errors import JaxresError
 
-GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "shapleycam")
+GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "segeigencam",
+                    "shapleycam", "finercam")  # fmt: skip
 GRADIENT_FREE_METHODS = ("eigencam", "scorecam", "ablationcam", "fem", "randomcam")
 ALL_METHODS = GRADIENT_METHODS + GRADIENT_FREE_METHODS
 # Methods whose map is a function of A and dS/dA alone (`cam_from_activation`).
-ACTIVATION_GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "eigencam", "fem")
+ACTIVATION_GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "segeigencam",
+                               "eigencam", "fem")  # fmt: skip
 # Where pytorch-grad-cam 1.5.7 honours eigen_smooth: BaseCAM.get_cam_image (the methods that
 # give channel weights) and the overrides of hirescam.py, layer_cam.py, grad_cam_elementwise.py.
-# eigen_cam.py, eigen_grad_cam.py and fem.py override get_cam_image and ignore it.
-EIGEN_SMOOTH_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "shapleycam", "scorecam", "ablationcam", "randomcam")
-SCORES = ("logit", "softmax", "binary", "rest")
+# eigen_cam.py, eigen_grad_cam.py, seg_eigen_cam.py and fem.py override get_cam_image and
+# ignore it; FinerCAM passes it on to its base method (GradCAM).
+EIGEN_SMOOTH_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "shapleycam", "finercam",
+                        "scorecam", "ablationcam", "randomcam")  # fmt: skip
+SCORES = ("logit", "softmax", "binary", "rest", "finer")
 
 # The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
 # (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
@@ -46,6 +50,9 @@ ABLATIONCAM_BATCH_SIZE = 32  # ablation_cam.py: batch_size: int = 32 (ablated ch
 ABLATION_VALUE = 1e7  # ablation_layer.py: ABLATION_VALUE = 1e7, when the activations' minimum is not 0
 FEM_K = 2  # fem.py: k=2, the k-sigma threshold mean + k std
 SHAPLEY_HESSIAN_FACTOR = 0.5  # shapley_cam.py: weight = grads - 0.5 * hvp
+FINER_ALPHA = 1.0  # finer_cam.py FinerCAM.forward: alpha: float = 1
+FINER_COMPARISON_CATEGORIES = (1, 2, 3)  # finer_cam.py: comparison_categories = [1, 2, 3], ranks by similarity
+FINER_EPSILON = 1e-9  # utils/model_targets.py FinerWeightedTarget: numerator / (denominator + 1e-9)
 
 
 # --------------------------------------------------------------------------- targets
@@ -60,6 +67,10 @@ def target_scores(logits: jax.Array, classes: jax.Array, score="logit") -> jax.A
                      output                       (BinaryClassifierOutputTarget: output * sign)
            "rest"    logits[n, c] - cross_entropy(logits[n], c) = 2 logits[n, c] - logsumexp
                                                   (ClassifierOutputReST, one image at a time)
+           "finer"   sum_j p_j (z_c - alpha z_j) / (sum_j p_j + eps) over the classes j ranked
+                     1, 2, 3 by |z_j - z_c| (the most similar to c), p = softmax(z), alpha =
+                     FINER_ALPHA, eps = FINER_EPSILON (FinerWeightedTarget, as finer_cam.py
+                     builds it; c itself is rank 0 unless another logit ties with it)
            or a function (logits float32[N, C], classes int32[N]) -> float32[N]: a regression
            output, a margin, any custom target (hashable: a module-level function, not a
            new lambda per call, or every call compiles again).
@@ -78,6 +89,11 @@ def target_scores(logits: jax.Array, classes: jax.Array, score="logit") -> jax.A
         return jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), classes[:, None], axis=-1)[:, 0]
     if score == "rest":
         return 2 * chosen - jax.nn.logsumexp(logits, axis=-1)
+    if score == "finer":
+        similar = jnp.argsort(jnp.abs(logits - chosen[:, None]), axis=-1)[:, jnp.asarray(FINER_COMPARISON_CATEGORIES)]
+        weights = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), similar, axis=-1)
+        differences = chosen[:, None] - FINER_ALPHA * jnp.take_along_axis(logits, similar, axis=-1)
+        return jnp.sum(weights * differences, axis=-1) / (jnp.sum(weights, axis=-1) + FINER_EPSILON)
     raise JaxresError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}, or pass a function (logits, classes) -> scores")
 
 
@@ -223,6 +239,9 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
     layercam  (Jiang et al. 2021):      cam = sum_k ReLU(G_k) * A_k
     gradcam_elementwise:                cam = sum_k ReLU(G_k * A_k)  (grad_cam_elementwise.py)
     eigengradcam: the first principal component of G * A            (eigen_grad_cam.py)
+    segeigencam (Chung & Ying 2025): the first principal component of |G| * A, negated
+              where its |min| > |max| (seg_eigen_cam.py,
+              get_2d_projection_with_sign_correction): its sign is defined
     eigencam  (Muhammad & Yeasin 2020): the first principal component of A  (eigen_cam.py)
     fem       (Fuad et al. 2020):       w_k = mean_ij [A_kij > mean_ij A_k + k std_ij A_k],
                                         k = FEM_K = 2, std the population one (np.std);
@@ -262,6 +281,10 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
         return _combine(jax.nn.relu(gradient * activation), eigen_smooth)
     if method == "eigengradcam":
         return principal_component_projection(gradient * activation)
+    if method == "segeigencam":
+        projection = principal_component_projection(jnp.abs(gradient) * activation)
+        flip = jnp.abs(jnp.min(projection, axis=(1, 2), keepdims=True)) > jnp.abs(jnp.max(projection, axis=(1, 2), keepdims=True))
+        return jnp.where(flip, -projection, projection)
     if method == "eigencam":
         return principal_component_projection(activation)
     threshold = jnp.mean(activation, axis=spatial, keepdims=True) + FEM_K * jnp.std(activation, axis=spatial, keepdims=True)
@@ -416,6 +439,8 @@ def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: 
         else:
             weights = ablationcam_weights(forward, activation, logits, classes, score)
         return cam_from_weights(activation, weights, eigen_smooth)
+    if method == "finercam":  # finer_cam.py: FinerCAM = its base method, GradCAM, with FinerWeightedTarget
+        method, score = "gradcam", "finer"
     _, classes, activation, gradient = stage_activation_and_gradient(model, variables, inputs, classes, layer, score)
     if method != "shapleycam":
         return cam_from_activation(activation, gradient, method, eigen_smooth)

@@ -259,7 +259,8 @@ def gradcam(
         residual add included).
       method: one of `ALL_METHODS` (formulas and their pytorch-grad-cam sources in
         `jaxres.cam_methods`): "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam",
-        "gradcam_elementwise", "eigengradcam", "shapleycam" (gradient-based), "eigencam",
+        "gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam"
+        (gradient-based), "eigencam",
         "scorecam", "ablationcam", "fem", "randomcam" (gradient-free; scorecam and
         ablationcam run N K forward passes, batched on the device).
       relu: whether to apply the final ReLU (as all the papers do).
@@ -268,7 +269,7 @@ def gradcam(
       upsample: whether to resize the maps bilinearly to H x W (see `upsample`).
       score: what is explained (`cam_methods.target_scores`): "logit" (the class's
         pre-softmax logit), "softmax" (its probability), "binary" (a model with one output:
-        +output for class 1, -output for class 0), "rest", or a function (logits
+        +output for class 1, -output for class 0), "rest", "finer" (FinerCAM's target), or a function (logits
         float32[N, C], classes int32[N]) -> float32[N] (regression, custom targets).
       eigen_smooth: the first principal component of the weighted activations instead of
         their channel sum (pytorch-grad-cam's eigen_smooth), for the methods of
@@ -319,6 +320,10 @@ def gradcam(
         raise JaxresError("randomcam needs key=jax.random.key(seed)" if key is None else f"key is for randomcam only, not {method}")
     if not callable(score) and score not in SCORES:
         raise JaxresError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}, or pass a function (logits, classes) -> scores")
+    if method == "finercam" and score != "logit":
+        raise JaxresError(f"finercam is gradcam with score 'finer'; it takes no other score (got {score!r})")
+    if (score == "finer" or method == "finercam") and model.num_classes < 1 + max(cam_methods.FINER_COMPARISON_CATEGORIES):
+        raise JaxresError(f"score 'finer' compares each class with the 3 most similar ones: it needs 4 classes or more, the model has {model.num_classes}")
     if score == "binary":
         if model.num_classes != 1:
             raise JaxresError(f"score 'binary' needs a model with one output, {type(model).__name__} has {model.num_classes}")

@@ -173,6 +173,30 @@ def test_gradcam_elementwise_and_fem_match_numpy(passes, layer):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=sum_bound(activation))
 
 
+def test_segeigencam_matches_numpy_with_its_sign(passes):
+    """seg_eigen_cam.py: get_2d_projection_with_sign_correction(|grads| * activations)."""
+    _, activation, gradient = passes["layer2"]
+    weighted = np.abs(gradient) * activation
+    expected, ratio, top = get_2d_projection(weighted)
+    flip = np.abs(expected.min(axis=(1, 2))) > np.abs(expected.max(axis=(1, 2)))
+    expected = np.where(flip[:, None, None], -expected, expected)
+    atol = (weighted.shape[2] * weighted.shape[3] + weighted.shape[1]) * EPS * top * (1 + ratio)
+    margin = np.abs(np.abs(expected.min(axis=(1, 2))) - np.abs(expected.max(axis=(1, 2))))
+    assert ratio < 50 and np.all(margin > 2 * atol), "the sign correction would be decided by rounding"
+    got = cam_methods.cam_from_activation(nhwc(activation), nhwc(gradient), "segeigencam")
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=atol)
+
+
+def test_finercam_is_gradcam_with_the_finer_target(model, variables, images):
+    finer = gradcam(model, variables, images, TARGETS, method="finercam", normalize=False, upsample=False)
+    same = gradcam(model, variables, images, TARGETS, method="gradcam", score="finer", normalize=False, upsample=False)
+    plain = gradcam(model, variables, images, TARGETS, method="gradcam", normalize=False, upsample=False)
+    np.testing.assert_array_equal(np.asarray(finer), np.asarray(same))
+    assert np.abs(np.asarray(finer) - np.asarray(plain)).max() > 0
+    with pytest.raises(JaxresError, match="finercam is gradcam with score 'finer'"):
+        gradcam(model, variables, images, method="finercam", score="softmax")
+
+
 def test_eigencam_and_eigengradcam_match_numpy_up_to_sign(passes):
     _, activation, gradient = passes["layer2"]
     assert_projection_close(cam_methods.cam_from_activation(nhwc(activation), nhwc(gradient), "eigencam"), activation)
@@ -194,7 +218,7 @@ def test_eigen_smooth_is_the_projection_of_the_weighted_activations(passes, meth
 
 
 def test_eigen_smooth_refused_where_the_library_ignores_it(model, variables, images):
-    for method in ("eigencam", "eigengradcam", "fem"):
+    for method in ("eigencam", "eigengradcam", "segeigencam", "fem"):
         with pytest.raises(JaxresError, match=f"eigen_smooth does not apply to {method}"):
             gradcam(model, variables, images, method=method, eigen_smooth=True)
 
@@ -212,6 +236,20 @@ def regression_score(logits, classes):
     return jnp.sum(logits[:, :3], axis=-1) - logits[:, 5]
 
 
+def finer_weighted_target(logits, classes, alpha=1, comparison_categories=(1, 2, 3)):
+    """finer_cam.py FinerCAM.forward's targets (target_idx = the class) and
+    utils/model_targets.py FinerWeightedTarget, one image at a time."""
+    scores = []
+    for output, target in zip(logits, classes):
+        sorted_indices = np.argsort(np.abs(output - output[target]))
+        main, compared = sorted_indices[0], [sorted_indices[i] for i in comparison_categories]
+        prob = softmax(output[None])[0]
+        weights = [prob[i] for i in compared]
+        numerator = sum(w * (output[main] - alpha * output[i]) for w, i in zip(weights, compared))
+        scores.append(numerator / (sum(weights) + 1e-9))
+    return np.array(scores)
+
+
 def test_target_scores_match_model_targets():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 10))
@@ -225,6 +263,7 @@ def test_target_scores_match_model_targets():
         "rest": logits[rows, classes] - (log_sum - logits[rows, classes]),  # ClassifierOutputReST: logit - cross_entropy
         "binary": np.where(classes == 1, 1, -1) * logits[:, 0],  # BinaryClassifierOutputTarget
         regression_score: logits[:, :3].sum(-1) - logits[:, 5],
+        "finer": finer_weighted_target(logits, classes),
     }
     for score, want in expected.items():
         got = cam_methods.target_scores(jnp.asarray(logits, jnp.float32), jnp.asarray(classes), score)
@@ -397,7 +436,7 @@ def test_aug_smooth_is_the_mean_of_the_deaugmented_maps(model, variables, images
 # --------------------------------------------------------------------------- batched, jit, grad
 
 
-NEW_METHODS = ("gradcam_elementwise", "eigengradcam", "shapleycam", "eigencam", "scorecam", "ablationcam", "fem")
+NEW_METHODS = ("gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam", "eigencam", "scorecam", "ablationcam", "fem")
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
