@@ -238,8 +238,10 @@ def gradcam(
 
     One forward pass in inference mode (BatchNorm uses its running statistics) reads
     the stage's output A and the logits; one backward pass gives dS/dA, the gradient
-    of each image's target class score S, its pre-softmax logit. `method` turns A and
-    dS/dA into a map (formulas in `cam_from_activation`), which is then optionally
+    of each image's score S (by default its target class's pre-softmax logit; `score`).
+    `method` turns A and dS/dA into a map (formulas in `jaxres.cam_methods`; the
+    gradient-free methods skip the backward pass, scorecam and ablationcam add N K
+    forward passes), which is then optionally
     ReLU'd, resized to the input and min-max normalised. The computation is jitted and
     cached per (model, layer, method, flags), and usable under `jax.jit`, `jax.vmap`
     and `jax.grad` (with respect to the images).

@@ -601,6 +601,18 @@ def test_cli_skip_pages_through_the_misclassified_images(tmp_path, fake_run, mon
         cam_lib.run(cam_lib.build_parser().parse_args(["--workdir", "RUN", "--skip", "6", "--out", str(tmp_path / "x.png")]))
 
 
+def test_cli_takes_the_methods_options_and_scores_of_cam_methods(tmp_path, fake_run, capsys):
+    """Three of jaxres.cam_methods' kinds (many forward passes with aug_smooth and a softmax
+    score, a keyed method, eigen_smooth) through the command line, and a refused combination."""
+    out = str(tmp_path / "cams.png")
+    for argv in (["--method", "scorecam", "--score", "softmax", "--aug-smooth"], ["--method", "randomcam", "--seed", "3"],
+                 ["--method", "layercam", "--eigen-smooth"]):  # fmt: skip
+        assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "1", "--out", out, *argv]) == 0
+    capsys.readouterr()
+    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "--out", out, "--method", "fem", "--eigen-smooth"]) == 2
+    assert capsys.readouterr().err.startswith("error: eigen_smooth does not apply to fem (pytorch-grad-cam ignores it there")
+
+
 def test_images_above_255_warn_like_the_unit_range(model, variables, images):
     for sixteen_bit in (np.asarray(images, np.uint16) * 257, np.asarray(images, np.int16) * 100, np.asarray(images, np.float32) * 257):
         with pytest.warns(UserWarning, match=r"images with values above 255 \(the largest is .*\): jaxres expects pixel values in \[0, 255\]"):
