@@ -10,7 +10,7 @@ NumPy arrays one image at a time, these functions on NHWC device arrays, a batch
 Groups:
   gradient-based  gradcam, gradcam++, hirescam, xgradcam, layercam, gradcam_elementwise,
                   eigengradcam, shapleycam
-  gradient-free   eigencam, scorecam, ablationcam, fem, randomcam (a sanity baseline)
+  gradient-free   eigencam, kpca_cam, scorecam, ablationcam, fem, randomcam (a sanity baseline)
   targets         what is explained: a class logit, its softmax probability, a binary
                   output, ReST, or any function (logits, classes) -> one score per image
 """
@@ -27,14 +27,14 @@ from jaxres.errors import JaxresError
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "segeigencam",
                     "shapleycam", "finercam")  # fmt: skip
-GRADIENT_FREE_METHODS = ("eigencam", "scorecam", "ablationcam", "fem", "randomcam")
+GRADIENT_FREE_METHODS = ("eigencam", "kpca_cam", "scorecam", "ablationcam", "fem", "randomcam")
 ALL_METHODS = GRADIENT_METHODS + GRADIENT_FREE_METHODS
 # Methods whose map is a function of A and dS/dA alone (`cam_from_activation`).
 ACTIVATION_GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "segeigencam",
-                               "eigencam", "fem")  # fmt: skip
+                               "eigencam", "kpca_cam", "fem")  # fmt: skip
 # Where pytorch-grad-cam 1.5.7 honours eigen_smooth: BaseCAM.get_cam_image (the methods that
 # give channel weights) and the overrides of hirescam.py, layer_cam.py, grad_cam_elementwise.py.
-# eigen_cam.py, eigen_grad_cam.py, seg_eigen_cam.py and fem.py override get_cam_image and
+# eigen_cam.py, eigen_grad_cam.py, seg_eigen_cam.py, kpca_cam.py and fem.py override get_cam_image and
 # ignore it; FinerCAM passes it on to its base method (GradCAM).
 EIGEN_SMOOTH_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "shapleycam", "finercam",
                         "scorecam", "ablationcam", "randomcam")  # fmt: skip
@@ -50,6 +50,7 @@ ABLATIONCAM_BATCH_SIZE = 32  # ablation_cam.py: batch_size: int = 32 (ablated ch
 ABLATION_VALUE = 1e7  # ablation_layer.py: ABLATION_VALUE = 1e7, when the activations' minimum is not 0
 FEM_K = 2  # fem.py: k=2, the k-sigma threshold mean + k std
 SHAPLEY_HESSIAN_FACTOR = 0.5  # shapley_cam.py: weight = grads - 0.5 * hvp
+KPCA_COEF0 = 1.0  # kpca_cam.py: KernelPCA(kernel='sigmoid', gamma=None), sklearn's coef0=1 and gamma 1 / n_features
 FINER_ALPHA = 1.0  # finer_cam.py FinerCAM.forward: alpha: float = 1
 FINER_COMPARISON_CATEGORIES = (1, 2, 3)  # finer_cam.py: comparison_categories = [1, 2, 3], ranks by similarity
 FINER_EPSILON = 1e-9  # utils/model_targets.py FinerWeightedTarget: numerator / (denominator + 1e-9)
@@ -186,6 +187,30 @@ def principal_component_projection(maps: jax.Array) -> jax.Array:
     return jnp.einsum("npk,nk->np", rows, jax.vmap(first_right_singular_vector)(rows)).reshape(count, height, width)
 
 
+def kernel_principal_component_projection(maps: jax.Array) -> jax.Array:
+    """Each image's positions on the first component of a kernel PCA of its centred maps.
+    float[N, h, w, K] -> float32[N, h, w].
+
+    As utils/svd_on_activations.py's get_2d_projection_kernel with kpca_cam.py's defaults
+    (sklearn's KernelPCA(n_components=1, kernel='sigmoid', gamma=None).fit_transform), in
+    JAX: NaN -> 0; X = the h*w x K matrix minus its mean over the positions; the sigmoid
+    kernel G = tanh(X X^T / K + KPCA_COEF0) (gamma None is 1 / n_features); G centred as
+    sklearn's KernelCenterer (minus row and column means, plus the overall mean); its top
+    eigenvector u (eigh, the dense solver sklearn uses for so few samples) times
+    sqrt(max(lambda, 0)). The sign is the eigensolver's (sklearn's svd_flip makes the
+    largest |entry| positive in some versions): compare up to sign.
+    """
+    maps = jnp.where(jnp.isnan(maps), 0.0, maps).astype(jnp.float32)
+    count, height, width, channels = maps.shape
+    rows = maps.reshape(count, height * width, channels)
+    rows = rows - jnp.mean(rows, axis=1, keepdims=True)
+    gram = jnp.tanh(jnp.einsum("npk,nqk->npq", rows, rows) / channels + KPCA_COEF0)
+    gram = gram - jnp.mean(gram, axis=1, keepdims=True) - jnp.mean(gram, axis=2, keepdims=True) + jnp.mean(gram, axis=(1, 2), keepdims=True)
+    values, vectors = jnp.linalg.eigh(gram)
+    projection = vectors[:, :, -1] * jnp.sqrt(jnp.maximum(values[:, -1:], 0.0))
+    return projection.reshape(count, height, width)
+
+
 @jax.custom_jvp
 def first_right_singular_vector(rows: jax.Array) -> jax.Array:
     """VT[0] of the thin SVD of rows float32[m, K] -> float32[K] (the top eigenvector of
@@ -243,6 +268,8 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
               where its |min| > |max| (seg_eigen_cam.py,
               get_2d_projection_with_sign_correction): its sign is defined
     eigencam  (Muhammad & Yeasin 2020): the first principal component of A  (eigen_cam.py)
+    kpca_cam  (Karmani et al. 2024): the first kernel principal component of A
+              (`kernel_principal_component_projection`; kpca_cam.py)
     fem       (Fuad et al. 2020):       w_k = mean_ij [A_kij > mean_ij A_k + k std_ij A_k],
                                         k = FEM_K = 2, std the population one (np.std);
                                         cam = sum_k w_k A_k          (fem.py)
@@ -287,6 +314,8 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
         return jnp.where(flip, -projection, projection)
     if method == "eigencam":
         return principal_component_projection(activation)
+    if method == "kpca_cam":
+        return kernel_principal_component_projection(activation)
     threshold = jnp.mean(activation, axis=spatial, keepdims=True) + FEM_K * jnp.std(activation, axis=spatial, keepdims=True)
     return cam_from_weights(activation, jnp.mean(activation > threshold, axis=spatial).astype(activation.dtype))  # fem
 
@@ -430,7 +459,7 @@ def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: 
         activation = activation.astype(jnp.float32)
         if classes is None:
             classes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if method in ("eigencam", "fem"):
+        if method in ("eigencam", "kpca_cam", "fem"):
             return cam_from_activation(activation, activation, method)
         if method == "randomcam":  # random_cam.py: np.random.uniform(-1, 1, size=(N, K))
             weights = jax.random.uniform(key, activation.shape[:1] + activation.shape[-1:], jnp.float32, -1.0, 1.0)

@@ -262,9 +262,9 @@ def gradcam(
       method: one of `ALL_METHODS` (formulas and their pytorch-grad-cam sources in
         `jaxres.cam_methods`): "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam",
         "gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam"
-        (gradient-based), "eigencam",
-        "scorecam", "ablationcam", "fem", "randomcam" (gradient-free; scorecam and
-        ablationcam run N K forward passes, batched on the device).
+        (gradient-based), "eigencam", "kpca_cam", "scorecam", "ablationcam", "fem",
+        "randomcam" (gradient-free; scorecam and ablationcam run N K forward passes,
+        batched on the device).
       relu: whether to apply the final ReLU (as all the papers do).
       normalize: whether to min-max normalise each map to [0, 1], after upsampling
         as the course library does; a flat map gives zeros.

@@ -197,6 +197,51 @@ def test_finercam_is_gradcam_with_the_finer_target(model, variables, images):
         gradcam(model, variables, images, method="finercam", score="softmax")
 
 
+def kernel_pca_projection(activation_batch):
+    """utils/svd_on_activations.py get_2d_projection_kernel(kernel='sigmoid', gamma=None), with
+    sklearn's KernelPCA(n_components=1).fit_transform written out from its source:
+    sigmoid_kernel (gamma 1 / n_features, coef0 1), KernelCenterer, the dense eigensolver,
+    eigenvector * sqrt(eigenvalue). Also returns max lambda1 / (lambda1 - lambda2), max lambda1."""
+    projections, ratios, tops = [], [], []
+    for activations in activation_batch:
+        reshaped = activations.reshape(activations.shape[0], -1).transpose()
+        reshaped = reshaped - reshaped.mean(axis=0)
+        kernel = np.tanh(reshaped @ reshaped.T / reshaped.shape[1] + 1)
+        centred = kernel - kernel.mean(axis=0)[None, :] - kernel.mean(axis=1)[:, None] + kernel.mean()
+        values, vectors = np.linalg.eigh(centred)
+        projections.append((vectors[:, -1] * np.sqrt(max(values[-1], 0))).reshape(activations.shape[1:]))
+        ratios.append(values[-1] / (values[-1] - values[-2]))
+        tops.append(values[-1])
+    return np.array(projections), max(ratios), max(tops)
+
+
+def test_kpca_cam_matches_numpy_up_to_sign(passes):
+    _, activation, gradient = passes["layer2"]
+    expected, ratio, top = kernel_pca_projection(activation)
+    assert ratio < 50, "first eigenvalue nearly repeated: the comparison would be vacuous"
+    got = np.asarray(cam_methods.cam_from_activation(nhwc(activation), nhwc(gradient), "kpca_cam"), np.float64)
+    got = got * np.sign(np.sum(got * expected, axis=(1, 2)))[:, None, None]
+    positions, channels = np.prod(activation.shape[2:]), activation.shape[1]
+    # the kernel's entries: sums of K products; eigh's backward error ~ P eps ||G||; the
+    # eigenvector moves by that over the gap, and is scaled by sqrt(lambda1)
+    atol = (positions + channels) * EPS * np.sqrt(top) * (1 + ratio)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+
+
+def test_kernel_pca_reference_is_sklearns(passes):
+    """The reference above against sklearn itself, where it is installed (not in the project's venv)."""
+    sklearn = pytest.importorskip("sklearn.decomposition")
+    _, activation, _ = passes["layer2"]
+    expected, ratio, top = kernel_pca_projection(activation)
+    positions, channels = np.prod(activation.shape[2:]), activation.shape[1]
+    atol = (positions + channels) * EPS * np.sqrt(top) * (1 + ratio)
+    for n, activations in enumerate(activation):
+        reshaped = activations.reshape(channels, -1).T
+        fitted = sklearn.KernelPCA(n_components=1, kernel="sigmoid", gamma=None).fit_transform(reshaped - reshaped.mean(0))
+        fitted = fitted[:, 0].reshape(expected.shape[1:])
+        np.testing.assert_allclose(fitted * np.sign(np.sum(fitted * expected[n])), expected[n], rtol=0, atol=atol)
+
+
 def test_eigencam_and_eigengradcam_match_numpy_up_to_sign(passes):
     _, activation, gradient = passes["layer2"]
     assert_projection_close(cam_methods.cam_from_activation(nhwc(activation), nhwc(gradient), "eigencam"), activation)
@@ -218,7 +263,7 @@ def test_eigen_smooth_is_the_projection_of_the_weighted_activations(passes, meth
 
 
 def test_eigen_smooth_refused_where_the_library_ignores_it(model, variables, images):
-    for method in ("eigencam", "eigengradcam", "segeigencam", "fem"):
+    for method in ("eigencam", "eigengradcam", "segeigencam", "kpca_cam", "fem"):
         with pytest.raises(JaxresError, match=f"eigen_smooth does not apply to {method}"):
             gradcam(model, variables, images, method=method, eigen_smooth=True)
 
@@ -436,7 +481,7 @@ def test_aug_smooth_is_the_mean_of_the_deaugmented_maps(model, variables, images
 # --------------------------------------------------------------------------- batched, jit, grad
 
 
-NEW_METHODS = ("gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam", "eigencam", "scorecam", "ablationcam", "fem")
+NEW_METHODS = ("gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam", "eigencam", "kpca_cam", "scorecam", "ablationcam", "fem")
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
@@ -451,7 +496,7 @@ def test_batch_equals_per_image_under_jit(model, variables, images, method):
     np.testing.assert_allclose(per_image, together, rtol=0, atol=1e-5 * np.abs(together).max())
 
 
-@pytest.mark.parametrize("method", ["eigencam", "scorecam", "ablationcam", "shapleycam"])
+@pytest.mark.parametrize("method", ["eigencam", "kpca_cam", "scorecam", "ablationcam", "shapleycam"])
 def test_differentiable_with_respect_to_images(model, variables, images, method):
     weights = jnp.asarray(np.random.default_rng(1).random((2, 32, 32)), jnp.float32)
     loss = lambda x: jnp.sum(gradcam(model, variables, x, layer="layer2", method=method, score="softmax") * weights)  # noqa: E731
