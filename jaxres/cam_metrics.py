@@ -5,6 +5,7 @@
     pointing_game_baseline(split.masks)              # what a uniform map scores
     deletion_insertion(model, variables, split.images, cams).deletion   # AUCs, float32[N]
     confidence_change(model, variables, split.images, cams)            # float32[N]
+    drop_in_confidence(...), increase_in_confidence(...)   # pytorch-grad-cam's two summaries of it
 
 Localisation needs object masks (the synthetic `shapes` source has them); faithfulness
 runs the model again on images with the map's pixels removed or kept. Each metric is a
@@ -283,3 +284,18 @@ def confidence_change(model, variables, images, cams, targets=None, score: str =
     _check_faithfulness_inputs(model, images, cams, score)
     targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
     return _confidence_change(model, variables, images, cams, targets, score=score)
+
+
+def drop_in_confidence(model, variables, images, cams, targets=None, score: str = "probability") -> jax.Array:
+    """max(0, -confidence_change): how much the score falls when the image is multiplied by
+    its map (pytorch-grad-cam 1.5.7 metrics/cam_mult_image.py DropInConfidence; lower is
+    better). Arguments as `confidence_change`. Returns float32[N], >= 0."""
+    return jnp.maximum(-confidence_change(model, variables, images, cams, targets, score), 0.0)
+
+
+def increase_in_confidence(model, variables, images, cams, targets=None, score: str = "probability") -> jax.Array:
+    """1 where the score rises when the image is multiplied by its map, else 0 (metrics/
+    cam_mult_image.py IncreaseInConfidence: np.float32(scores > 0); its mean over images is
+    the paper's "increase in confidence" rate). Arguments as `confidence_change`.
+    Returns float32[N] of 0 and 1."""
+    return (confidence_change(model, variables, images, cams, targets, score) > 0).astype(jnp.float32)

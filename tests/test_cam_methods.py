@@ -516,3 +516,17 @@ def test_first_right_singular_vector_derivative_is_the_svds_where_that_is_define
     atol = 17 * EPS * singular[0] ** 2 / np.min(singular[0] ** 2 - singular[1:] ** 2) * np.abs(np.asarray(reference)).max()
     np.testing.assert_allclose(np.asarray(derivative), np.asarray(reference), rtol=0, atol=atol)
     assert np.isclose(np.linalg.norm(np.asarray(vector)), 1.0, atol=1e-6)
+
+
+def test_drop_and_increase_in_confidence_as_cam_mult_image(model, variables, images):
+    """metrics/cam_mult_image.py: DropInConfidence = max(-change, 0), IncreaseInConfidence =
+    float32(change > 0), change = score(input * cam) - score(input) (`confidence_change`)."""
+    from jaxres.cam_metrics import confidence_change, drop_in_confidence, increase_in_confidence
+
+    cams = gradcam(model, variables, images)
+    flat = np.ones((len(images), 32, 32), np.float32) * np.array([0.2, 1.0, 1.0, 0.5], np.float32)[:, None, None]
+    for maps in (cams, flat):
+        change = np.asarray(confidence_change(model, variables, images, maps))
+        np.testing.assert_array_equal(np.asarray(drop_in_confidence(model, variables, images, maps)), np.maximum(-change, 0))
+        np.testing.assert_array_equal(np.asarray(increase_in_confidence(model, variables, images, maps)), np.float32(change > 0))
+    assert np.all(np.asarray(drop_in_confidence(model, variables, images, flat))[1:3] == 0)  # an all-ones map changes nothing
