@@ -54,9 +54,11 @@ TRAIN_IMAGES, TEST_IMAGES, NUM_CLASSES = 50_000, 10_000, 10
 GRADCAM_IMAGES = 256
 
 ONEDNN_TARGETS = frozenset(name + suffix for name in onednn.TARGETS.values() for suffix in ("", onednn.BF16_SUFFIX))
-# custom calls a CUDA module of jaxres may hold: none today (the random bits, sorting and
-# BatchNorm all lower to plain StableHLO); a new one is a decision, made here
-GPU_CUSTOM_CALLS = frozenset()
+# custom calls a CUDA module of jaxres may hold (the random bits, sorting and BatchNorm all
+# lower to plain StableHLO); a new one is a decision, made here. cuSOLVER's symmetric
+# eigendecomposition and Jacobi SVD: the principal components of the eigen CAM methods
+# (eigencam, eigengradcam, segeigencam) and kernel PCA (kpca_cam), which JAX lowers to them on CUDA
+GPU_CUSTOM_CALLS = frozenset({"cusolver_syevd_ffi", "cusolver_gesvdj_ffi"})
 ELEMENT_TYPES = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 NORM_SCOPE = re.compile(r"(?:^|/)(?:\w+_)?norm\d*/")  # norm, norm1, norm2, shortcut_norm
 
@@ -273,11 +275,14 @@ def test_evaluation_exports_for_cuda(model_name, precision_name, tta):
     assert counts["convolutions"] % views == 0 and counts["batch_norm_ops"] == 0  # inference: running averages
 
 
-@pytest.mark.parametrize("method", gradcam.METHODS)
+@pytest.mark.parametrize("method", gradcam.ALL_METHODS)
 def test_gradcam_exports_for_cuda(method):
     """Every CAM method at layer3 of the trained model (float32, as `load_for_inference` builds it)."""
     model = gpu_model(TrainConfig(precision="fp32"))
-    program = jax.jit(lambda variables, images: gradcam.gradcam(model, variables, images, layer="layer3", method=method))
+    options = {"key": jax.random.PRNGKey(0)} if method == "randomcam" else {}
+    program = jax.jit(
+        lambda variables, images: gradcam.gradcam(model, variables, images, layer="layer3", method=method, **options)
+    )
     arguments = (variable_structs(model), jax.ShapeDtypeStruct((GRADCAM_IMAGES, 32, 32, 3), jnp.uint8))
     check_exported(export_for_cuda(program, *arguments), "fp32", batch_norm_statistics=False)
 
