@@ -65,12 +65,13 @@ def whitening_sample(train_images: np.ndarray, count: int = WHITENING_IMAGES) ->
     therefore starts with exactly these images (benchmarks/README.md, the airbench94 row).
     """
     order = np.random.default_rng(WHITENING_SAMPLE_SEED).permutation(len(train_images))
-    return np.asarray(train_images)[order[:count]]
+    return np.asarray(train_images[order[:count]])  # gathered where they are (a device array too)
 
 
 def init_whitening(variables: dict, train_images: np.ndarray) -> dict:
     """`variables` of an `airbench94` model with the whitening kernel computed from
-    `whitening_sample(train_images)` (uint8[N, H, W, 3], normalised as training normalises)."""
+    `whitening_sample(train_images)` (uint8[N, H, W, 3], the run's training subset, NumPy or
+    on the device; normalised as training normalises)."""
     sample = np.asarray(augment.normalize(whitening_sample(train_images)))
     kernel = whitening_kernel(sample)
     params = dict(variables["params"])

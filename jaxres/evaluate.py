@@ -19,27 +19,17 @@ from jaxres import augment, data, models, optim, parallel, rundir
 from jaxres.config import TTA_MODES, TrainConfig
 
 
-def shift_images(inputs: jax.Array, dy: int, dx: int) -> jax.Array:
-    """Translate by (dy, dx) pixels, filling with zeros (the mean colour once normalised).
-
-    inputs: float[N, H, W, C] -> float[N, H, W, C].
+def shift_images(inputs: jax.Array, dy: int, dx: int, fill: str = "zeros") -> jax.Array:
+    """Translate by (dy, dx) pixels, filling with zeros (the mean colour once normalised) or,
+    with fill "reflect", the mirrored edge (torch's F.pad 'reflect', then a window:
+    airbench's TTA shifts). inputs: float[N, H, W, C] -> float[N, H, W, C].
     """
     if dy == 0 and dx == 0:
         return inputs
     height, width = inputs.shape[1:3]
     pad = max(abs(dy), abs(dx))
-    padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width, :]
-
-
-def reflect_shift_images(inputs: jax.Array, dy: int, dx: int) -> jax.Array:
-    """Translate by (dy, dx) pixels, filling with the mirrored edge (torch's F.pad 'reflect',
-    then a window: airbench's TTA shifts). inputs: float[N, H, W, C] -> float[N, H, W, C]."""
-    if dy == 0 and dx == 0:
-        return inputs
-    height, width = inputs.shape[1:3]
-    pad = max(abs(dy), abs(dx))
-    padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    mode = "reflect" if fill == "reflect" else "constant"
+    padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
     return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width, :]
 
 
@@ -67,7 +57,7 @@ def predict_logits(model, variables, inputs: jax.Array, tta: str = "none") -> ja
     if tta in TTA_WEIGHTS:
         total = 0.0
         for (dy, dx), weight in zip(TTA_SHIFTS[tta], TTA_WEIGHTS[tta]):
-            shifted = reflect_shift_images(inputs, dy, dx)
+            shifted = shift_images(inputs, dy, dx, fill="reflect")
             pair = model.apply(variables, shifted, train=False) + model.apply(variables, shifted[:, :, ::-1, :], train=False)
             total = total + (weight / 2) * pair
         return total

@@ -90,7 +90,7 @@ def metrics_row(result, schedule, steps_per_epoch: int, batch_size: int) -> dict
     """The row of metrics.jsonl (and of the printed table) for an epoch's result
     (`jaxres.train.EpochResult`); schedule: the run's LR schedule. `steps_per_epoch` is the
     run's full epoch; a fractional last epoch has fewer (`result.steps`)."""
-    steps = getattr(result, "steps", 0) or steps_per_epoch
+    steps = result.steps or steps_per_epoch
     return {
         "epoch": result.epoch,
         "lr": float(schedule((result.epoch - 1) * steps_per_epoch + steps - 1)),

@@ -285,7 +285,6 @@ class RunSetup:
     test_labels: jax.Array
     init_key: jax.Array  # the model's initialisation
     data_key: jax.Array  # shuffles and augmentations: epoch e uses fold_in(data_key, e)
-    train_indices: np.ndarray | None = None  # the training subset's positions in the dataset
 
 
 def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = None) -> RunSetup:
@@ -323,7 +322,6 @@ def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = 
         test_labels=parallel.replicate(mesh, dataset.test.labels.astype(np.int32)),
         init_key=init_key,
         data_key=data_key,
-        train_indices=train_indices,
     )
 
 
@@ -468,7 +466,7 @@ def train_and_evaluate(
     # 2. state
     variables = models.init_variables(setup.model, setup.init_key, dataset.train.images.shape[1:])
     if config.model == "airbench94":  # its first layer is computed from the training images
-        variables = airbench.init_whitening(variables, dataset.train.images[setup.train_indices])
+        variables = airbench.init_whitening(variables, setup.train_images)
     state = init_train_state(config, setup.optimizer, variables)
     if resume:
         if (workdir / rundir.DATA_INFO_NAME).is_file():
