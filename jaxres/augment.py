@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxres.data import CIFAR10_MEAN, CIFAR10_STD  # per channel, on the [0, 1] scale
 from jaxres.config import CROP_PADDING_MODES, MIX_METHODS, check_choice
+from jaxres.data.constants import CIFAR10_MEAN, CIFAR10_STD  # per channel, on the [0, 1] scale
 from jaxres.errors import JaxresError
 
 

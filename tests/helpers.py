@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxres import data, readers
+from jaxres import data
 from jaxres.config import TrainConfig
-from jaxres.data import Dataset, Split
+from jaxres.data import Dataset, Split, readers
 from jaxres.errors import JaxresError
 from jaxres.models import init_variables
 
@@ -138,6 +138,11 @@ def quiet(_):
     """A `log` that prints nothing."""
 
 
+def stop_after_first_epoch(row: dict) -> bool:
+    """An `on_epoch` for `train_and_evaluate` that ends the run after epoch 1 (an interruption)."""
+    return row["epoch"] == 1
+
+
 # --------------------------------------------------------------------------- model variables
 
 
@@ -168,19 +173,18 @@ def random_variables(model, seed: int) -> dict:
 
 # --------------------------------------------------------------------------- decoding in a fresh Python
 
-# Forking a process whose JAX runtime has started is unsafe (jaxres then decodes in one process),
-# and in a test session any earlier test that computed with JAX has started it. So the worker
-# pool runs in a child that imports only jaxres.readers (which starts no JAX runtime), whatever ran
-# before in the session. Each worker records its pid, so the child checks that the chunks were
-# decoded by other processes.
+# Forking a process whose JAX runtime runs is unsafe, so jaxres decodes in one process once jax is
+# imported, as it is in every test session. So the worker pool runs in a child that imports only
+# jaxres.data.readers (which imports no jax), whatever ran before in the session. Each worker
+# records its pid, so the child checks that the chunks were decoded by other processes.
 _POOLED_DECODE_SCRIPT = textwrap.dedent(
     """
     import os, pickle, sys
     from pathlib import Path
-    from jaxres import readers
+    from jaxres.data import readers
     from jaxres.errors import JaxresError
 
-    assert readers._fork_is_safe(), "the child must not have started JAX's runtime"
+    assert readers._fork_is_safe(), "the child must not have imported jax"
     folder = sys.argv[1]
     with open(os.path.join(folder, "inputs.pickle"), "rb") as file:
         chunk_size, named_locations, options = pickle.load(file)

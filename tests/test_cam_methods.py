@@ -38,7 +38,7 @@ TARGETS = np.array([0, 3, 5, 7])
 
 @pytest.fixture(scope="module")
 def images():
-    from jaxres.shapes import make_shapes
+    from jaxres.data.shapes import make_shapes
 
     return make_shapes(num_train=1, num_test=4, seed=0).test.images
 

@@ -1,4 +1,4 @@
-"""Tests of jaxres.data and the modules it loads through (jaxres.readers, jaxres.shapes):
+"""Tests of jaxres.data and its parts (jaxres.data.sources, .readers, .shapes, .containers, .constants):
 every source on small fixtures written here, the cache, the errors, the synthetic shapes,
 and one load of the real CIFAR-10 copy (slow)."""
 
@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres import data, readers
+from jaxres import data
+from jaxres.data import readers, sources
 from jaxres.data import CIFAR10_CLASSES, Dataset, Split, load_dataset
 from jaxres.errors import JaxresError
-from jaxres.shapes import SHAPES_CLASSES, make_shapes
+from jaxres.data.shapes import SHAPES_CLASSES, make_shapes
 from tests.helpers import (
+    REPO,
     check_official_dataset,
     decode_in_fresh_python,
     files_under,
@@ -247,7 +250,7 @@ def test_tfds_not_prepared_without_tensorflow(tmp_path, monkeypatch):
     url = unused_loopback_url()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("JAXRES_CIFAR10_URL", url)
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    monkeypatch.setattr(sources, "_tensorflow_installed", lambda: False)
     with pytest.raises(JaxresError) as error:
         load_dataset("cifar10", cache_dir=tmp_path / "cache", progress=False)
     message = str(error.value)
@@ -262,7 +265,7 @@ def test_tfds_download_failure_is_clear(tmp_path, monkeypatch):
     url = unused_loopback_url()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("JAXRES_CIFAR10_URL", url)
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
+    monkeypatch.setattr(sources, "_tensorflow_installed", lambda: True)
 
     def offline_data_source(name, *, download, **kwargs):
         if download:
@@ -748,8 +751,51 @@ def test_the_cache_writer_removes_its_temporary_file_on_any_exception(tmp_path, 
     path = tmp_path / "cache" / "entry.npz"
     if error is OSError:
         with pytest.warns(UserWarning, match="could not write the dataset cache"):
-            data._write_cache(path, dataset)
+            sources._write_cache(path, dataset)
     else:
         with pytest.raises(error):
-            data._write_cache(path, dataset)
+            sources._write_cache(path, dataset)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The package's layout
+
+
+def run_fresh_python(code: str) -> None:
+    """Runs `code` in a fresh Python (nothing imported yet) from the repository; fails with its stderr."""
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_augment_reads_the_constants_without_pil_or_tarfile():
+    """The mean and std live in jaxres.data.constants, which Python reaches through the package:
+    neither it nor the package may load the readers (PIL, tarfile)."""
+    run_fresh_python(
+        "import jaxres.augment, sys; "
+        "assert 'PIL' not in sys.modules and 'tarfile' not in sys.modules, "
+        "[name for name in ('PIL', 'tarfile') if name in sys.modules]"
+    )
+
+
+def test_every_public_name_of_the_package_resolves_to_its_part():
+    from jaxres.data import constants, containers, shapes
+
+    assert set(data.__all__) <= set(dir(data))
+    for name in data.__all__:
+        assert getattr(data, name) is not None, name
+    assert data.load_dataset is sources.load_dataset and data.OFFICIAL_FOLDER == readers.OFFICIAL_FOLDER
+    assert data.CIFAR10_MEAN is constants.CIFAR10_MEAN and data.Dataset is containers.Dataset
+    assert data.make_shapes is shapes.make_shapes
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        data.no_such_name  # noqa: B018
+
+
+def test_decoding_forks_only_before_jax_is_imported():
+    """Forking once JAX's runtime runs may deadlock; a process that imported jax decodes alone."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forked decoding workers are used on Linux")
+    run_fresh_python(
+        "from jaxres.data import readers; assert readers._fork_is_safe(); "
+        "import jax; assert not readers._fork_is_safe()"
+    )

@@ -1,4 +1,4 @@
-"""Tests of jaxres.download and of the 'cifar10' fallback to the official archive, each against
+"""Tests of jaxres.data.download and of the 'cifar10' fallback to the official archive, each against
 an HTTP server on 127.0.0.1 run by the test (nothing leaves the machine)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jaxres import data
-from jaxres.data import load_dataset
-from jaxres.download import download_file
+from jaxres.data import load_dataset, sources
+from jaxres.data.download import download_file
 from jaxres.errors import JaxresError
 from tests.helpers import check_official_dataset, files_under, official_batches, write_official_tar
 
@@ -89,9 +89,9 @@ def cifar10_from_server(server, archive_bytes, tmp_path, monkeypatch):
     """'cifar10' with TFDS unprepared and no TensorFlow, the fallback pointed at `server` and
     expecting the MD5 of the archive it serves. Returns the cache folder to load with."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    monkeypatch.setattr(sources, "_tensorflow_installed", lambda: False)
     monkeypatch.setenv(data.CIFAR10_URL_VARIABLE, server.url)
-    monkeypatch.setattr(data, "CIFAR10_ARCHIVE_MD5", hashlib.md5(archive_bytes).hexdigest())
+    monkeypatch.setattr(sources, "CIFAR10_ARCHIVE_MD5", hashlib.md5(archive_bytes).hexdigest())
     return tmp_path / "cache"
 
 
@@ -113,7 +113,7 @@ def test_cifar10_downloads_verifies_and_decodes_once(cifar10_from_server, server
 def test_corrupt_download_leaves_nothing(cifar10_from_server, server, archive_bytes):
     cache_dir = cifar10_from_server
     server.body = archive_bytes[:100] + bytes([archive_bytes[100] ^ 0xFF]) + archive_bytes[101:]
-    expected, actual = data.CIFAR10_ARCHIVE_MD5, hashlib.md5(server.body).hexdigest()
+    expected, actual = sources.CIFAR10_ARCHIVE_MD5, hashlib.md5(server.body).hexdigest()
     with pytest.raises(JaxresError) as error:
         load_dataset("cifar10", cache_dir=cache_dir, progress=False)
     message = str(error.value)

@@ -3,7 +3,8 @@
 import numpy as np
 
 from benchmarks import figures
-from jaxres import cam_metrics, data, shapes
+from jaxres import cam_metrics, data
+from jaxres.data import shapes
 
 
 def test_one_per_class_takes_the_first_image_of_each_class_in_label_order():

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from jaxres.datasets import Dataset, Split
+from jaxres.data.containers import Dataset, Split
 from jaxres.errors import JaxresError
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")

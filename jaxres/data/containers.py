@@ -1,10 +1,10 @@
 """The containers every dataset source fills: `Split` and `Dataset`, uint8 arrays in host memory.
 
-They live here, below every source, so that the sources (`jaxres.shapes`,
-`jaxres.readers`) and `jaxres.data`, which dispatches to them and caches what they
-return, can all build them without importing one another: `jaxres.data` imports the
-sources, never the reverse. Users reach them as `jaxres.data.Split` and
-`jaxres.data.Dataset`.
+They live here, below every source, so that the readers (`jaxres.data.readers`), the shapes
+generator (`jaxres.data.shapes`) and `jaxres.data.sources`, which dispatches to them and
+caches what they return, can all build them without importing one another: `sources`
+imports the readers and the generator, never the reverse. Users reach them as
+`jaxres.data.Split` and `jaxres.data.Dataset`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,6 @@ import dataclasses
 import numpy as np
 
 from jaxres.errors import JaxresError
-
-SPLIT_NAMES = ("train", "test")
-# What `jaxres.data.load_dataset` accepts, for the messages of every source that rejects a path.
-ACCEPTED_SOURCES = (
-    "'cifar10' (tensorflow-datasets, else the official archive downloaded once), 'shapes' (synthetic), or a path to: the official "
-    "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ folder; an image folder "
-    "ROOT/train/<class>/*.png|jpg + ROOT/test/<class>/*; a .tar/.tar.gz/.tgz holding such folders"
-)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Datasets as uint8 arrays in host memory: CIFAR-10 from any of its usual forms, or synthetic shapes.
+"""`load_dataset`: CIFAR-10 from any of its usual forms, or synthetic shapes, as uint8 arrays in host memory.
 
 `load_dataset(source)` accepts
 
@@ -14,15 +14,17 @@
 * a ``.tar`` / ``.tar.gz`` / ``.tgz`` (also ``.tar.bz2`` / ``.tar.xz``) holding such a tree; it is
   decoded straight from the archive, never extracted to disk.
 * ``"shapes"``: a synthetic dataset of coloured shapes on textured backgrounds with object masks
-  (`jaxres.shapes.make_shapes`), for tests of training and of Grad-CAM localisation.
+  (`jaxres.data.shapes.make_shapes`), for tests of training and of Grad-CAM localisation.
 
 Every file source is decoded once and cached as an uncompressed ``.npz`` in the cache folder
 (`default_cache_dir`), keyed by the source's absolute path, sizes and modification times; a
 later load of the same source reads the cache (well under a second for CIFAR-10).
 
 This module holds the dispatch, the cache and the ``cifar10`` source (tensorflow-datasets, the
-download); the files themselves are read by `jaxres.readers`, the shapes made by `jaxres.shapes`,
-and `Split` / `Dataset` live in `jaxres.datasets` (all three are below this module).
+download through `jaxres.data.download`), and the choice of a run's training subset; the files
+themselves are read by `jaxres.data.readers`, the shapes made by `jaxres.data.shapes`, and
+`Split` / `Dataset` live in `jaxres.data.containers` (all of them below this module). Users reach
+its names through `jaxres.data`.
 
 Labels of an image tree are the indices of the class folders in sorted order; images are taken
 in sorted file-name order within each class, classes in label order. Hidden files and folders
@@ -47,26 +49,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxres import readers, runtime, shapes
-from jaxres.datasets import ACCEPTED_SOURCES, SPLIT_NAMES, Dataset, Split
-from jaxres.download import download_file
+from jaxres import runtime
+from jaxres.data import readers, shapes
+from jaxres.data.constants import ACCEPTED_SOURCES, CIFAR10_CLASSES, SPLIT_NAMES
+from jaxres.data.containers import Dataset, Split
+from jaxres.data.download import download_file
 from jaxres.errors import JaxresError
-from jaxres.readers import OFFICIAL_FOLDER, OFFICIAL_TRAIN_FILES  # noqa: F401 - public names of jaxres.data
-
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, on the [0, 1] scale
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # The official archive where its authors publish it (torchvision and TFDS fetch the same file).
 CIFAR10_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -94,7 +82,7 @@ def load_dataset(source: str, cache_dir: str | os.PathLike | None = None, *, pro
     what each may be. A file source is decoded once and cached as an .npz in `cache_dir`,
     keyed by its files' absolute paths, sizes and modification times, so a later load of
     the same, unchanged source only reads the cache. "shapes" is generated each time
-    (`jaxres.shapes.make_shapes()`, deterministic).
+    (`jaxres.data.shapes.make_shapes()`, deterministic).
 
     Args:
       source: "cifar10", "shapes", or a path (str or os.PathLike; "~" is expanded).

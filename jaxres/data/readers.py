@@ -2,7 +2,7 @@
 CIFAR-10 python pickles, and the image decoding they share (a pool of forked workers for
 large sources).
 
-`jaxres.data.load_dataset` picks the reader for a path and caches what it returns; each
+`jaxres.data.sources.load_dataset` picks the reader for a path and caches what it returns; each
 reader here only turns files into a `Dataset` of uint8 arrays and knows nothing of the cache:
 
     find_official_folder(path)       the official batch files' folder under `path`, or None
@@ -14,7 +14,7 @@ reader here only turns files into a `Dataset` of uint8 arrays and knows nothing 
 
 Labels of a tree are the indices of the class folders in sorted order; images are taken in
 sorted file-name order within each class. Errors in the data raise JaxresError naming the
-file. Imports `jaxres.datasets` only, never `jaxres.data`.
+file. Imports `jaxres.data.constants` and `jaxres.data.containers` only, never the sources.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxres.datasets import ACCEPTED_SOURCES, SPLIT_NAMES, Dataset, Split
+from jaxres.data.constants import ACCEPTED_SOURCES, SPLIT_NAMES
+from jaxres.data.containers import Dataset, Split
 from jaxres.errors import JaxresError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -110,18 +111,15 @@ def _decode_image_chunk_in_worker(chunk: Sequence[tuple[str, ImageLocation]]) ->
 
 
 def _fork_is_safe() -> bool:
-    """Whether worker processes may be forked: fork exists and JAX's runtime has not started.
+    """Whether worker processes may be forked: fork exists and this process has not imported jax.
 
-    JAX's runtime is multithreaded (JAX warns that forking it may deadlock), so once it runs we
-    decode in this process instead; spawned workers would re-import the user's main script.
+    A forked child keeps only the thread that forked, so a lock another thread holds at that
+    moment is never released in the child; JAX's runtime is multithreaded (JAX warns that
+    forking it may deadlock). Its runtime cannot run before jax is imported, and JAX has no
+    public way to ask whether it has started since (jax-ml/jax#23320), so a process that has
+    imported jax decodes in one process; spawned workers would re-import the user's main script.
     """
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return False
-    xla_bridge = sys.modules.get("jax._src.xla_bridge")
-    if xla_bridge is None:
-        return True
-    backends_started = getattr(xla_bridge, "backends_are_initialized", None)
-    return backends_started is not None and not backends_started()
+    return "fork" in multiprocessing.get_all_start_methods() and "jax" not in sys.modules
 
 
 def _default_decode_workers() -> int:
