@@ -16,6 +16,12 @@ so that Grad-CAM can read the activation with `capture_intermediates`
 (`intermediates[stage]["__call__"]`) and its gradient with `jax.grad` over the
 `perturbations` collection. When no `perturbations` are passed,
 `perturb` is the identity and costs nothing.
+
+As in the Flax examples, blocks take their convolution and normalisation as module factories
+(`conv`, `norm`: a module class or a `functools.partial` of one) that the top-level model
+builds: its `conv` field (flax's `nn.Conv` by default, XLA's convolutions; another backend's
+from `jaxres.backends`) with the model's dtype and initialiser bound, and its norm with
+`train` bound. Building a model computes nothing and reads nothing from the environment.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxres import onednn, precision
 from jaxres.config import MODEL_NAMES, NORMS, check_choice
 from jaxres.errors import JaxresError
-GHOST_BATCH_SIZE = 32  # images per virtual batch of the "ghost_batch" norm
+from jaxres.layers import (  # noqa: F401  (the layers, also reached as jaxres.models.X)
+    GHOST_BATCH_SIZE, BatchNorm, GhostBatchNorm, ModuleDef, batch_norm_rows, max_pool_2x2, max_pool_floor, norm_factory,
+    row_means,
+)
+
 
 # PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance scaling 1/3 on fan_in, uniform.
@@ -48,276 +57,28 @@ def torch_default_bias_init(fan_in: int) -> Callable:
     return init
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool, stride 2.  T[N,H,W,C] -> T[N,H//2,W//2,C].
-
-    An odd H or W loses its last row or column, as `torch.nn.functional.max_pool2d(x, 2)`
-    floors (a 28x28 image pools to 14, 7, then 3); their gradient is zero. The gradient goes
-    to the first maximum of each window in row-major order, as PyTorch's max_pool2d sends it
-    (JAX's own rule for `max` splits it between tied maxima, and needs a reduction to count
-    them); cheaper on CPU than reduce_window's select-and-scatter too.
-    """
-    height, width = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    if (height, width) != tuple(x.shape[1:3]):
-        x = x[:, :height, :width]
-    return _max_pool_even(x)
-
-
-@jax.custom_vjp
-def _max_pool_even(x: jax.Array) -> jax.Array:
-    """`max_pool_2x2` of even H and W, as a reshape and a max."""
-    return _pool_windows(x).max(axis=(2, 4))
-
-
-def _pool_windows(x):
-    n, height, width, channels = x.shape
-    return x.reshape(n, height // 2, 2, width // 2, 2, channels)
-
-
-def _max_pool_2x2_forward(x):
-    pooled = _pool_windows(x).max(axis=(2, 4))
-    return pooled, (x, pooled)
-
-
-def _max_pool_2x2_backward(residuals, g):
-    x, pooled = residuals
-    hits = _pool_windows(x) == pooled[:, :, None, :, None, :]
-    taken = jnp.zeros_like(hits[:, :, 0, :, 0])
-    first = []
-    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):  # the window in row-major order
-        hit = hits[:, :, dy, :, dx] & ~taken
-        first.append(hit)
-        taken = taken | hit
-    mask = jnp.stack(first, axis=-2).reshape(*pooled.shape[:3], 2, 2, pooled.shape[3])  # [N, H/2, W/2, dy, dx, C]
-    gradient = jnp.where(mask, g[:, :, :, None, None, :], jnp.zeros((), g.dtype))
-    return (gradient.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
-
-
-_max_pool_even.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
-
-
 def scaled_channels(channels: int, width: float) -> int:
     """Channel count `channels * width`, rounded, at least 1."""
     return max(1, int(round(channels * width)))
 
 
-def make_norm(norm: str, dtype: Any, train: bool, name: str | None = None) -> nn.Module:
-    """The normalisation layer `norm` in {batch, group, layer, ghost_batch}.
-
-    BatchNorm follows PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9, eps 1e-5);
-    its statistics and running averages stay float32 whatever `dtype` computes.
-    GroupNorm uses gcd(32, channels) groups; "layer" normalises over H, W and C
-    with a per-channel affine (GroupNorm with one group, as PyTorch's LayerNorm on CHW).
-    "ghost_batch" is BatchNorm over virtual batches of GHOST_BATCH_SIZE images
-    (`GhostBatchNorm`), with the same variables as "batch".
-    """
-    check_choice("norm", norm, NORMS)
-    if norm == "batch":
-        return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
-    if norm == "ghost_batch":
-        return GhostBatchNorm(
-            use_running_average=not train, ghost_size=GHOST_BATCH_SIZE, dtype=dtype, name=name
-        )
-    if norm == "group":
-        return _GroupNormAuto(num_groups_max=32, dtype=dtype, name=name)
-    if norm == "layer":
-        return _GroupNormAuto(num_groups_max=1, dtype=dtype, name=name)
-    raise AssertionError(f"norm {norm!r} is in config.NORMS but has no layer here")
-
-
-def row_means(x: jax.Array) -> jax.Array:
-    """The mean over rows of x: float[M, C] -> float[C], as matrix-vector products.
-
-    XLA:CPU rewrites a plain `jnp.mean` over M = N*H*W rows into a reduce-window over the
-    batch (its tree-reduction pass), a naive loop that took a seventh of the train step's
-    traced time; a product with a ones vector is one optimised call. One product over all M
-    rows would add them one after another, though (relative error 8e-6 on 131,072 rows, 100
-    times jnp.mean's), so the rows are summed in up to 32 contiguous blocks (a batched
-    product) whose sums are then added: 6e-7, and on several devices each block stays on one.
-    """
-    rows, channels = x.shape
-    blocks = math.gcd(rows, 32)
-    weights = jnp.full((blocks, rows // blocks), 1.0 / rows, x.dtype)
-    block_sums = jax.lax.dot_general(
-        weights, x.reshape(blocks, rows // blocks, channels), (((1,), (1,)), ((0,), (0,))),
-        precision=jax.lax.Precision.HIGHEST,  # float32 sums on a GPU too, not TF32 (the CPU's are anyway)
-    )  # fmt: skip
-    return block_sums.sum(axis=0)
-
-
-@jax.custom_vjp
-def batch_norm_rows(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    """BatchNorm's training forward over rows: x: float[M, C] -> (y float[M, C], mean float[C],
-    var float[C]), the biased variance computed from the centred rows (two passes).
-
-    Sums are `row_means`, forward and in the hand-written backward (BatchNorm's usual
-    gradient; the statistics' own cotangents are ignored: they only feed the running
-    averages, never a loss).
-    """
-    return _batch_norm_rows_forward(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_rows_forward(x, scale, bias, epsilon):
-    mean = row_means(x)
-    centred = x - mean
-    var = row_means(jnp.square(centred))
-    inverse_std = jax.lax.rsqrt(var + epsilon)
-    return (centred * (inverse_std * scale) + bias, mean, var), (centred, inverse_std, scale)
-
-
-def _batch_norm_rows_backward(residuals, cotangents):
-    centred, inverse_std, scale = residuals
-    g = cotangents[0]
-    rows = centred.shape[0]
-    bias_gradient = rows * row_means(g)
-    scale_gradient = rows * inverse_std * row_means(g * centred)  # sum over rows of g * (x - mean) / std
-    x_gradient = (inverse_std * scale) * (
-        g - bias_gradient / rows - centred * (inverse_std * scale_gradient / rows)
-    )
-    return x_gradient, scale_gradient, bias_gradient, None
-
-
-batch_norm_rows.defvjp(_batch_norm_rows_forward, _batch_norm_rows_backward)
-
-
-def _batch_norm_variables(module: nn.Module, channels: int) -> tuple:
-    """flax.linen.BatchNorm's variables, declared in `module`: (params scale float32[C] = 1,
-    bias = 0, batch_stats mean = 0, var = 1), the last two as flax variables. Without
-    `module.use_scale` the scale is the constant 1, not a parameter (airbench's BatchNorm,
-    whose weight PyTorch keeps at 1 with requires_grad=False)."""
-    if getattr(module, "use_scale", True):
-        scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    else:
-        scale = jnp.ones((channels,), jnp.float32)
-    bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    running_mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
-    running_var = module.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
-    return scale, bias, running_mean, running_var
-
-
-def _update_running_averages(module: nn.Module, running_mean, running_var, mean, var) -> None:
-    """new = momentum * old + (1 - momentum) * batch value (flax's convention), after init."""
-    if not module.is_initializing():
-        running_mean.value = module.momentum * running_mean.value + (1 - module.momentum) * mean
-        running_var.value = module.momentum * running_var.value + (1 - module.momentum) * var
-
-
-class BatchNorm(nn.Module):
-    """BatchNorm with PyTorch's defaults (momentum 0.1, i.e. 0.9 here as flax counts it; eps
-    1e-5) and flax.linen.BatchNorm's variables (params scale, bias; batch_stats mean, var:
-    float32[C]), so checkpoints and `jaxres.convert` see no difference. Training statistics
-    come from `batch_norm_rows` over (N, H, W), in float32 (or float64 for float64 inputs)
-    whatever `dtype` computes; the output has `dtype`. x: float[N, H, W, C]."""
-
-    use_running_average: bool
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    use_scale: bool = True  # False: no learned scale (a constant 1)
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        scale, bias, running_mean, running_var = _batch_norm_variables(self, channels)
-        wide = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
-        if self.use_running_average:
-            multiplier = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
-            return ((wide - running_mean.value) * multiplier + bias).astype(self.dtype)
-        y, mean, var = batch_norm_rows(wide.reshape(-1, channels), scale, bias, self.epsilon)
-        _update_running_averages(self, running_mean, running_var, mean, var)
-        return y.reshape(x.shape).astype(self.dtype)
-
-
-class _GroupNormAuto(nn.Module):
-    """GroupNorm whose group count is gcd(num_groups_max, channels)."""
-
-    num_groups_max: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        groups = math.gcd(self.num_groups_max, x.shape[-1])
-        return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, name="norm")(x)
-
-
-class GhostBatchNorm(BatchNorm):
-    """BatchNorm whose training statistics come from virtual ("ghost") sub-batches.
-
-    Hoffer et al. 2017, "Train longer, generalize better". In training, the batch
-    x: float[N, H, W, C] is split in order into N / ghost_size consecutive groups of
-    `ghost_size` images (N <= ghost_size: one group, i.e. plain BatchNorm); each group is
-    normalised with its own mean and (biased) variance over (images, H, W). The running
-    averages move towards the mean over groups of those means and variances (momentum
-    as flax: new = momentum * old + (1 - momentum) * batch value; 0.9 is PyTorch's 0.1).
-    In inference, the running averages normalise, exactly as BatchNorm. The variables
-    are BatchNorm's (params scale, bias; batch_stats mean, var: float32[C]), so
-    checkpoints move between "batch" and "ghost_batch". Statistics are float32; the
-    output has `dtype`. N must be a multiple of ghost_size when larger than it.
-    """
-
-    ghost_size: int = GHOST_BATCH_SIZE  # besides BatchNorm's fields
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        scale, bias, running_mean, running_var = _batch_norm_variables(self, channels)
-        x32 = jnp.asarray(x, jnp.float32)
-        if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
-        else:
-            n = x.shape[0]
-            groups = 1 if n <= self.ghost_size else n // self.ghost_size
-            if n > self.ghost_size and n % self.ghost_size:
-                raise JaxresError(
-                    f"ghost_batch norm needs a batch size that is a multiple of {self.ghost_size} "
-                    f"(or at most {self.ghost_size}), got {n}"
-                )
-            grouped = x32.reshape(groups, n // groups, *x.shape[1:])
-            axes = tuple(range(1, grouped.ndim - 1))
-            group_mean = jnp.mean(grouped, axis=axes, keepdims=True)
-            group_var = jnp.mean(jnp.square(grouped - group_mean), axis=axes, keepdims=True)
-            normalized = (grouped - group_mean) * jax.lax.rsqrt(group_var + self.epsilon)
-            batch_mean = group_mean.reshape(groups, channels).mean(axis=0)
-            batch_var = group_var.reshape(groups, channels).mean(axis=0)
-            _update_running_averages(self, running_mean, running_var, batch_mean, batch_var)
-            return (normalized.reshape(x.shape) * scale + bias).astype(self.dtype)
-        normalized = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (normalized * scale + bias).astype(self.dtype)
-
-
-def conv_function(conv_backend: str) -> Callable:
-    """The `conv_general_dilated` that flax's nn.Conv calls for a resolved backend ("xla" or
-    "onednn", see `jaxres.onednn.resolve`): oneDNN's for the 3x3 float32 (and, where native,
-    bfloat16) convolutions it handles, XLA's otherwise."""
-    check_choice("resolved conv_backend", conv_backend, ("xla", "onednn"))
-    return onednn.conv_general_dilated if conv_backend == "onednn" else jax.lax.conv_general_dilated
-
-
 class ConvNormReLU(nn.Module):
-    """conv3x3 (no bias) -> [maxpool 2x2] -> norm -> ReLU.  float[N,H,W,C] -> float[N,H',W',features]."""
+    """conv3x3 (no bias) -> [maxpool 2x2] -> norm -> ReLU.  float[N,H,W,C] -> float[N,H',W',features].
+
+    `conv` and `norm` are the model's factories (its dtype, initialiser and `train` bound).
+    """
 
     features: int
+    conv: ModuleDef
+    norm: ModuleDef
     pool: bool = False
-    norm: str = "batch"
-    dtype: Any = jnp.float32
-    conv_backend: str = "xla"  # resolved: "xla" or "onednn"
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        x = nn.Conv(
-            self.features,
-            (3, 3),
-            padding=1,
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=torch_default_kernel_init,
-            conv_general_dilated=conv_function(self.conv_backend),
-            name="conv",
-        )(x)
+    def __call__(self, x):
+        x = self.conv(self.features, (3, 3), padding=1, name="conv")(x)
         if self.pool:
             x = max_pool_2x2(x)
-        x = make_norm(self.norm, self.dtype, train, name="norm")(x)
-        return nn.relu(x)
+        return nn.relu(self.norm(name="norm")(x))
 
 
 class ResidualStage(nn.Module):
@@ -325,20 +86,17 @@ class ResidualStage(nn.Module):
 
     features: int
     residual: bool
+    conv: ModuleDef
+    norm: ModuleDef
     pool: bool = True
-    norm: str = "batch"
-    dtype: Any = jnp.float32
-    conv_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        block = functools.partial(
-            ConvNormReLU, self.features, norm=self.norm, dtype=self.dtype, conv_backend=self.conv_backend
-        )
-        x = block(pool=self.pool, name="conv_block")(x, train)
+    def __call__(self, x):
+        block = functools.partial(ConvNormReLU, self.features, conv=self.conv, norm=self.norm)
+        x = block(pool=self.pool, name="conv_block")(x)
         if self.residual:
-            y = block(name="res1")(x, train)
-            y = block(name="res2")(y, train)
+            y = block(name="res1")(x)
+            y = block(name="res2")(y)
             x = x + y
         # Identity unless a `perturbations` collection is passed (see module docstring).
         return self.perturb("output", x)
@@ -353,9 +111,10 @@ class CustomResNet(nn.Module):
     layer3: conv3x3(512) maxpool2 BN ReLU, + residual (512)
     head:   global max-pool (the 4x4 max-pool at 32x32) -> dense(num_classes) -> x 0.125
 
-    `width` scales every channel count; `norm` in {batch, group, layer}; `dtype` is the
-    compute dtype (parameters stay float32). At width 1.0 and 10 classes: 6,573,130
-    parameters. images: float[N, H, W, 3] -> logits: float32[N, num_classes].
+    `width` scales every channel count; `norm` in NORMS; `dtype` is the compute dtype
+    (parameters stay float32); `conv` the convolution factory (`jaxres.backends`). At width
+    1.0 and 10 classes: 6,573,130 parameters. images: float[N, H, W, 3] -> logits:
+    float32[N, num_classes].
     """
 
     num_classes: int = 10
@@ -363,19 +122,20 @@ class CustomResNet(nn.Module):
     norm: str = "batch"
     dtype: Any = jnp.float32
     logit_scale: float = 0.125
-    conv_backend: str = "xla"  # resolved: "xla" or "onednn" (see jaxres.onednn)
+    conv: ModuleDef = nn.Conv
 
     STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3")
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
-        stage = functools.partial(ResidualStage, norm=self.norm, dtype=self.dtype, conv_backend=self.conv_backend)
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init)
+        stage = functools.partial(ResidualStage, conv=conv, norm=norm_factory(self.norm, self.dtype, train))
         x = jnp.asarray(images, self.dtype)
-        x = stage(channels(64), residual=False, pool=False, name="prep")(x, train)
-        x = stage(channels(128), residual=True, name="layer1")(x, train)
-        x = stage(channels(256), residual=False, name="layer2")(x, train)
-        x = stage(channels(512), residual=True, name="layer3")(x, train)
+        x = stage(channels(64), residual=False, pool=False, name="prep")(x)
+        x = stage(channels(128), residual=True, name="layer1")(x)
+        x = stage(channels(256), residual=False, name="layer2")(x)
+        x = stage(channels(512), residual=True, name="layer3")(x)
         return classifier_head(self, x)
 
 
@@ -405,31 +165,27 @@ class BasicBlock(nn.Module):
 
     conv3x3(stride) norm ReLU conv3x3 norm, plus the shortcut, then ReLU. The shortcut is
     the identity, or conv1x1(stride) + norm (`shortcut_conv`, `shortcut_norm`) when the
-    stride or the channel count changes. Convolutions have no bias.
-    float[N, H, W, C] -> float[N, H / stride, W / stride, features].
+    stride or the channel count changes. Convolutions have no bias (`conv` and `norm` are
+    the model's factories). float[N, H, W, C] -> float[N, H / stride, W / stride, features].
     """
 
     features: int
+    conv: ModuleDef
+    norm: ModuleDef
     stride: int = 1
-    norm: str = "batch"
-    dtype: Any = jnp.float32
-    conv_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        conv = functools.partial(
-            nn.Conv, self.features, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init,
-            conv_general_dilated=conv_function(self.conv_backend),
-        )
+    def __call__(self, x):
+        conv = functools.partial(self.conv, self.features)
         strides = (self.stride, self.stride)
         y = conv((3, 3), strides=strides, padding=1, name="conv1")(x)
-        y = nn.relu(make_norm(self.norm, self.dtype, train, name="norm1")(y))
+        y = nn.relu(self.norm(name="norm1")(y))
         y = conv((3, 3), padding=1, name="conv2")(y)
-        y = make_norm(self.norm, self.dtype, train, name="norm2")(y)
+        y = self.norm(name="norm2")(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
             shortcut = conv((1, 1), strides=strides, padding=0, name="shortcut_conv")(x)
-            shortcut = make_norm(self.norm, self.dtype, train, name="shortcut_norm")(shortcut)
+            shortcut = self.norm(name="shortcut_norm")(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -441,18 +197,15 @@ class ResNetStage(nn.Module):
 
     features: int
     blocks: int
+    conv: ModuleDef
+    norm: ModuleDef
     stride: int = 1
-    norm: str = "batch"
-    dtype: Any = jnp.float32
-    conv_backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x):
         for index in range(self.blocks):
             stride = self.stride if index == 0 else 1
-            x = BasicBlock(
-                self.features, stride, self.norm, self.dtype, self.conv_backend, name=f"block{index + 1}"
-            )(x, train)
+            x = BasicBlock(self.features, self.conv, self.norm, stride, name=f"block{index + 1}")(x)
         return self.perturb("output", x)
 
 
@@ -468,8 +221,9 @@ class ResNet(nn.Module):
 
     `stage_sizes` gives the blocks per stage: (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3)
     ResNet-34. `width` scales every channel count; `norm` in NORMS; `dtype` is the
-    compute dtype (parameters stay float32). images: float[N, H, W, 3] -> logits
-    float32[N, num_classes]. At 32x32 the stage outputs are 32, 32, 16, 8, 4 pixels wide.
+    compute dtype (parameters stay float32); `conv` the convolution factory
+    (`jaxres.backends`). images: float[N, H, W, 3] -> logits float32[N, num_classes]. At
+    32x32 the stage outputs are 32, 32, 16, 8, 4 pixels wide.
     """
 
     num_classes: int = 10
@@ -478,29 +232,22 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
     logit_scale: float = 1.0
-    conv_backend: str = "xla"
+    conv: ModuleDef = nn.Conv
 
     STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3", "layer4")
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init)
+        norm = norm_factory(self.norm, self.dtype, train)
         x = jnp.asarray(images, self.dtype)
         # prep is ResNet-9's stem too: conv3x3 norm ReLU, output perturbed for Grad-CAM
-        x = ResidualStage(
-            channels(64), residual=False, pool=False, norm=self.norm, dtype=self.dtype,
-            conv_backend=self.conv_backend, name="prep",
-        )(x, train)  # fmt: skip
+        x = ResidualStage(channels(64), residual=False, conv=conv, norm=norm, pool=False, name="prep")(x)
         for index, (blocks, features) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
             x = ResNetStage(
-                channels(features),
-                blocks,
-                stride=1 if index == 0 else 2,
-                norm=self.norm,
-                dtype=self.dtype,
-                conv_backend=self.conv_backend,
-                name=f"layer{index + 1}",
-            )(x, train)
+                channels(features), blocks, conv, norm, stride=1 if index == 0 else 2, name=f"layer{index + 1}"
+            )(x)
         return classifier_head(self, x, pooling="avg")
 
 
@@ -537,18 +284,6 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def max_pool_floor(x: jax.Array, size: int) -> jax.Array:
-    """size x size max-pool with stride `size`, dropping the rows and columns that do not fill a
-    window (PyTorch's nn.MaxPool2d(size) on sizes that are not multiples).
-    T[N, H, W, C] -> T[N, H // size, W // size, C]."""
-    n, height, width, channels = x.shape
-    x = x[:, : height // size * size, : width // size * size]
-    if size == 2:
-        return max_pool_2x2(x)
-    windows = x.reshape(n, height // size, size, width // size, size, channels)
-    return windows.max(axis=(2, 4))
-
-
 class Whitening(nn.Module):
     """airbench's first layer: a 2x2 convolution (stride 1, no padding) to 2 * 3 * 2 * 2 = 24
     channels with a bias, computed as one product of the 12-value patches with the kernel
@@ -577,24 +312,19 @@ class AirbenchBlock(nn.Module):
 
     Convolutions have no bias and identity (dirac) first filters; BatchNorm has no learned
     scale, eps 1e-12 and running-average momentum 0.6 in flax's convention (PyTorch's 0.4:
-    new = 0.6 * old + 0.4 * batch). float[N, H, W, C] -> float[N, H // 2, W // 2, features]."""
+    new = 0.6 * old + 0.4 * batch); `Airbench94` binds them into `conv` and `norm`.
+    float[N, H, W, C] -> float[N, H // 2, W // 2, features]."""
 
     features: int
-    dtype: Any = jnp.float32
-    conv_backend: str = "xla"
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        conv = functools.partial(
-            nn.Conv, self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-            kernel_init=dirac_kernel_init(), conv_general_dilated=conv_function(self.conv_backend),
-        )  # fmt: skip
-        norm = functools.partial(
-            BatchNorm, use_running_average=not train, momentum=0.6, epsilon=1e-12, use_scale=False, dtype=self.dtype
-        )
+    def __call__(self, x):
+        conv = functools.partial(self.conv, self.features, (3, 3), padding=1)
         x = conv(name="conv1")(x)
-        x = gelu(norm(name="norm1")(max_pool_floor(x, 2)))
-        x = gelu(norm(name="norm2")(conv(name="conv2")(x)))
+        x = gelu(self.norm(name="norm1")(max_pool_floor(x, 2)))
+        x = gelu(self.norm(name="norm2")(conv(name="conv2")(x)))
         return self.perturb("output", x)
 
 
@@ -616,7 +346,7 @@ class Airbench94(nn.Module):
     norm: str = "batch"
     dtype: Any = jnp.float32
     logit_scale: float = 1 / 9
-    conv_backend: str = "xla"
+    conv: ModuleDef = nn.Conv  # the convolution factory (`jaxres.backends`)
 
     STAGES: ClassVar[tuple[str, ...]] = ("block1", "block2", "block3")
 
@@ -624,10 +354,13 @@ class Airbench94(nn.Module):
     def __call__(self, images, train: bool = False):
         if self.norm != "batch":
             raise JaxresError(f"the airbench94 model has airbench's own BatchNorm; norm {self.norm!r} is not offered")
-        block = functools.partial(AirbenchBlock, dtype=self.dtype, conv_backend=self.conv_backend)
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=dirac_kernel_init())
+        norm = functools.partial(
+            BatchNorm, use_running_average=not train, momentum=0.6, epsilon=1e-12, use_scale=False, dtype=self.dtype
+        )
         x = gelu(Whitening(dtype=self.dtype, name="whiten")(jnp.asarray(images, self.dtype)))
         for name, channels in zip(self.STAGES, (64, 256, 256)):
-            x = block(scaled_channels(channels, self.width), name=name)(x, train)
+            x = AirbenchBlock(scaled_channels(channels, self.width), conv, norm, name=name)(x)
         x = max_pool_floor(x, 3).reshape(x.shape[0], -1)
         logits = nn.Dense(
             self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init, name="head"
@@ -646,42 +379,41 @@ def create_model(
     width: float = 1.0,
     norm: str = "batch",
     dtype: Any = jnp.float32,
-    conv_backend: str = "auto",
+    conv: ModuleDef = nn.Conv,
 ) -> nn.Module:
-    """A jaxres image classifier by name: the custom ResNet (ResNet-9) or ResNet-18/34.
+    """A jaxres image classifier by name: the custom ResNet (ResNet-9), ResNet-18/34 or airbench94.
 
     Builds the Flax module registered as `name` in `MODELS`, checking the options
-    first so that a mistake is reported before any computation. The module holds no
-    weights: make them with `init_variables(model, key)`, then call
-    `model.apply(variables, images, train=...)` on normalised float[N, H, W, 3] images
+    first so that a mistake is reported before any computation; building it has no other
+    effect. The module holds no weights: make them with `init_variables(model, key)`, then
+    call `model.apply(variables, images, train=...)` on normalised float[N, H, W, 3] images
     to get float32[N, num_classes] logits. Its stages (`model.STAGES`) are the layers
     Grad-CAM can explain.
 
     Args:
-      name: "custom_resnet" (`CustomResNet`), "resnet18" or "resnet34" (`ResNet`).
+      name: "custom_resnet" (`CustomResNet`), "resnet18" or "resnet34" (`ResNet`),
+        "airbench94" (`Airbench94`).
       num_classes: the number of classes, the width of the logits.
       width: a factor on every channel count (1.0: the full-size model; each count
         is rounded and at least 1), e.g. 0.25 for a quick model.
       norm: the normalisation layer, one of `NORMS`: "batch", "group", "layer",
-        "ghost_batch" (see `make_norm`).
+        "ghost_batch" (see `norm_factory`).
       dtype: the compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm
         statistics stay float32.
-      conv_backend: "auto", "xla" or "onednn": who computes the 3x3 float32 /
-        bfloat16 convolutions (`jaxres.onednn.resolve`; the module holds the resolved name).
+      conv: the convolution factory, flax's `nn.Conv` (XLA's convolutions) or a
+        resolved backend's (`jaxres.backends.resolve(...).conv`).
 
     Returns:
       The unbound `flax.linen.Module`.
 
     Raises:
-      JaxresError: for an unknown name, norm or conv_backend, a width that is not
-        positive, or conv_backend "onednn" where it cannot run.
+      JaxresError: for an unknown name or norm, or a width that is not positive.
     """
     check_choice("model", name, MODEL_NAMES)
     check_choice("norm", norm, NORMS)
     if not width > 0:
         raise JaxresError(f"width must be positive, got {width}")
-    conv_backend = onednn.resolve(conv_backend)  # checks the name first, before any computation
-    return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype, conv_backend=conv_backend)
+    return MODELS[name](num_classes=num_classes, width=width, norm=norm, dtype=dtype, conv=conv)
 
 
 def stage_names(model: nn.Module) -> tuple[str, ...]:
@@ -742,15 +474,3 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape=(32, 32, 3)) ->
     variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return {name: value for name, value in variables.items() if name in ("params", "batch_stats")}
 
-
-def from_config(config, num_classes: int) -> nn.Module:
-    """The model a run's `jaxres.config.TrainConfig` describes (model, width, norm, the
-    compute dtype of its precision, its conv_backend resolved), with `num_classes` outputs."""
-    return create_model(
-        config.model,
-        num_classes=num_classes,
-        width=config.width,
-        norm=config.norm,
-        dtype=precision.compute_dtype(config.precision),
-        conv_backend=config.conv_backend,
-    )

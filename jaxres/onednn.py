@@ -1,41 +1,42 @@
-"""oneDNN convolutions for XLA:CPU, through JAX's FFI: the `conv_backend` of a run.
+"""oneDNN convolutions for XLA:CPU, through JAX's FFI: what the conv_backend "onednn" computes with.
 
-XLA:CPU runs convolutions through Eigen, and its weight gradient needs the activations
-transposed batch-last first: at batch 512 those transposes and Eigen's kernels make the
-convolutions of the width-0.25 ResNet-9 take 1.2 s a step where oneDNN (PyTorch's CPU
-library) takes 0.73 s (2-core AMD EPYC, `python -m benchmarks.onednn_conv`). `onednn_conv.cc`
-(next to this file) wraps oneDNN's 3x3 / stride 1 / padding 1 float32 and bfloat16 convolution, NHWC
-activations and HWIO weights, as three FFI handlers (forward, input gradient, weight
-gradient); `conv3x3` is a `jax.custom_vjp` over them.
+XLA:CPU runs convolutions through Eigen, and its weight gradient first transposes the
+activations batch-last; oneDNN (PyTorch's CPU library) computes the custom ResNet's 3x3
+convolutions without that, faster on the CPUs measured (the oneDNN rows of
+benchmarks/README.md, "What each change gained"; `python -m benchmarks.onednn_conv`).
+`onednn_conv.cc` (next to this file) wraps oneDNN's 3x3 / stride 1 / padding 1 float32 and
+bfloat16 convolution, NHWC activations and HWIO weights, as three FFI handlers (forward,
+input gradient, weight gradient); `Onednn.conv3x3` is a `jax.custom_vjp` over them.
 
-* `conv_backend` "auto" (the default) is "onednn" when JAX runs on the CPU with one device in
-  one process and the library builds, else "xla"; "onednn" asks for it (an error that says
-  why when it cannot be had); "xla" never uses it. The FFI calls have no sharding rule, so
-  with several devices XLA's convolutions keep the batch split.
-* Only float32 and bfloat16 3x3 / stride 1 / padding 1 convolutions go to oneDNN (`handles`);
-  fp16, float64 and every other convolution stay XLA's. float32: where oneDNN's kernels are
-  AVX2 ones, only those of at most 128 x 128 channels (`max_channel_product`: its wider AVX2
-  weight gradients lose to XLA's); with AVX-512 kernels, all of them. bfloat16: only where
-  oneDNN's bfloat16 kernels are native (AMX or AVX512-BF16, `native_bf16`), where they ran the
-  bf16 epoch 3.0x (width 0.25) and 3.5x (width 1) faster than XLA's bfloat16 convolutions,
-  which do not use AMX (Intel Xeon); all of them there. Both rules are read off oneDNN's kernel
-  names (the ISA it dispatches to), and were measured on an AMD EPYC (AVX2) and an Intel Xeon
-  (AVX-512, AMX) only: another AVX-512 CPU (an AMD Zen 4 with AVX512-BF16, say) takes the
-  Xeon's paths unmeasured.
-* All three passes of a convolution it takes are oneDNN's, the weight gradient too (at 8x8
+* Which runs use it is decided once, before any model is built, by `jaxres.backends.resolve`
+  ("auto": oneDNN's on a CPU with one device in one process when the library builds). The FFI
+  calls have no sharding rule, so with several devices XLA's convolutions keep the batch split.
+* Only float32 and bfloat16 3x3 / stride 1 / padding 1 convolutions go to oneDNN
+  (`Onednn.handles`); fp16, float64 and every other convolution stay XLA's. float32: where
+  oneDNN's kernels are AVX2 ones, only those of at most 128 x 128 channels
+  (`max_channel_product`: its wider AVX2 weight gradients lose to XLA's); with AVX-512
+  kernels, all of them. bfloat16: only where oneDNN's bfloat16 kernels are native (AMX or
+  AVX512-BF16, `native_bf16`), where they are several times faster than XLA's bfloat16
+  convolutions, which do not use AMX; all of them there. Both rules are read off oneDNN's
+  kernel names (the ISA it dispatches to), and were measured on an AMD EPYC (AVX2) and an
+  Intel Xeon (AVX-512, AMX) only: another AVX-512 CPU (an AMD Zen 4 with AVX512-BF16, say)
+  takes the Xeon's paths unmeasured.
+* All three passes of a convolution it takes are oneDNN's, the weight gradient too: at 8x8
   and 4x4 pixels oneDNN's `jit:avx2` weight gradient alone is the slower, but with no XLA
-  convolution left the CPU epoch runs as one `lax.scan`, 1.15x faster: see
-  `parallel.resolve_epoch_loop` and benchmarks/README.md).
+  convolution left the CPU epoch runs as one `lax.scan`, which gains more than that loses
+  (`jaxres.loops`, and benchmarks/README.md).
 * The library is built once with the system C++ compiler (g++) against the
   `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (dependencies on Linux x86-64) into
   ``$JAXRES_CACHE/onednn/``; no compiler or no wheel: "auto" falls back to XLA, saying why once.
   The build writes the library's sha256 beside it and renames both into place; every process
   checks the digest before `dlopen` (a truncated library mapped into the process is a SIGBUS),
   and rebuilds a damaged library, or one that does not load, saying so once.
+* Its state (the loaded library, the answers about this CPU, what the user was told) lives in
+  one `Onednn` object; `default()` is the process's.
 
 The results equal XLA's to float32 rounding (a sum of the same products in another order;
 in bfloat16, float32 sums rounded once to bfloat16, so within bfloat16 rounding of XLA's), not
-bitwise: a run is deterministic for a given backend and CPU, as before.
+bitwise: a run is deterministic for a given backend and CPU.
 """
 
 from __future__ import annotations
@@ -52,13 +53,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxres import runtime
-from jaxres.config import CONV_BACKENDS, check_choice
-from jaxres.errors import JaxresError
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 HEADER_DISTRIBUTION = "onednn-devel-cpu-gomp"
@@ -70,15 +70,14 @@ TARGETS = {
 }
 # The bfloat16 handlers: the same names with this suffix (all operands and results bfloat16).
 BF16_SUFFIX = "Bf16"
-# Where oneDNN's AVX2 kernels were the faster (2-core AMD EPYC; benchmarks/README.md): the
-# convolutions with at most 128 x 128 channels in x out; XLA's above. With AVX-512 kernels
-# (Intel Xeon) oneDNN's were the faster for every convolution of the epoch: no limit there.
+# Where oneDNN's AVX2 kernels are the faster (measured on a 2-core AMD EPYC; benchmarks/README.md):
+# the convolutions with at most 128 x 128 channels in x out; XLA's above. With AVX-512 kernels
+# (measured on an Intel Xeon) oneDNN's are the faster for every convolution of the epoch: no limit.
 AVX2_MAX_CHANNEL_PRODUCT = 128 * 128
 # The shape whose weight-gradient kernel tells which ISA oneDNN dispatches to on this CPU: one
 # of the wide layers where AVX2's kernel loses (256 -> 512 channels at 8x8 pixels: the width-1
 # ResNet-9's layer3 convolution).
 ISA_PROBE_SHAPE = (8, 8, 8, 256, 512)
-_loaded: dict = {}
 
 
 def _distribution_file(name: str, suffix: str) -> pathlib.Path | None:
@@ -196,174 +195,156 @@ def build(include: pathlib.Path, lib: pathlib.Path, folder: pathlib.Path | None 
     return target
 
 
-def load() -> ctypes.CDLL:
-    """Build (if needed), verify and load the library, registering its FFI targets with JAX
-    once. A cached library that fails to load is rebuilt once, saying so. Raises
-    FileNotFoundError (what to install), RuntimeError (the build's errors) or OSError (a
-    freshly built library that does not load)."""
-    if "library" not in _loaded:
-        include, lib = locate()
-        path = build(include, lib)
-        try:
-            library = ctypes.cdll.LoadLibrary(str(path))
-        except OSError as error:
-            print(f"jaxres: the cached oneDNN library {path} does not load ({error}); rebuilding it", file=sys.stderr)
-            library = ctypes.cdll.LoadLibrary(str(build(include, lib, rebuild=True)))
-        for target in TARGETS.values():
-            for name in (target, target + BF16_SUFFIX):
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-        library.JaxresOnednnImplementations.restype = ctypes.c_char_p
-        library.JaxresOnednnImplementations.argtypes = [ctypes.c_int64] * 6
-        _loaded["library"] = library
-    return _loaded["library"]
+class Onednn:
+    """oneDNN's 3x3 convolutions in this process, and everything jaxres keeps about them.
 
+    One object holds it all: the library (built, verified and loaded on first use, `load`),
+    its answers about this CPU (`unavailable_reason`, `max_channel_product`, `native_bf16`:
+    each asked once, then kept), the rules they make (`takes_dtype`, `handles`), the
+    convolution (`conv3x3`, and `conv_general_dilated` for flax's nn.Conv) and whether the
+    user has been told why "auto" fell back to XLA's convolutions (`told`, set by
+    `jaxres.backends.resolve`).
 
-@functools.lru_cache(maxsize=None)
-def unavailable_reason() -> str | None:
-    """None when the oneDNN convolutions can run here, else why not (one line)."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return f"the oneDNN wheels are for Linux x86-64, this is {platform.system()} {platform.machine()}"
-    try:
-        load()
-    except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
-        return str(error).splitlines()[0]
-    return None
-
-
-def resolve(conv_backend: str) -> str:
-    """"onednn" or "xla" for `conv_backend` in CONV_BACKENDS (see the module docstring).
-
-    "auto" -> "onednn" when JAX is on the CPU with one device in one process and the
-    library loads, else "xla" (on a CPU, telling stderr once why oneDNN could not be had).
-    "onednn" raises JaxresError when it cannot be had; "xla" is "xla".
+    `default()` is the process's. Code that wants another CPU's answers builds its own, e.g. a
+    subclass whose `native_bf16` is a plain class attribute (the tests do), so nothing at
+    module level is ever patched. Every instance shares the one dlopen'd library: loading it
+    again is cheap, and registering its FFI targets again is harmless (the same addresses).
     """
-    check_choice("conv_backend", conv_backend, CONV_BACKENDS)
-    if conv_backend == "xla":
-        return "xla"
-    if jax.default_backend() != "cpu":  # a GPU or TPU: XLA's own convolutions, as expected (no message)
-        if conv_backend == "onednn":
-            raise JaxresError(f"conv_backend onednn is for the CPU, JAX runs on {jax.default_backend()}")
-        return "xla"
-    if jax.device_count() > 1:
-        if conv_backend == "onednn":
-            raise JaxresError(
-                f"conv_backend onednn needs a single device, JAX has {jax.device_count()} (its FFI calls have "
-                "no sharding rule); use conv_backend xla or auto"
-            )
-        return "xla"
-    reason = unavailable_reason()
-    if reason is None:
-        return "onednn"
-    if conv_backend == "onednn":
-        raise JaxresError(f"conv_backend onednn is not available: {reason}")
-    if not _loaded.get("told"):
-        print(f"jaxres: XLA's convolutions, not oneDNN's: {reason}", file=sys.stderr)
-        _loaded["told"] = True
-    return "xla"
+
+    def __init__(self) -> None:
+        self._library: ctypes.CDLL | None = None
+        self.told = False  # whether stderr has been told why oneDNN could not be had (said once)
+
+    def load(self) -> ctypes.CDLL:
+        """Build (if needed), verify and load the library, registering its FFI targets with JAX
+        (once per object). A cached library that fails to load is rebuilt once, saying so.
+        Raises FileNotFoundError (what to install), RuntimeError (the build's errors) or OSError
+        (a freshly built library that does not load)."""
+        if self._library is None:
+            include, lib = locate()
+            path = build(include, lib)
+            try:
+                library = ctypes.cdll.LoadLibrary(str(path))
+            except OSError as error:
+                print(f"jaxres: the cached oneDNN library {path} does not load ({error}); rebuilding it", file=sys.stderr)
+                library = ctypes.cdll.LoadLibrary(str(build(include, lib, rebuild=True)))
+            for target in TARGETS.values():
+                for name in (target, target + BF16_SUFFIX):
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+            library.JaxresOnednnImplementations.restype = ctypes.c_char_p
+            library.JaxresOnednnImplementations.argtypes = [ctypes.c_int64] * 6
+            self._library = library
+        return self._library
+
+    @functools.cached_property
+    def unavailable_reason(self) -> str | None:
+        """None when the oneDNN convolutions can run here, else why not (one line). Loads the
+        library (building it if needed) to find out."""
+        if platform.system() != "Linux" or platform.machine() != "x86_64":
+            return f"the oneDNN wheels are for Linux x86-64, this is {platform.system()} {platform.machine()}"
+        try:
+            self.load()
+        except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
+            return str(error).splitlines()[0]
+        return None
+
+    def implementations(self, batch: int, height: int, width: int, in_channels: int, out_channels: int,
+                        dtype=jnp.float32) -> str:
+        """oneDNN's names for the kernels it picks for one shape and type (float32 or bfloat16):
+        "forward | input grad | weight grad"; for a type it has no kernel for here, "error: ..."."""
+        bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
+        return self.load().JaxresOnednnImplementations(batch, height, width, in_channels, out_channels, bf16).decode()
+
+    @functools.cached_property
+    def max_channel_product(self) -> int | None:
+        """The most in x out channels `handles` gives oneDNN on this CPU, None for no limit: None
+        when oneDNN's kernels here are AVX-512 ones (its weight gradient beats XLA's on every
+        layer measured, and with no XLA convolution left the epoch scans),
+        `AVX2_MAX_CHANNEL_PRODUCT` otherwise. Read off the kernel oneDNN picks for
+        `ISA_PROBE_SHAPE`'s weight gradient."""
+        weight_gradient = self.implementations(*ISA_PROBE_SHAPE).rsplit("|", 1)[-1]
+        return None if "avx512" in weight_gradient else AVX2_MAX_CHANNEL_PRODUCT
+
+    @functools.cached_property
+    def native_bf16(self) -> bool:
+        """Whether oneDNN's bfloat16 kernels here use the CPU's own bfloat16 instructions (AMX or
+        AVX512-BF16) for all three passes of `ISA_PROBE_SHAPE`: only then do bfloat16
+        convolutions go to oneDNN (elsewhere oneDNN emulates bfloat16, and XLA's keep them)."""
+        names = self.implementations(*ISA_PROBE_SHAPE, dtype=jnp.bfloat16).split("|")
+        return len(names) == 3 and all("amx" in name or "avx512_core_bf16" in name for name in names)
+
+    def within_channel_limit(self, in_channels: int, out_channels: int) -> bool:
+        """Whether a convolution of in x out channels is within `max_channel_product`."""
+        limit = self.max_channel_product
+        return limit is None or in_channels * out_channels <= limit
+
+    def takes_dtype(self, dtype) -> bool:
+        """float32 always; bfloat16 where `native_bf16`."""
+        dtype = jnp.dtype(dtype)
+        return dtype == jnp.float32 or (dtype == jnp.bfloat16 and self.native_bf16)
+
+    def handles(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                feature_group_count=1, batch_group_count=1, **_) -> bool:
+        """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes it)."""
+        specs = (getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None))
+        return (
+            not isinstance(padding, str)
+            and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
+            and lhs.dtype == rhs.dtype and self.takes_dtype(lhs.dtype)
+            and self.within_channel_limit(rhs.shape[2], rhs.shape[3])
+            and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+            and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
+            and feature_group_count == 1 and batch_group_count == 1
+        )
+
+    def conv_general_dilated(self, lhs, rhs, window_strides, padding, *args, **kwargs):
+        """`jax.lax.conv_general_dilated` with the convolutions `handles` says yes to done by
+        `conv3x3`: what flax's `nn.Conv(conv_general_dilated=...)` takes."""
+        if self.handles(lhs, rhs, window_strides, padding, *args, **kwargs):
+            return self.conv3x3(lhs, rhs)
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+
+    def _call(self, target: str, shape: tuple, *operands):
+        dtypes = {jnp.dtype(operand.dtype) for operand in operands}
+        if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
+            raise TypeError(f"jaxres oneDNN {target}: operands must all be float32 or all bfloat16, got "
+                            f"{', '.join(str(operand.dtype) for operand in operands)}")
+        self.load()  # the FFI targets are registered before the call is traced
+        (dtype,) = dtypes
+        name = TARGETS[target] + (BF16_SUFFIX if dtype == jnp.bfloat16 else "")
+        return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(*operands)
+
+    def forward(self, x, w):
+        """oneDNN's forward pass: x[N,H,W,Ci], w[3,3,Ci,Co] -> y[N,H,W,Co] (float32 or bfloat16, both alike)."""
+        return self._call("forward", x.shape[:3] + (w.shape[3],), x, w)
+
+    def input_gradient(self, g, w):
+        """oneDNN's gradient of the input: g[N,H,W,Co], w[3,3,Ci,Co] -> dx[N,H,W,Ci]."""
+        return self._call("backward_data", g.shape[:3] + (w.shape[2],), g, w)
+
+    def weight_gradient(self, x, g):
+        """oneDNN's gradient of the weights: x[N,H,W,Ci], g[N,H,W,Co] -> dw[3,3,Ci,Co]."""
+        return self._call("backward_weights", (3, 3, x.shape[3], g.shape[3]), x, g)
+
+    @functools.cached_property
+    def conv3x3(self) -> Callable:
+        """The function float32 or bfloat16 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 ->
+        [N,H,W,Co], by oneDNN, differentiable once in reverse mode: a `jax.custom_vjp` over
+        oneDNN's input and weight gradients (one per object, so every call traces the same one)."""
+
+        def forward_with_residuals(x, w):
+            return self.forward(x, w), (x, w)
+
+        def backward(residuals, g):
+            x, w = residuals
+            return self.input_gradient(g, w), self.weight_gradient(x, g)
+
+        function = jax.custom_vjp(self.forward)
+        function.defvjp(forward_with_residuals, backward)
+        return function
 
 
-def implementations(batch: int, height: int, width: int, in_channels: int, out_channels: int,
-                    dtype=jnp.float32) -> str:
-    """oneDNN's names for the kernels it picks for one shape and type (float32 or bfloat16):
-    "forward | input grad | weight grad"."""
-    bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
-    return load().JaxresOnednnImplementations(batch, height, width, in_channels, out_channels, bf16).decode()
-
-
-def _call(target: str, shape: tuple, *operands):
-    dtypes = {jnp.dtype(operand.dtype) for operand in operands}
-    if len(dtypes) != 1 or not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
-        raise TypeError(f"jaxres oneDNN {target}: operands must all be float32 or all bfloat16, got "
-                        f"{', '.join(str(operand.dtype) for operand in operands)}")
-    load()
-    (dtype,) = dtypes
-    name = TARGETS[target] + (BF16_SUFFIX if dtype == jnp.bfloat16 else "")
-    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(*operands)
-
-
-def forward(x, w):
-    """oneDNN's forward pass: x[N,H,W,Ci], w[3,3,Ci,Co] -> y[N,H,W,Co] (float32 or bfloat16, both alike)."""
-    return _call("forward", x.shape[:3] + (w.shape[3],), x, w)
-
-
-def input_gradient(g, w):
-    """oneDNN's gradient of the input: g[N,H,W,Co], w[3,3,Ci,Co] -> dx[N,H,W,Ci]."""
-    return _call("backward_data", g.shape[:3] + (w.shape[2],), g, w)
-
-
-def weight_gradient(x, g):
-    """oneDNN's gradient of the weights: x[N,H,W,Ci], g[N,H,W,Co] -> dw[3,3,Ci,Co]."""
-    return _call("backward_weights", (3, 3, x.shape[3], g.shape[3]), x, g)
-
-
-def _conv3x3_forward(x, w):
-    return forward(x, w), (x, w)
-
-
-def _conv3x3_backward(residuals, g):
-    x, w = residuals
-    return input_gradient(g, w), weight_gradient(x, g)
-
-
-def conv3x3(x, w):
-    """float32 or bfloat16 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 -> [N,H,W,Co], by oneDNN,
-    differentiable once in reverse mode (a `jax.custom_vjp` over oneDNN's input and weight
-    gradients)."""
-    if "conv3x3" not in _loaded:
-        function = jax.custom_vjp(forward)
-        function.defvjp(_conv3x3_forward, _conv3x3_backward)
-        _loaded["conv3x3"] = function
-    return _loaded["conv3x3"](x, w)
-
-
-@functools.lru_cache(maxsize=None)
-def max_channel_product() -> int | None:
-    """The most in x out channels `handles` gives oneDNN on this CPU, None for no limit: None
-    when oneDNN's kernels here are AVX-512 ones (its weight gradient beat XLA's on every layer
-    measured, and with no XLA convolution left the epoch scans), `AVX2_MAX_CHANNEL_PRODUCT`
-    otherwise. Read off the kernel oneDNN picks for `ISA_PROBE_SHAPE`'s weight gradient."""
-    weight_gradient = implementations(*ISA_PROBE_SHAPE).rsplit("|", 1)[-1]
-    return None if "avx512" in weight_gradient else AVX2_MAX_CHANNEL_PRODUCT
-
-
-def within_channel_limit(in_channels: int, out_channels: int) -> bool:
-    limit = max_channel_product()
-    return limit is None or in_channels * out_channels <= limit
-
-
-@functools.lru_cache(maxsize=None)
-def native_bf16() -> bool:
-    """Whether oneDNN's bfloat16 kernels here use the CPU's own bfloat16 instructions (AMX or
-    AVX512-BF16) for all three passes of `ISA_PROBE_SHAPE`: only then do bfloat16
-    convolutions go to oneDNN (elsewhere they emulate it and XLA's keep them)."""
-    names = implementations(*ISA_PROBE_SHAPE, dtype=jnp.bfloat16).split("|")
-    return len(names) == 3 and all("amx" in name or "avx512_core_bf16" in name for name in names)
-
-
-def takes_dtype(dtype) -> bool:
-    """float32 always; bfloat16 where `native_bf16`."""
-    dtype = jnp.dtype(dtype)
-    return dtype == jnp.float32 or (dtype == jnp.bfloat16 and native_bf16())
-
-
-def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-            feature_group_count=1, batch_group_count=1, **_) -> bool:
-    """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes it)."""
-    specs = (getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None))
-    return (
-        not isinstance(padding, str)
-        and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
-        and lhs.dtype == rhs.dtype and takes_dtype(lhs.dtype)
-        and within_channel_limit(rhs.shape[2], rhs.shape[3])
-        and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-        and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
-        and feature_group_count == 1 and batch_group_count == 1
-    )
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs):
-    """`jax.lax.conv_general_dilated` with the convolutions `handles` says yes to done by
-    `conv3x3`: what flax's `nn.Conv(conv_general_dilated=...)` takes."""
-    if handles(lhs, rhs, window_strides, padding, *args, **kwargs):
-        return conv3x3(lhs, rhs)
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+@functools.cache  # the documented cache: one library load and one set of probes per process
+def default() -> Onednn:
+    """The process's `Onednn`: what `jaxres.backends.resolve` uses unless it is given another."""
+    return Onednn()

@@ -33,14 +33,14 @@ def test_the_custom_resnet_trains_and_explains_sizes_that_are_not_multiples_of_8
     )
     assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
     variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
-    model = models.create_model(num_classes=4, width=0.0625, conv_backend="xla")
+    model = models.create_model(num_classes=4, width=0.0625)
     cams = cam_lib.gradcam(model, variables, dataset.test.images[:3], layer="layer2")
     assert cams.shape == (3, size, size) and np.all(np.isfinite(np.asarray(cams)))
 
 
 @pytest.mark.parametrize("size", [4, 7, 1])
 def test_a_size_too_small_for_the_model_is_refused_naming_the_smallest(tmp_path, size):
-    model = models.create_model(width=0.0625, conv_backend="xla")
+    model = models.create_model(width=0.0625)
     message = f"images of {size}x{size} pixels are too small for CustomResNet: .*the smallest it accepts is 8x8"
     with pytest.raises(JaxresError, match=message):
         models.init_variables(model, jax.random.PRNGKey(0), (size, size, 3))
@@ -50,11 +50,11 @@ def test_a_size_too_small_for_the_model_is_refused_naming_the_smallest(tmp_path,
     variables = random_variables(model, seed=0)
     with pytest.raises(JaxresError, match=message):
         cam_lib.gradcam(model, variables, np.zeros((1, size, size, 3), np.uint8))
-    assert models.smallest_image_size(models.create_model("resnet18", width=0.0625, conv_backend="xla")) == 1
+    assert models.smallest_image_size(models.create_model("resnet18", width=0.0625)) == 1
 
 
 def test_an_8x8_image_at_layer3_warns_that_its_one_pixel_map_is_flat():
-    model = models.create_model(width=0.0625, conv_backend="xla")
+    model = models.create_model(width=0.0625)
     variables = random_variables(model, seed=0)
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     with pytest.warns(UserWarning, match=r"layer3's map is 1x1 for 8x8 images.*all zeros.*layer2.*2x2"):

@@ -1,5 +1,7 @@
 """The custom ResNet: structure, parameter count, dtypes, norms, named stages."""
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -180,3 +182,29 @@ def test_batch_norm_statistics_are_accurate_in_float32():
     _, mean, var = models.batch_norm_rows(jnp.asarray(x, jnp.float32), jnp.ones(16), jnp.zeros(16), 1e-5)
     np.testing.assert_allclose(np.asarray(mean, np.float64), x.mean(0), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(var, np.float64), x.var(0), rtol=1e-5)
+
+
+def test_models_import_only_their_math_and_building_one_has_no_side_effects():
+    """jaxres.models imports no jaxres module that can build a library, print or read the
+    environment (only config's choice checks and errors; jaxres.runtime is the package's own
+    __init__'s), and building each model prints nothing. The convolution backend comes in as
+    a value: the default `conv` is flax's nn.Conv, which is XLA's (`jaxres.backends.XLA`)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, json, jaxres.models as m\n"
+        "for name in m.MODEL_NAMES: m.create_model(name, width=0.0625)\n"
+        "print(json.dumps(sorted(n for n in sys.modules if n.startswith('jaxres'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""
+    imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert imported == ["jaxres", "jaxres.config", "jaxres.errors", "jaxres.layers", "jaxres.models", "jaxres.runtime"]
+    assert done.stdout.count("\n") == 1  # nothing printed but the list
+
+    from jaxres import backends
+
+    assert backends.XLA.conv is models.create_model().conv
+    assert models.create_model(conv=backends.XLA.conv) == models.create_model()

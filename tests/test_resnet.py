@@ -178,8 +178,8 @@ def test_ghost_batch_norm_matches_numpy():
 
 def test_ghost_batch_norm_on_one_ghost_batch_is_batch_norm():
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 3)) * 3 + 1
-    batch_norm = models.make_norm("batch", jnp.float32, train=True)
-    ghost = models.make_norm("ghost_batch", jnp.float32, train=True)  # 6 <= GHOST_BATCH_SIZE: one group
+    batch_norm = models.norm_factory("batch", jnp.float32, train=True)()
+    ghost = models.norm_factory("ghost_batch", jnp.float32, train=True)()  # 6 <= GHOST_BATCH_SIZE: one group
     variables = batch_norm.init(jax.random.PRNGKey(0), x)
     assert jax.tree_util.tree_structure(ghost.init(jax.random.PRNGKey(0), x)) == jax.tree_util.tree_structure(variables)
     expected, expected_updates = batch_norm.apply(variables, x, mutable=["batch_stats"])
