@@ -69,6 +69,7 @@ def measure_layers(width: float, batch: int, repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    library = onednn.default()
     rows = []
     for (n, h, w, ci, co), count in model_shapes(width, batch):
         rng = np.random.default_rng(0)
@@ -85,9 +86,9 @@ def measure_layers(width: float, batch: int, repeats: int) -> list[dict]:
                 "weight_grad": jax.jit(lambda x, k, g: jax.vjp(lambda k: xla(x, k), k)[1](g)[0]),
             },
             "onednn": {  # oneDNN's own three kernels
-                "forward": jax.jit(onednn.forward),
-                "input_grad": jax.jit(lambda x, k, g: onednn.input_gradient(g, k)),
-                "weight_grad": jax.jit(lambda x, k, g: onednn.weight_gradient(x, g)),
+                "forward": jax.jit(library.forward),
+                "input_grad": jax.jit(lambda x, k, g: library.input_gradient(g, k)),
+                "weight_grad": jax.jit(lambda x, k, g: library.weight_gradient(x, g)),
             },
         }
         for name, ops in implementations.items():
@@ -99,7 +100,7 @@ def measure_layers(width: float, batch: int, repeats: int) -> list[dict]:
         for op in outputs["xla"]:
             a, b = np.asarray(outputs["xla"][op], np.float64), np.asarray(outputs["onednn"][op], np.float64)
             row["relative_difference"][op] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-        row["onednn_kernels"] = onednn.implementations(n, h, w, ci, co)
+        row["onednn_kernels"] = library.implementations(n, h, w, ci, co)
         rows.append(row)
     return rows
 
@@ -110,7 +111,7 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
     import jax
 
     from benchmarks.profile_jax import random_variables
-    from jaxres import models, optim, parallel, train
+    from jaxres import backends, optim, parallel, train
     from jaxres.config import TrainConfig
 
     config = TrainConfig(width=width, batch_size=batch)
@@ -122,7 +123,7 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
     runs = {}
     for backend, loop in STEP_VARIANTS:
         run_config = dataclasses.replace(config, conv_backend=backend, epoch_loop=loop)
-        model = models.from_config(run_config, num_classes=10)
+        model = backends.model_from_config(run_config, num_classes=10)
         state = train.init_train_state(run_config, optimizer, random_variables(model))
         epoch = train.make_train_epoch(model, optimizer, run_config, mesh, steps)
         start = time.perf_counter()
@@ -192,8 +193,8 @@ def main(argv=None) -> int:
 
     result = {"width": args.width, "batch": args.batch, "threads": args.threads, "machine": common.machine_record(),
               "packages": common.package_versions(), "git": common.git_commit()}
-    result["max_channel_product"] = onednn.max_channel_product()  # the rule `conv_backend` onednn follows here
-    result["native_bf16"] = onednn.native_bf16()  # and whether it takes bf16 convolutions
+    result["max_channel_product"] = onednn.default().max_channel_product  # the rule `conv_backend` onednn follows here
+    result["native_bf16"] = onednn.default().native_bf16  # and whether it takes bf16 convolutions
     result["layers"] = measure_layers(args.width, args.batch, args.repeats)
     if args.calls:
         result["step"] = measure_step(args.width, args.batch, args.steps, args.calls)

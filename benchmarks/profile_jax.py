@@ -151,14 +151,14 @@ def aggregate(events: list[dict], names: set[str] | None = None) -> tuple[dict, 
 def profile_jax(args) -> dict:
     import jax
 
-    from jaxres import models, optim, parallel, train
+    from jaxres import backends, optim, parallel, train
     from jaxres.config import TrainConfig
 
     from jaxres import config as config_lib
 
     sizes = {"width": args.width, "batch_size": args.batch}
     config = config_lib.preset(args.preset, **sizes) if args.preset else TrainConfig(**sizes)
-    model = models.from_config(config, num_classes=10)
+    model = backends.model_from_config(config, num_classes=10)
     optimizer, _ = optim.make_optimizer(config, args.steps)
     mesh = parallel.make_mesh()
     state = parallel.replicate_tree(mesh, train.init_train_state(config, optimizer, random_variables(model)))

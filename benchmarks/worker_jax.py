@@ -1,6 +1,6 @@
 """The jaxres side of a benchmark worker (imported by `benchmarks.worker` only; no torch here).
 
-Everything goes through the library's own code path: `jaxres.models.from_config`,
+Everything goes through the library's own code path: `jaxres.backends.model_from_config`,
 `jaxres.optim.make_optimizer`, `jaxres.parallel`, `jaxres.train.make_train_epoch` (one
 `lax.scan` program, or on CPU while XLA convolutions are left a host loop of the jitted
 step: `epoch_loop="auto"`) and
@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxres import augment, convert, data, evaluate, gradcam, models, monitoring, onednn, optim, parallel, train
+from jaxres import augment, backends, convert, data, evaluate, gradcam, loops, monitoring, onednn, optim, parallel, train
 from jaxres.config import TrainConfig
 
 
@@ -63,18 +63,18 @@ def device_memory() -> dict:
 
 def describe_common(config: TrainConfig, epoch_loop: str | None = None) -> dict:
     """What every jax row records; epoch_loop: the loop an epoch or evaluation ran in (its
-    `parallel.LoopChoice.loop`), by default what `config.epoch_loop` resolves to untraced."""
-    backend = onednn.resolve(config.conv_backend)
+    `loops.EpochProgram.loop`), by default what `config.epoch_loop` resolves to untraced."""
+    backend = backends.resolve(config.conv_backend)
     record = {
         "device_name": str(jax.local_devices()[0].device_kind),
         "precision": config.precision,
-        "epoch_loop": epoch_loop or parallel.resolve_epoch_loop(config.epoch_loop),
-        "conv_backend": backend,
+        "epoch_loop": epoch_loop or loops.choose_loop(config.epoch_loop),
+        "conv_backend": backend.name,
         "devices": jax.device_count(),
     }
-    if backend == "onednn":  # which convolutions oneDNN took on this CPU (None: every float32 one)
-        record["onednn_max_channel_product"] = onednn.max_channel_product()
-        record["onednn_native_bf16"] = onednn.native_bf16()  # whether it took the bf16 ones
+    if backend.name == "onednn":  # which convolutions oneDNN took on this CPU (None: every float32 one)
+        record["onednn_max_channel_product"] = onednn.default().max_channel_product
+        record["onednn_native_bf16"] = onednn.default().native_bf16  # whether it took the bf16 ones
     return record
 
 
@@ -111,7 +111,7 @@ class Session:
         self.args = args
         self.config = config_for(args, **config_overrides)
         self.mesh = parallel.make_mesh()
-        self.model = models.from_config(self.config, num_classes=10)
+        self.model = backends.model_from_config(self.config, num_classes=10)
 
     def describe(self) -> dict:
         return describe_common(self.config)
@@ -208,7 +208,7 @@ def parity(args, arrays) -> dict:
     (through `jaxres.convert.torch_to_flax`), at 'highest' matmul precision (no TF32 on a GPU)."""
     check_backend(args)
     config = config_for(args, precision="fp32")
-    model = models.from_config(config, num_classes=10)
+    model = backends.model_from_config(config, num_classes=10)
     variables = shared_variables(args, model)
     images = arrays["test_images"][: args.parity_images]
     with jax.default_matmul_precision("highest"):

@@ -3,6 +3,7 @@
     python -m jaxres.train      `train_main`: train (or resume) a run
     python -m jaxres.lr_find    `lr_find_main`: the LR range test for a config
     python -m jaxres.evaluate   `evaluate_main`: a saved run on its test split, with TTA
+    python -m jaxres.gradcam    `gradcam_main`: CAM figures of a saved run
 
 A config field `peak_lr` is the flag `--peak-lr`; its help text and default come from the
 field's metadata (`jaxres.config.knob`), which also makes the README's options table
@@ -14,8 +15,8 @@ with status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import sys
 import typing
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable, Iterable
 import jax
 
 from jaxres import config as config_lib
-from jaxres import data, evaluate, lr_find, parallel, plots, rundir, train
+from jaxres import data, evaluate, gradcam, lr_find, parallel, plots, rundir, train
 from jaxres.config import TTA_MODES, TrainConfig
 from jaxres.errors import command_line, figure_output_path
 
@@ -35,6 +36,7 @@ AUTO = "auto"  # --peak-lr auto: run the LR range test first
 
 
 def flag_name(name: str) -> str:
+    """The command-line flag of config field `name`: peak_lr -> --peak-lr."""
     return "--" + name.replace("_", "-")
 
 
@@ -90,8 +92,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
             continue
         parse = _optional(kind) if type(None) in typing.get_args(hint) else kind
         flags = [flag_name(name)]
-        if name == "peak_lr":  # the one-cycle schedule's maximum: --max-lr is the same flag
-            flags.append("--max-lr")
+        if name == "peak_lr":
             parse = _float_or_auto
         if name == "epochs":
             parse = _whole_or_float
@@ -140,8 +141,6 @@ def options_table() -> str:
         flag = f"`{flag_name(field.name)}`"
         if isinstance(field.default, bool):
             flag = f"`{flag_name(field.name)}/--no-{field.name.replace('_', '-')}`"
-        if field.name == "peak_lr":
-            flag += " (or `--max-lr`)"
         rows.append(f"| {flag} | {shown_default(field)} | {field.metadata['help']} |")
     for flags, options, default in TRAIN_EXTRA_FLAGS:
         flag = f"`{flags[0]}/--no-{flags[0][2:]}`" if options.get("action") is argparse.BooleanOptionalAction else f"`{flags[0]}`"
@@ -200,19 +199,9 @@ def train_main(argv: list[str] | None = None) -> int:
         parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         config, auto_lr = config_from_args(args)
         workdir = config.workdir
-        is_main = jax.process_index() == 0
-        log = print if is_main else (lambda _: None)
-        dataset = None
-        rundir.check_workdir(Path(config.workdir), args.resume, writable=is_main)  # before any data is loaded
-        # one run per workdir: held from here (the LR range test writes lr_find.png) to the end
-        with rundir.workdir_lock(config.workdir) if is_main else contextlib.nullcontext():
-            if auto_lr:
-                progress = sys.stderr.isatty() if args.progress is None else args.progress
-                dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress and is_main)
-                config = find_peak_lr(config, dataset, log)
-            result = train.train_and_evaluate(
-                config, resume=args.resume, dataset=dataset, progress=args.progress, log=log
-            )
+        log = print if jax.process_index() == 0 else (lambda _: None)
+        tune = functools.partial(find_peak_lr, log=log) if auto_lr else None  # run once the data is loaded
+        result = train.train_and_evaluate(config, resume=args.resume, progress=args.progress, log=log, tune=tune)
     except KeyboardInterrupt:
         if rundir.checkpoint_path(workdir).is_file():
             print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
@@ -269,6 +258,56 @@ def lr_find_main(argv: list[str] | None = None) -> int:
             "(try a larger --max-lr)",
             file=sys.stderr,
         )
+    return 0
+
+
+# --------------------------------------------------------------------------- python -m jaxres.gradcam
+
+
+def gradcam_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m jaxres.gradcam` (`gradcam_main`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxres.gradcam",
+        description="Grad-CAM heatmaps of a trained jaxres run: one row per image "
+        "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG; "
+        f"at most {gradcam.MAX_FIGURE_IMAGES} images a figure (--skip pages through more misclassified ones).",
+    )
+    parser.add_argument("--workdir", required=True, help="run directory written by `python -m jaxres.train` (checkpoint + config)")
+    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on); it must have the run's classes and image size")
+    parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
+    parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw images from (default: test)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--misclassified", type=int, default=None, metavar="K",
+        help="explain K misclassified images, taken round-robin over their true classes (classes in the order they "
+        f"first appear in the split), so that a split sorted by class still shows several; at most {gradcam.MAX_FIGURE_IMAGES}, "
+        "one figure (default: 16)",
+    )  # fmt: skip
+    which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I",
+                       help=f"explain these image indices of the split (at most {gradcam.MAX_FIGURE_IMAGES})")  # fmt: skip
+    parser.add_argument(
+        "--skip", type=int, default=0, metavar="S",
+        help=f"with --misclassified: skip the first S of them, to page through more than one figure holds "
+        f"(at most {gradcam.MAX_FIGURE_IMAGES}): --skip {gradcam.MAX_FIGURE_IMAGES} shows the next page (default: 0)",
+    )  # fmt: skip
+    parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
+    parser.add_argument("--method", choices=gradcam.ALL_METHODS, default="gradcam", help="CAM method (default: gradcam)")
+    parser.add_argument("--score", choices=gradcam.SCORES, default="logit", help="what is explained: the class's logit, its softmax "
+                        "probability, a one-output model's binary output, or ReST (default: logit)")  # fmt: skip
+    parser.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations instead of their sum")
+    parser.add_argument("--aug-smooth", action="store_true", help="average the maps of flipped and 0.9/1.0/1.1-scaled inputs")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of randomcam's weights (default: 0)")
+    parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
+    parser.add_argument("--out", default="cams.png", help="the image to write; its suffix (.png, .pdf, .svg, ...) sets the format (default: cams.png)")
+    return parser
+
+
+@command_line
+def gradcam_main(argv: list[str] | None = None) -> int:
+    """`python -m jaxres.gradcam`: writes the figure of `gradcam.run`; 0, or 2 on an error."""
+    args = gradcam_parser().parse_args(argv)
+    print(f"wrote {gradcam.run(args)}")
     return 0
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxres import augment, data, models, optim, parallel, rundir
+from jaxres import augment, backends, data, loops, models, optim, parallel, rundir
 from jaxres.config import TTA_MODES, TrainConfig
 
 
@@ -71,80 +71,47 @@ def predict_logits(model, variables, inputs: jax.Array, tta: str = "none") -> ja
     return sum(logits) / len(logits)
 
 
-def make_evaluate(model, config: TrainConfig, mesh: Mesh, tta: str | None = None):
+def make_evaluate(model, config: TrainConfig, mesh: Mesh, tta: str | None = None, loop: str | None = None):
     """`evaluate(variables, images, labels) -> {loss, accuracy, predictions}`, compiled.
 
     images: uint8[N, H, W, 3]; labels: int32[N]. Runs in batches of eval_batch_size
     (the last one padded and masked) with BatchNorm in inference mode and the test-time
     augmentation `tta` (default `config.tta`; see `predict_logits`). loss is the
     training criterion (label-smoothed cross-entropy) averaged over the N images;
-    predictions: int32[N]. Batches run in a `lax.scan` or a host loop, as
-    `config.epoch_loop` says (see `parallel.resolve_epoch_loop`; "auto" is decided on the
-    first call, the returned `parallel.LoopChoice` says which in `.loop`).
+    predictions: int32[N]. `loop`: the batches run in one `lax.scan` or a host loop
+    (`jaxres.loops`), default `loops.choose_loop(config.epoch_loop, model)`; the returned
+    function's `.loop` says which.
     """
     tta = config.tta if tta is None else tta
     batch_size = config.eval_batch_size
     batch_sharding = parallel.batch_sharding(mesh)
-    replicated = parallel.replicated(mesh)
 
-    def padded_batches(images, labels):
+    def prepare(variables, images, labels):  # xs: the padded batches and their validity masks
         n = images.shape[0]
         num_batches = -(-n // batch_size)
         pad = num_batches * batch_size - n
         shape = lambda x: x.reshape(num_batches, batch_size, *x.shape[1:])  # noqa: E731
         valid = jnp.arange(num_batches * batch_size) < n
         images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
-        return shape(images), shape(jnp.pad(labels, (0, pad))), shape(valid)
+        return (shape(images), shape(jnp.pad(labels, (0, pad))), shape(valid)), None
 
-    def evaluate_batch(variables, batch_images, batch_labels, batch_valid):
+    def body(_, batch, context, variables, images, labels):
+        batch_images, batch_labels, batch_valid = batch
         inputs = jax.lax.with_sharding_constraint(augment.normalize(batch_images), batch_sharding)
         logits = predict_logits(model, variables, inputs, tta)
         losses = optim.smoothed_cross_entropy(logits, batch_labels, config.label_smoothing)
         predictions = jnp.argmax(logits, -1).astype(jnp.int32)
         correct = (predictions == batch_labels) & batch_valid
-        return jnp.where(batch_valid, losses, 0.0).sum(), correct.sum(), predictions
+        return None, (jnp.where(batch_valid, losses, 0.0).sum(), correct.sum(), predictions)
 
-    def summarize(n, loss_sums, correct, predictions):
-        return {
-            "loss": loss_sums.sum() / n,
-            "accuracy": correct.sum() / n,
-            "predictions": predictions.reshape(-1)[:n],
-        }
+    def finish(_, outputs, context, variables, images, labels):
+        loss_sums, correct, predictions = outputs
+        n = images.shape[0]
+        return {"loss": loss_sums.sum() / n, "accuracy": correct.sum() / n, "predictions": predictions.reshape(-1)[:n]}
 
-    def scanned():
-        def scanned_evaluation(variables, images, labels):
-            batches = padded_batches(images, labels)
-            _, outputs = jax.lax.scan(lambda _, batch: (None, evaluate_batch(variables, *batch)), None, batches)
-            return summarize(images.shape[0], *outputs)
-
-        return jax.jit(scanned_evaluation, out_shardings=replicated)
-
-    def stepped():
-        pad = jax.jit(padded_batches, out_shardings=replicated)
-        run_batch = jax.jit(
-            lambda variables, batches, index: evaluate_batch(variables, *(x[index] for x in batches)),
-            out_shardings=replicated,
-        )
-        finish = jax.jit(
-            lambda n, outputs: summarize(n, *(jnp.stack(x) for x in zip(*outputs))),
-            static_argnums=0,
-            out_shardings=replicated,
-        )
-
-        def stepped_evaluation(variables, images, labels):
-            batches = pad(images, labels)
-            outputs = [run_batch(variables, batches, index) for index in range(batches[0].shape[0])]
-            return finish(images.shape[0], outputs)
-
-        return stepped_evaluation
-
-    def trace(variables, images, labels):
-        first_batch = lambda variables, images, labels: evaluate_batch(  # noqa: E731
-            variables, *(x[0] for x in padded_batches(images, labels))
-        )
-        return jax.make_jaxpr(first_batch)(variables, images, labels)
-
-    return parallel.LoopChoice(config.epoch_loop, lambda loop: scanned() if loop == "scan" else stepped(), trace)
+    loop = loops.choose_loop(config.epoch_loop, model) if loop is None else loop
+    program = loops.epoch_program(loop, prepare, body, finish, out_shardings=parallel.replicated(mesh), donate_carry=False)
+    return program.with_carry(None)
 
 
 # --------------------------------------------------------------------------- a saved run
@@ -159,7 +126,7 @@ def load_for_inference(workdir):
     """
     config = rundir.load_config(workdir)
     info = rundir.read_dataset_info(workdir)
-    model = models.from_config(dataclasses.replace(config, precision="fp32"), num_classes=len(info["class_names"]))
+    model = backends.model_from_config(dataclasses.replace(config, precision="fp32"), num_classes=len(info["class_names"]))
     # Only the structure is needed: eval_shape skips the (slow to compile) random init.
     image_shape = tuple(info["image_shape"])
     shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), image_shape))

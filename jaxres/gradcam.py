@@ -50,7 +50,7 @@ from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam's n
     stage_activation_and_gradient,
     upsample,
 )
-from jaxres.errors import JaxresError, command_line, figure_output_path
+from jaxres.errors import JaxresError, figure_output_path
 
 # The five methods jaxres had first (benchmarks/localisation.py compares them); `gradcam` takes
 # every one of ALL_METHODS (the formulas and the passes are in jaxres.cam_methods).
@@ -449,44 +449,6 @@ def plot_cams(
 # --------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxres.gradcam",
-        description="Grad-CAM heatmaps of a trained jaxres run: one row per image "
-        "(image / heatmap / overlay, titled with the true and predicted classes), saved as a PNG; "
-        f"at most {MAX_FIGURE_IMAGES} images a figure (--skip pages through more misclassified ones).",
-    )
-    parser.add_argument("--workdir", required=True, help="run directory written by `python -m jaxres.train` (checkpoint + config)")
-    parser.add_argument("--data", default=None, help="dataset source (default: the one the run trained on); it must have the run's classes and image size")
-    parser.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
-    parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw images from (default: test)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--misclassified", type=int, default=None, metavar="K",
-        help="explain K misclassified images, taken round-robin over their true classes (classes in the order they "
-        f"first appear in the split), so that a split sorted by class still shows several; at most {MAX_FIGURE_IMAGES}, "
-        "one figure (default: 16)",
-    )  # fmt: skip
-    which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I",
-                       help=f"explain these image indices of the split (at most {MAX_FIGURE_IMAGES})")  # fmt: skip
-    parser.add_argument(
-        "--skip", type=int, default=0, metavar="S",
-        help=f"with --misclassified: skip the first S of them, to page through more than one figure holds "
-        f"(at most {MAX_FIGURE_IMAGES}): --skip {MAX_FIGURE_IMAGES} shows the next page (default: 0)",
-    )  # fmt: skip
-    parser.add_argument("--layer", default=None, help="stage to explain: one of the model's stages, e.g. prep, layer1, layer2, layer3 (default: the last)")
-    parser.add_argument("--method", choices=ALL_METHODS, default="gradcam", help="CAM method (default: gradcam)")
-    parser.add_argument("--score", choices=SCORES, default="logit", help="what is explained: the class's logit, its softmax "
-                        "probability, a one-output model's binary output, or ReST (default: logit)")  # fmt: skip
-    parser.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations instead of their sum")
-    parser.add_argument("--aug-smooth", action="store_true", help="average the maps of flipped and 0.9/1.0/1.1-scaled inputs")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of randomcam's weights (default: 0)")
-    parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
-    parser.add_argument("--out", default="cams.png", help="the image to write; its suffix (.png, .pdf, .svg, ...) sets the format (default: cams.png)")
-    return parser
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _predicted_classes(model, variables, images):
     return jnp.argmax(model.apply(inference_variables(variables), normalize_images(images), train=False), axis=-1)
@@ -584,12 +546,7 @@ def run(args: argparse.Namespace) -> str:
     return str(plots.save_figure(figure, out))
 
 
-@command_line
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(f"wrote {run(args)}")
-    return 0
+if __name__ == "__main__":  # `python -m jaxres.gradcam`: the command line lives in jaxres.cli
+    from jaxres import cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.gradcam_main())

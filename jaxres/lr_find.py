@@ -23,9 +23,9 @@ to seed; the minimum is robust. If the loss is still falling at `max_lr`
 (`still_falling_at_the_end`), the minimum only reflects `max_lr`: sweep wider. The data
 are not augmented (normalised images only).
 
-No `lax.scan` over the steps: XLA:CPU runs convolutions inside loops many times slower
-(jax-ml/jax#12868), and the host must watch for divergence anyway, so this is a host
-loop of one jitted step (one device; the data stay on it).
+The step is the trainer's own (`jaxres.train.train_step`, the LR injected into the
+optimizer state with `optax.inject_hyperparams`), run as a host loop (`jaxres.loops.host_loop`):
+the host watches each step's loss to stop on divergence (one device; the data stay on it).
 
 Command line (`jaxres.cli.lr_find_main`): `python -m jaxres.lr_find --data cifar10 --model custom_resnet --out lr_find.png`.
 """
@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from matplotlib.figure import Figure
 
-from jaxres import augment, data, models, optim
+from jaxres import backends, data, loops, models, optim, train
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
 
@@ -189,47 +189,28 @@ def lr_range_test(
     """
     _check_arguments(images, labels, min_lr, max_lr, steps, batch_size, smoothing, divergence_factor, suggestion_divisor)
     lrs = exponential_lrs(min_lr, max_lr, steps)
-    step = functools.partial(
-        _range_test_step,
-        model=model,
-        momentum=float(momentum),
-        nesterov=bool(nesterov),
-        weight_decay=float(weight_decay),
-        label_smoothing=float(label_smoothing),
-    )
+    config = range_test_recipe(momentum, nesterov, weight_decay, label_smoothing)
+    optimizer = _optimizer(float(momentum), bool(nesterov), float(weight_decay))
     images = jnp.asarray(images)
     labels = jnp.asarray(labels, jnp.int32)
     # copies, so that the step can donate them and the caller's variables stay intact
-    params = jax.tree_util.tree_map(jnp.array, variables["params"])
-    batch_stats = jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {}))
-    opt_state = _optimizer(float(momentum), bool(nesterov), float(weight_decay)).init(params)
+    state = train.init_train_state(config, optimizer, jax.tree_util.tree_map(jnp.array, dict(variables)))
+    step = functools.partial(_range_test_step, model=model, optimizer=optimizer, config=config)
 
     num_images = images.shape[0]
     batches_per_pass = num_images // batch_size
-    recorded, order = [], None
-    average, best, stopped_early = 0.0, math.inf, False
-    for i in range(steps):
-        position = i % batches_per_pass
-        if position == 0:
-            order = jax.random.permutation(jax.random.fold_in(key, i // batches_per_pass), num_images)
-        indices = order[position * batch_size : (position + 1) * batch_size]
-        params, batch_stats, opt_state, loss = step(
-            params, batch_stats, opt_state, images[indices], labels[indices], jnp.float32(lrs[i])
-        )
-        loss = float(loss)
-        if not math.isfinite(loss):
-            stopped_early = True
-            break
-        recorded.append(loss)
-        average = smoothing * average + (1 - smoothing) * loss
-        smoothed = average / (1 - smoothing ** (i + 1))
-        if progress is not None:
-            progress(i, float(lrs[i]), loss)
-        if smoothed > divergence_factor * best:
-            stopped_early = i < steps - 1
-            break
-        best = min(best, smoothed)
+    orders = {}  # pass -> the batch order of that pass over the images
 
+    def batch_of(i):
+        position, sweep = i % batches_per_pass, i // batches_per_pass
+        if sweep not in orders:
+            orders[sweep] = jax.random.permutation(jax.random.fold_in(key, sweep), num_images)
+        indices = orders[sweep][position * batch_size : (position + 1) * batch_size]
+        return images[indices], labels[indices], jnp.float32(lrs[i])
+
+    watch = _DivergenceWatch(smoothing, divergence_factor, steps, progress, lrs)
+    _, losses = loops.host_loop(step, state, steps, batch_of, stop=watch)
+    recorded = [float(loss) for loss in losses[: watch.recorded]]
     if not recorded:
         raise JaxresError(f"the loss was not finite at the first step (LR {min_lr:g}); lower --min-lr")
     losses = np.asarray(recorded, np.float64)
@@ -241,8 +222,44 @@ def lr_range_test(
         smoothed_losses=smoothed_losses,
         suggested_lr=suggest_lr(taken, smoothed_losses, suggestion_divisor),
         min_loss_lr=float(taken[int(np.argmin(smoothed_losses))]),
-        stopped_early=stopped_early,
+        stopped_early=watch.stopped_early,
     )
+
+
+class _DivergenceWatch:
+    """The host's watch over the sweep (`loops.host_loop`'s `stop`): records each step's loss,
+    stops at a non-finite loss (not recorded) or once the bias-corrected EMA exceeds
+    `divergence_factor` x its minimum (recorded)."""
+
+    def __init__(self, smoothing, divergence_factor, steps, progress, lrs):
+        self.smoothing, self.divergence_factor, self.steps, self.progress, self.lrs = smoothing, divergence_factor, steps, progress, lrs
+        self.average, self.best, self.recorded, self.stopped_early = 0.0, math.inf, 0, False
+
+    def __call__(self, i: int, loss) -> bool:
+        loss = float(loss)
+        if not math.isfinite(loss):
+            self.stopped_early = True
+            return True
+        self.recorded += 1
+        self.average = self.smoothing * self.average + (1 - self.smoothing) * loss
+        smoothed = self.average / (1 - self.smoothing ** (i + 1))
+        if self.progress is not None:
+            self.progress(i, float(self.lrs[i]), loss)
+        if smoothed > self.divergence_factor * self.best:
+            self.stopped_early = i < self.steps - 1
+            return True
+        self.best = min(self.best, smoothed)
+        return False
+
+
+def range_test_recipe(momentum: float, nesterov: bool, weight_decay: float, label_smoothing: float) -> TrainConfig:
+    """The `TrainConfig` whose `jaxres.train.train_step` is the range test's step: the given
+    hyperparameters, no augmentation, no label mixing, no loss scaling (the model's own
+    compute dtype), no lookahead."""
+    return TrainConfig(
+        momentum=float(momentum), nesterov=bool(nesterov), weight_decay=float(weight_decay),
+        label_smoothing=float(label_smoothing), crop_padding=0, flip=False, cutout_size=0, mix="none", precision="fp32",
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,29 +272,19 @@ def _optimizer(momentum: float, nesterov: bool, weight_decay: float) -> optax.Gr
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "momentum", "nesterov", "weight_decay", "label_smoothing"),
-    donate_argnums=(0, 1, 2),
-)
-def _range_test_step(
-    params, batch_stats, opt_state, images, labels, lr, *, model, momentum, nesterov, weight_decay, label_smoothing
-):
-    """One SGD step at LR `lr` on a batch; returns the new (params, batch_stats, opt_state) and
-    the batch's loss before the step.  images: uint8[B, H, W, 3]; labels: int32[B]; lr: float32[].
-    Compiled once per (model, hyperparameters, batch shape), shared by every sweep."""
-    inputs = augment.normalize(images)
-
-    def loss_fn(params):
-        collections = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-        logits, updates = model.apply(collections, inputs, train=True, mutable=["batch_stats"])
-        loss = optim.smoothed_cross_entropy(logits, labels, label_smoothing).mean()
-        return loss, updates.get("batch_stats", batch_stats)
-
-    (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    opt_state.hyperparams["learning_rate"] = lr
-    updates, opt_state = _optimizer(momentum, nesterov, weight_decay).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_batch_stats, opt_state, loss
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "config"), donate_argnums=(0,))
+def _range_test_step(state, batch, *, model, optimizer, config):
+    """The trainer's step (`jaxres.train.train_step`) at the LR of `batch` = (images uint8[B,
+    H, W, 3], labels int32[B], lr float32[]), the LR written into the optimizer state's
+    injected hyperparameters first. Returns the new state and the batch's loss before the
+    step. Compiled once per (model, optimizer, recipe, batch shape), shared by every sweep (`_optimizer` is cached)."""
+    images, labels, lr = batch
+    hyperparams = {**state.opt_state.hyperparams, "learning_rate": lr}
+    state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+    state, metrics = train.train_step(
+        state, images, labels, jax.random.PRNGKey(0), model=model, optimizer=optimizer, config=config
+    )
+    return state, metrics["loss"]
 
 
 # --------------------------------------------------------------------------- from a training config
@@ -288,7 +295,7 @@ def range_test_model(config: TrainConfig, num_classes: int):
     computing in its precision, except fp16 in fp32 (the range test has no loss scaling)."""
     if config.precision == "fp16":
         config = dataclasses.replace(config, precision="fp32")
-    return models.from_config(config, num_classes)
+    return backends.model_from_config(config, num_classes)
 
 
 def range_test_for_config(
@@ -311,14 +318,14 @@ def range_test_for_config(
     indices = data.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
     images, labels = dataset.train.images[indices], dataset.train.labels[indices].astype(np.int32)
     model = range_test_model(config, len(dataset.class_names))
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
-    variables = models.init_variables(model, init_key, images.shape[1:])
+    keys = train.run_keys(config.seed)  # the run's own initial model
+    variables = models.init_variables(model, keys.init, images.shape[1:])
     return lr_range_test(
         model,
         variables,
         images,
         labels,
-        key=jax.random.fold_in(data_key, 0x1F),
+        key=train.epoch_key(keys.data, train.LR_RANGE_TEST_STREAM),
         min_lr=min_lr,
         max_lr=max_lr,
         steps=steps,

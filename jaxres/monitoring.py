@@ -103,6 +103,7 @@ def metrics_row(result, schedule, steps_per_epoch: int, batch_size: int) -> dict
         "loss_scale": float(result.train["loss_scale"]),
         "skipped_steps": int(result.train["skipped_steps"]),
         "compile_seconds": result.compile_seconds,
+        "epoch_loop": result.epoch_loop,
     }
 
 

@@ -5,11 +5,18 @@ model's convolutions and matmuls run in. BatchNorm statistics stay float32 (Flax
 computes them in float32 and keeps running averages in the parameter dtype).
 
 fp16 needs loss scaling: the loss is multiplied by `scale` before differentiation and
-the gradients divided by it after. When any gradient is not finite, the step is
-skipped (the caller keeps the old params, optimizer state and BN statistics with
-`select_tree`) and the scale halves; after `growth_interval` finite steps in a row it
-doubles. This is the same rule as `flax.training.dynamic_scale.DynamicScale` and
-PyTorch's GradScaler, written as a pytree so it lives inside `lax.scan`.
+the gradients divided by it after. When any gradient (or the loss) is not finite, the
+step is skipped (the caller keeps the old params, optimizer state and BN statistics with
+`select_tree`) and the scale halves; on the `growth_interval`-th finite step in a row it
+doubles. That is PyTorch's GradScaler (`torch._amp_update_scale_`), step for step.
+
+Why not `flax.training.dynamic_scale.DynamicScale`: it grows the scale one step later
+(when the count of finite steps *before* this one already equals `growth_interval`, so on
+the interval + 1-th), and it judges a step by its gradients alone. jaxres reproduces the
+PyTorch recipe step for step (the parity tests train the PyTorch twin beside it), so the
+loss scale follows GradScaler's rule; tests/test_precision.py runs all three on one
+sequence of finite and overflowing steps. `LossScale` is a NamedTuple, a pytree, as
+DynamicScale is: it rides in the train state through `lax.scan`.
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ def compute_dtype(precision: str):
 
 
 class LossScale(NamedTuple):
-    """Dynamic loss-scale state. scale: float32[]; good_steps: int32[] (finite steps in a row)."""
+    """Dynamic loss-scale state. scale: float32[]; good_steps: int32[] (finite steps in a row
+    since the last change; GradScaler's growth tracker). See the module docstring for why it
+    is not flax's DynamicScale."""
 
     scale: jax.Array
     good_steps: jax.Array
 
 
 def init_loss_scale(initial_scale: float) -> LossScale:
+    """The loss scale at the start of an fp16 run: `initial_scale`, no finite steps yet."""
     return LossScale(jnp.asarray(initial_scale, jnp.float32), jnp.zeros((), jnp.int32))
 
 

@@ -26,7 +26,7 @@ whole version (tests/test_workdir_lock.py reads checkpoints while another proces
 
 One run writes a workdir at a time: the writer holds `WORKDIR/.jaxres.lock` (an exclusive
 `flock`, released by the OS when the process ends, however it ends) for as long as it runs
-(`workdir_lock`, `holds_workdir_lock`); a second run on the same workdir is refused with an
+(`workdir_lock`, `claims_workdir`); a second run on the same workdir is refused with an
 error naming the process that holds it. The lock file holds that process's id, host and command
 line, and is removed when the lock is released.
 """
@@ -416,18 +416,22 @@ def workdir_lock(workdir: str | Path):
         os.close(descriptor)
 
 
-def holds_workdir_lock(function):
-    """Decorate `function(config, ...)` (train_and_evaluate) to run holding `config.workdir`'s
-    lock (`workdir_lock`) on process 0, the one that writes the run's files."""
+def claims_workdir(function):
+    """Decorate `function(config, ..., resume=False, ...)` (train_and_evaluate) to run on a
+    workdir it has claimed: `check_workdir(config.workdir, resume)` first, before any data is
+    loaded (every process; only process 0 writes), then, on process 0, holding its lock
+    (`workdir_lock`) until it returns. The one check of a run's workdir."""
 
     @functools.wraps(function)
-    def locked(config, *args, **kwargs):
-        if jax.process_index() != 0:
+    def claimed(config, *args, **kwargs):
+        is_main = jax.process_index() == 0
+        check_workdir(Path(config.workdir), kwargs.get("resume", False), writable=is_main)
+        if not is_main:
             return function(config, *args, **kwargs)
         with workdir_lock(config.workdir):
             return function(config, *args, **kwargs)
 
-    return locked
+    return claimed
 
 
 def check_workdir(workdir: Path, resume: bool, *, writable: bool = True) -> None:
@@ -458,6 +462,19 @@ def check_workdir(workdir: Path, resume: bool, *, writable: bool = True) -> None
                 pass
         except OSError as error:
             raise JaxresError(f"cannot write to --workdir {workdir}: {describe_os_error(error)}") from None
+
+
+def read_resumable(workdir: Path, config: TrainConfig) -> tuple[dict, list[dict]]:
+    """(state dict, history) of the checkpoint a resumed run of `config` continues, read and
+    verified before any data is loaded. Raises JaxresError when the saved config.json's
+    recipe differs from `config`'s (naming the fields) or the checkpoint is damaged."""
+    changed = load_config(workdir).recipe_differences(config)
+    if changed:
+        raise JaxresError(
+            f"cannot resume {workdir}: its config.json differs in {', '.join(changed)}; "
+            "resume with the same recipe (or omit those flags: --resume alone reuses the saved ones)"
+        )
+    return read_checkpoint(workdir)
 
 
 def start_run_files(workdir: Path, config: TrainConfig, info: dict, history: list[dict]) -> None:

@@ -1,18 +1,18 @@
-"""Training: the state, the jitted train step, the epoch, and `train_and_evaluate`.
+"""Training: the state, the one train step, the epoch, and `train_and_evaluate`.
 
 A batch walks straight down: data (`jaxres.data`) -> augment (`jaxres.augment`) -> model
 (`jaxres.models`) -> loss and optimizer (`jaxres.optim`) -> metrics -> the run directory
 (`jaxres.rundir`). This module is the one place that wires them:
 
-1. data     `load_dataset` -> uint8 arrays on the host, put once on the device(s)
-            (`prepare_run`).
-2. state    `init_train_state`: params, batch_stats, optimizer state, loss scale.
-3. epoch    `make_train_epoch`: `train_step` over shuffled batches that are gathered
-            and augmented on the device; one compiled `lax.scan` program per epoch, or
-            on CPU, while a step has an XLA convolution, a host loop of the jitted step
-            (`parallel.resolve_epoch_loop`).
-            The host sees only a few scalars per epoch.
-4. eval     `jaxres.evaluate.make_evaluate`: the test set, looped the same way.
+1. prepare  `prepare_run`: the convolution backend resolved, the model, optimizer and
+            schedule, the epoch loop chosen (`jaxres.loops.choose_loop`), the data put
+            once on the device(s), the run's PRNG keys (`run_keys`).
+2. state    `init_train_state` (params, batch_stats, optimizer state, loss scale), or the
+            checkpoint restored into it (`restore_or_initialise`).
+3. epoch    `make_train_epoch`: `train_step` over shuffled batches gathered and augmented
+            on the device, as one `lax.scan` program or a host loop (`jaxres.loops`). The
+            host sees only a few scalars per epoch.
+4. eval     `jaxres.evaluate.make_evaluate`: the test set, in the same loop.
 5. outputs  the checkpoint (with the epoch's metrics row) each epoch, metrics.jsonl
             rewritten from it, PNG plots at the end (`jaxres.rundir`, `jaxres.plots`).
 
@@ -29,7 +29,7 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.struct
 import jax
@@ -38,21 +38,57 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxres import airbench, augment, data, evaluate, models, optim, parallel, plots, precision, rundir
+from jaxres import airbench, augment, backends, data, evaluate, loops, models, monitoring, optim, parallel, plots, precision, rundir
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
-from jaxres import monitoring
 from jaxres.monitoring import TABLE_HEADER, CompileClock, EpochProgress, format_row
 
 
-# --------------------------------------------------------------------------- state
+# --------------------------------------------------------------------------- keys and state
+
+
+class RunKeys(NamedTuple):
+    """The PRNG keys of a run with seed s: `init` initialises the model, `data` shuffles and
+    augments (epoch e draws from `epoch_key(data, e)`; the LR range test from
+    `epoch_key(data, LR_RANGE_TEST_STREAM)`)."""
+
+    init: jax.Array
+    data: jax.Array
+
+
+# The stream of the LR range test's batch order: fold_in(keys.data, this), no epoch's.
+LR_RANGE_TEST_STREAM = 0x1F
+# The key of `alternating_flip`'s per-image coins: fold_in(PRNGKey(seed), this), fixed for the run.
+ALTERNATING_FLIP_STREAM = 0x666C6970
+
+
+def run_keys(seed: int) -> RunKeys:
+    """The one derivation of a run's keys from its seed: split(PRNGKey(seed))."""
+    init, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    return RunKeys(init, data_key)
+
+
+def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
+    """The key of epoch `epoch` (counted from 0): its shuffle and its augmentations."""
+    return jax.random.fold_in(data_key, epoch)
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a resumed run needs. `step` counts optimizer steps taken (skipped fp16 steps too).
-    `lookahead`: with `lookahead_every`, the moving average {params, batch_stats} of
-    `jaxres.optim.lookahead_update`; else None."""
+    """Everything a resumed run needs, as arrays: `step` (optimizer steps taken, skipped fp16
+    steps too), params, batch_stats, opt_state, the fp16 `loss_scale`
+    (`jaxres.precision.LossScale`, whose docstring says why it is not flax's DynamicScale)
+    and `lookahead` (with `lookahead_every`, the moving average {params, batch_stats} of
+    `jaxres.optim.lookahead_update`; else None).
+
+    Why not flax's `train_state.TrainState` (as the Flax ImageNet example subclasses it):
+    that one carries the optimizer (`tx`) and `apply_fn` as static fields of the pytree, so
+    the states of two runs built with equal but distinct optimizer objects have different
+    tree structures: they cannot be compared or mapped over together (the resume and
+    determinism tests compare whole states of two runs), and every new optimizer object is
+    a new cache key for jit. Here the optimizer and the model are arguments of the
+    programs that use them; tests/test_train.py shows the difference.
+    """
 
     step: jax.Array
     params: Any
@@ -77,19 +113,12 @@ def init_train_state(config: TrainConfig, optimizer: optax.GradientTransformatio
     if config.lookahead_every:  # copies: the state's buffers are donated
         lookahead = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": batch_stats})
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=optimizer.init(params),
-        loss_scale=scale,
-        lookahead=lookahead,
-    )
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=optimizer.init(params),
+        loss_scale=scale, lookahead=lookahead,
+    )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- steps
-
-# The key of `alternating_flip`'s per-image coins: fold_in(PRNGKey(seed), this), fixed for the run.
-ALTERNATING_FLIP_STREAM = 0x666C6970
+# --------------------------------------------------------------------------- the step
 
 
 def train_step(
@@ -105,10 +134,11 @@ def train_step(
     indices: jax.Array | None = None,
     steps_per_epoch: int | None = None,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on a batch of raw images.
+    """One step of `optimizer` on a batch of raw images: the trainer's and the LR range
+    test's (`jaxres.lr_find`, its LR injected into the optimizer state).
 
     images: uint8[B, H, W, 3] (gathered, not yet augmented); labels: int32[B].
-    Returns the new state and float32 scalars {loss, accuracy, finite}.
+    Returns the new state and float32 scalars {loss (before the update), accuracy, finite}.
     With fp16, a step whose gradients are not finite leaves params, optimizer state
     and BatchNorm statistics as they were, and backs the loss scale off.
     `alternating_flip` needs the images' training-set `indices` (int[B]) and, like
@@ -138,34 +168,34 @@ def train_step(
             {"params": params, "batch_stats": state.batch_stats}, inputs, train=True, mutable=["batch_stats"]
         )
         loss = optim.smoothed_cross_entropy(logits, targets, config.label_smoothing).mean()
-        return loss * scale, (loss, logits, updates["batch_stats"])
+        return loss * scale, (loss, logits, updates.get("batch_stats", state.batch_stats))
 
     grads, (loss, logits, batch_stats) = jax.grad(scaled_loss, has_aux=True)(state.params)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state, batch_stats=batch_stats
+    )
     finite = precision.all_finite(grads) & jnp.isfinite(loss)
 
     if config.precision == "fp16":
-        params, opt_state, batch_stats = precision.select_tree(
-            finite, (params, opt_state, batch_stats), (state.params, state.opt_state, state.batch_stats)
-        )
+        kept = precision.select_tree(
+            finite, (new_state.params, new_state.opt_state, new_state.batch_stats),
+            (state.params, state.opt_state, state.batch_stats),
+        )  # fmt: skip
         loss_scale = precision.update_loss_scale(
             state.loss_scale, finite, growth_interval=config.loss_scale_growth_interval
         )
-    else:
-        loss_scale = state.loss_scale
+        new_state = new_state.replace(params=kept[0], opt_state=kept[1], batch_stats=kept[2], loss_scale=loss_scale)
 
-    lookahead = state.lookahead
     if config.lookahead_every:
         if steps_per_epoch is None:
             raise ValueError("lookahead_every needs steps_per_epoch")
         lookahead, current = optim.lookahead_update(
-            state.step + 1, config.total_steps(steps_per_epoch), config.lookahead_every, config.lookahead_decay,
-            lookahead, {"params": params, "batch_stats": batch_stats},
+            new_state.step, config.total_steps(steps_per_epoch), config.lookahead_every, config.lookahead_decay,
+            state.lookahead, {"params": new_state.params, "batch_stats": new_state.batch_stats},
         )  # fmt: skip
-        params, batch_stats = current["params"], current["batch_stats"]
-    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, loss_scale, lookahead)
+        new_state = new_state.replace(params=current["params"], batch_stats=current["batch_stats"], lookahead=lookahead)
     # with mixing, a prediction is right when it names the label with the largest share
     reference = labels if config.mix == "none" else jnp.argmax(targets, -1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == reference)
@@ -174,13 +204,14 @@ def train_step(
 
 def make_train_epoch(
     model,
-    optimizer,
+    optimizer: optax.GradientTransformation,
     config: TrainConfig,
     mesh: Mesh,
     steps_per_epoch: int,
     progress: Callable[[Any], None] | None = None,
     steps: int | None = None,
-):
+    loop: str | None = None,
+) -> loops.EpochProgram:
     """`train_epoch(state, images, labels, key) -> (state, metrics)`, compiled.
 
     images: uint8[N, H, W, 3] and labels: int32[N] (replicated on the mesh). Each epoch
@@ -191,36 +222,34 @@ def make_train_epoch(
     none)}. `progress`, if given, is called on the host with the step index after each
     step (a `jax.debug.callback`). The state buffers are donated.
 
-    With `config.epoch_loop` "scan" the epoch is one program (a `lax.scan` over the
-    steps); with "steps" it is a host loop over one jitted step; both compute the same.
-    "auto" is decided on the first call (`parallel.resolve_epoch_loop`, which traces one
-    step); the returned `parallel.LoopChoice` then says which in `.loop`.
+    `loop`: "scan" or "steps" (`jaxres.loops`), default `loops.choose_loop(config.epoch_loop,
+    model)`; the program's `.loop` says which it is.
     """
     batch_sharding = parallel.batch_sharding(mesh)
-    replicated = parallel.replicated(mesh)
-    step_fn = functools.partial(
+    step = functools.partial(
         train_step, model=model, optimizer=optimizer, config=config, batch_sharding=batch_sharding,
         steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     steps = steps_per_epoch if steps is None else steps
 
-    def shuffled_batches(key, num_images):
+    def prepare(images, labels, key):  # xs: (step index, batch indices); context: the augmentation key
         permutation_key, augment_key = jax.random.split(key)
-        order = jax.random.permutation(permutation_key, num_images)
+        order = jax.random.permutation(permutation_key, images.shape[0])
         batches = order[: steps * config.batch_size].reshape(steps, config.batch_size)
-        return batches, augment_key
+        return (jnp.arange(steps), batches), augment_key
 
-    def one_step(state, images, labels, batch_indices, step_index, augment_key):
+    def body(state, x, augment_key, images, labels, key):
+        step_index, batch_indices = x
         batch_indices = jax.lax.with_sharding_constraint(batch_indices, batch_sharding)
         step_key = jax.random.fold_in(augment_key, step_index)
-        state, metrics = step_fn(state, images[batch_indices], labels[batch_indices], step_key, indices=batch_indices)
+        state, metrics = step(state, images[batch_indices], labels[batch_indices], step_key, indices=batch_indices)
         if progress is not None:
             jax.debug.callback(progress, step_index)
         return state, metrics
 
-    def summarize(state, per_step):
+    def finish(state, per_step, augment_key, images, labels, key):
         nonfinite = ~per_step["finite"]
-        return {
+        return state, {
             "loss": per_step["loss"].mean(),
             "accuracy": per_step["accuracy"].mean(),
             "loss_scale": state.loss_scale.scale,
@@ -228,42 +257,8 @@ def make_train_epoch(
             "first_nonfinite_step": jnp.where(nonfinite.any(), jnp.argmax(nonfinite), -1),
         }
 
-    def scanned():
-        def scanned_epoch(state, images, labels, key):
-            batches, augment_key = shuffled_batches(key, images.shape[0])
-
-            def body(state, inputs):
-                step_index, batch_indices = inputs
-                return one_step(state, images, labels, batch_indices, step_index, augment_key)
-
-            state, per_step = jax.lax.scan(body, state, (jnp.arange(steps), batches))
-            return state, summarize(state, per_step)
-
-        return jax.jit(scanned_epoch, donate_argnums=(0,), out_shardings=replicated)
-
-    def stepped():
-        shuffle = jax.jit(shuffled_batches, static_argnums=1, out_shardings=replicated)
-        step = jax.jit(one_step, donate_argnums=(0,), out_shardings=replicated)
-        finish = jax.jit(
-            lambda state, per_step: summarize(state, jax.tree_util.tree_map(lambda *x: jnp.stack(x), *per_step)),
-            out_shardings=replicated,
-        )
-
-        def stepped_epoch(state, images, labels, key):
-            batches, augment_key = shuffle(key, images.shape[0])
-            per_step = []
-            for step_index in range(steps):
-                state, metrics = step(state, images, labels, batches[step_index], step_index, augment_key)
-                per_step.append(metrics)
-            return state, finish(state, per_step)
-
-        return stepped_epoch
-
-    def trace(state, images, labels, key):
-        batch_indices = jnp.zeros(config.batch_size, jnp.int32)
-        return jax.make_jaxpr(one_step)(state, images, labels, batch_indices, 0, key)
-
-    return parallel.LoopChoice(config.epoch_loop, lambda loop: scanned() if loop == "scan" else stepped(), trace)
+    loop = loops.choose_loop(config.epoch_loop, model) if loop is None else loop
+    return loops.epoch_program(loop, prepare, body, finish, out_shardings=parallel.replicated(mesh))
 
 
 # --------------------------------------------------------------------------- epochs
@@ -274,27 +269,34 @@ class RunSetup:
     """What `train_epochs` needs, built once per run by `prepare_run` (arrays on the mesh)."""
 
     config: TrainConfig
-    model: Any
+    backend: backends.ConvBackend  # `config.conv_backend` resolved (`backends.resolve`)
+    model: Any  # built with that backend's convolutions
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     steps_per_epoch: int
     mesh: Mesh
+    loop: str  # "scan" or "steps": how every epoch and evaluation of the run loops (`loops.choose_loop`)
     train_images: jax.Array  # uint8[N, H, W, 3], the training subset
     train_labels: jax.Array  # int32[N]
     test_images: jax.Array
     test_labels: jax.Array
-    init_key: jax.Array  # the model's initialisation
-    data_key: jax.Array  # shuffles and augmentations: epoch e uses fold_in(data_key, e)
+    keys: RunKeys
+    info: dict  # dataset.json's contents (`rundir.dataset_info`)
+    evaluate_test: Callable  # the per-epoch evaluation, `evaluate.make_evaluate` (variables) -> {loss, accuracy, predictions}
+
+    def test_evaluation(self, state: TrainState) -> dict:
+        """The per-epoch evaluation of `state` on the test split, on the host."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return jax.device_get(self.evaluate_test(variables, self.test_images, self.test_labels))
 
 
 def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = None) -> RunSetup:
-    """The model, optimizer, schedule and device-resident data of the run `config` describes
-    on `dataset` (its `train_subset` selected). mesh: default all devices (`make_mesh`).
-    Raises JaxresError when the batch sizes do not split over the devices or the training
-    set is smaller than one batch."""
+    """The model, optimizer, schedule, epoch loop and device-resident data of the run `config`
+    describes on `dataset` (its `train_subset` selected). mesh: default all devices
+    (`make_mesh`). Raises JaxresError when the batch sizes do not split over the devices or
+    the training set is smaller than one batch."""
     data.check_train_subset(config.train_subset, dataset.train.labels.shape[0])
     train_indices = data.select_train_subset(dataset.train.labels, config.train_subset, config.seed)
-    train_images = dataset.train.images[train_indices]
     mesh = parallel.make_mesh() if mesh is None else mesh
     devices = mesh.devices.size
     if config.batch_size % devices or config.eval_batch_size % devices:
@@ -302,27 +304,24 @@ def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = 
             f"batch_size ({config.batch_size}) and eval_batch_size ({config.eval_batch_size}) must be "
             f"multiples of the device count ({devices})"
         )
-    steps_per_epoch = train_images.shape[0] // config.batch_size
+    steps_per_epoch = len(train_indices) // config.batch_size
     if steps_per_epoch == 0:
-        raise JaxresError(
-            f"the training set has {train_images.shape[0]} images, fewer than one batch of {config.batch_size}"
-        )
+        raise JaxresError(f"the training set has {len(train_indices)} images, fewer than one batch of {config.batch_size}")
     optimizer, schedule = optim.make_optimizer(config, steps_per_epoch)
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    backend = backends.resolve(config.conv_backend)  # once, before any model is built
+    model = backends.model_from_config(config, len(dataset.class_names), backend)
+    models.check_image_size(model, dataset.train.images.shape[1:])
+    loop = loops.choose_loop(config.epoch_loop, model, dataset.train.images.shape[1:])
     return RunSetup(
-        config=config,
-        model=models.from_config(config, len(dataset.class_names)),
-        optimizer=optimizer,
-        schedule=schedule,
-        steps_per_epoch=steps_per_epoch,
-        mesh=mesh,
-        train_images=parallel.replicate(mesh, train_images),
+        config=config, backend=backend, model=model, optimizer=optimizer, schedule=schedule,
+        steps_per_epoch=steps_per_epoch, mesh=mesh, loop=loop,
+        train_images=parallel.replicate(mesh, dataset.train.images[train_indices]),
         train_labels=parallel.replicate(mesh, dataset.train.labels[train_indices].astype(np.int32)),
         test_images=parallel.replicate(mesh, dataset.test.images),
         test_labels=parallel.replicate(mesh, dataset.test.labels.astype(np.int32)),
-        init_key=init_key,
-        data_key=data_key,
-    )
+        keys=run_keys(config.seed), info=rundir.dataset_info(dataset, len(train_indices)),
+        evaluate_test=evaluate.make_evaluate(model, config, mesh, loop=loop),
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -337,7 +336,7 @@ class EpochResult:
     compile_seconds: float  # tracing and compiling the training epoch (its first call)
     evaluation_seconds: float  # the evaluation's wall time, compilation included
     evaluation_compile_seconds: float  # of which compiling the evaluation (its first call)
-    epoch_loop: str = ""  # how the epoch ran: "scan" or "steps" (`parallel.resolve_epoch_loop`)
+    epoch_loop: str = ""  # how the epoch ran: "scan" or "steps" (`RunSetup.loop`)
     steps: int = 0  # optimizer steps in the epoch (0: a full epoch; fewer in a fractional last one)
 
 
@@ -348,25 +347,19 @@ def train_epochs(
     followed by an evaluation on the test split; yields each epoch's `EpochResult`.
     The state passed in is donated (its buffers reused)."""
     programs = {}  # steps -> train_epoch: a fractional last epoch is a shorter program
-
-    def train_epoch_of(steps):
+    for epoch in range(start_epoch, stop_epoch):
+        steps = setup.config.steps_in_epoch(epoch, setup.steps_per_epoch)
         if steps not in programs:
             programs[steps] = make_train_epoch(
                 setup.model, setup.optimizer, setup.config, setup.mesh, setup.steps_per_epoch,
-                progress=progress.update if progress else None, steps=steps,
+                progress=progress.update if progress else None, steps=steps, loop=setup.loop,
             )  # fmt: skip
-        return programs[steps]
-
-    evaluate_test = evaluate.make_evaluate(setup.model, setup.config, setup.mesh)
-    for epoch in range(start_epoch, stop_epoch):
-        steps = setup.config.steps_in_epoch(epoch, setup.steps_per_epoch)
-        train_epoch = train_epoch_of(steps)
         if progress is not None:
             progress.start(epoch + 1, steps)
         started = time.perf_counter()
         with CompileClock() as compile_clock:
-            state, metrics = train_epoch(
-                state, setup.train_images, setup.train_labels, jax.random.fold_in(setup.data_key, epoch)
+            state, metrics = programs[steps](
+                state, setup.train_images, setup.train_labels, epoch_key(setup.keys.data, epoch)
             )
             metrics = jax.device_get(metrics)
         seconds = time.perf_counter() - started - compile_clock.seconds
@@ -374,11 +367,11 @@ def train_epochs(
             progress.close()
         evaluation_started = time.perf_counter()
         with CompileClock() as evaluation_clock:
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            evaluation = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))
+            evaluation = setup.test_evaluation(state)
         yield EpochResult(
-            epoch + 1, state, metrics, evaluation, seconds, compile_clock.seconds,
-            time.perf_counter() - evaluation_started, evaluation_clock.seconds, train_epoch.loop, steps,
+            epoch=epoch + 1, state=state, train=metrics, test=evaluation, seconds=seconds,
+            compile_seconds=compile_clock.seconds, evaluation_seconds=time.perf_counter() - evaluation_started,
+            evaluation_compile_seconds=evaluation_clock.seconds, epoch_loop=setup.loop, steps=steps,
         )  # fmt: skip
 
 
@@ -386,7 +379,7 @@ def final_tta_evaluation(setup: RunSetup, state: TrainState) -> dict:
     """The final model on the test split with `config.final_tta`: {final_tta,
     final_tta_accuracy, final_tta_loss, final_tta_seconds (compilation included)}."""
     started = time.perf_counter()
-    evaluate_test = evaluate.make_evaluate(setup.model, setup.config, setup.mesh, tta=setup.config.final_tta)
+    evaluate_test = evaluate.make_evaluate(setup.model, setup.config, setup.mesh, tta=setup.config.final_tta, loop=setup.loop)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     evaluation = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))
     return {
@@ -397,123 +390,110 @@ def final_tta_evaluation(setup: RunSetup, state: TrainState) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- run
-
-
-@dataclasses.dataclass
-class RunResult:
-    state: TrainState
-    history: list[dict]
-    config: TrainConfig
-
-
-@rundir.holds_workdir_lock  # one run writes a workdir at a time: a second is refused, naming the first
-def train_and_evaluate(
-    config: TrainConfig,
-    *,
-    resume: bool = False,
-    dataset: data.Dataset | None = None,
-    progress: bool | None = None,
-    log: Callable[[str], None] = print,
-    stop_after_epoch: int | None = None,
-    write_plots: bool = True,
-    mesh: Mesh | None = None,
-) -> RunResult:
-    """Run (or resume) the training described by `config`; write everything to its workdir.
-
-    Args:
-      config: the run (see `jaxres.config.TrainConfig`); its workdir receives config.json,
-        dataset.json, metrics.jsonl, the checkpoint after every epoch, and the plots.
-      resume: continue from the workdir's checkpoint, bit-exactly as if never stopped. The
-        saved recipe must equal `config`'s (run options such as the data path, cache folder
-        or epoch loop may change; see `jaxres.config.RUN_OPTIONS`), and the data must have
-        the saved class names, image shape and counts.
-      dataset: a `jaxres.data.Dataset` to use instead of loading `config.data`.
-      progress: show a progress bar per epoch; default: when stderr is a terminal.
-      log: where the table lines go (`print`; a no-op on processes other than 0).
-      stop_after_epoch: end the run early after this many epochs (to simulate an interruption).
-      write_plots: write curves.png, lr_schedule.png and misclassified.png at the end.
-      mesh: the devices to use (default: all of them, `parallel.make_mesh()`).
-
-    Returns:
-      A `RunResult`: the final state (on the mesh), every epoch's metrics row, the config.
-
-    Raises:
-      JaxresError: an unusable workdir, data or config (named in the message).
-      monitoring.NonFiniteLossError: a non-finite loss; the last good checkpoint stays intact.
-    """
-    is_main = jax.process_index() == 0
-    progress = sys.stderr.isatty() if progress is None else progress
-    workdir = Path(config.workdir)
-    rundir.check_workdir(workdir, resume, writable=is_main)
-    if resume:
-        changed = rundir.load_config(workdir).recipe_differences(config)
-        if changed:
-            raise JaxresError(
-                f"cannot resume {workdir}: its config.json differs in {', '.join(changed)}; "
-                "resume with the same recipe (or omit those flags: --resume alone reuses the saved ones)"
-            )
-        saved_state, history = rundir.read_checkpoint(workdir)  # verified before any data is loaded
-    else:
-        saved_state, history = None, []
-
-    # 1. data, model, optimizer
-    if dataset is None:
-        dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress and is_main)
-    setup = prepare_run(config, dataset, mesh)
-    info = rundir.dataset_info(dataset, setup.train_images.shape[0])
-
-    # 2. state
-    variables = models.init_variables(setup.model, setup.init_key, dataset.train.images.shape[1:])
+def restore_or_initialise(setup: RunSetup, dataset: data.Dataset, saved) -> tuple[TrainState, list[dict]]:
+    """The run's state at its start, replicated on the mesh, and the metrics rows so far: fresh
+    (`saved` None), or the checkpoint `saved` = `rundir.read_resumable(...)` restored into
+    it after checking that the data and its step fit this run."""
+    config = setup.config
+    variables = models.init_variables(setup.model, setup.keys.init, dataset.train.images.shape[1:])
     if config.model == "airbench94":  # its first layer is computed from the training images
         variables = airbench.init_whitening(variables, setup.train_images)
-    state = init_train_state(config, setup.optimizer, variables)
-    if resume:
+    state, history = init_train_state(config, setup.optimizer, variables), []
+    if saved is not None:
+        workdir = Path(config.workdir)
         if (workdir / rundir.DATA_INFO_NAME).is_file():
-            rundir.check_data_fits_run(workdir, dataset, train_images=info["train_images"])
-        state = rundir.fit_state_dict(rundir.checkpoint_path(workdir), saved_state, state)
+            rundir.check_data_fits_run(workdir, dataset, train_images=setup.info["train_images"])
+        state, history = rundir.fit_state_dict(rundir.checkpoint_path(workdir), saved[0], state), saved[1]
         if int(state.step) != min(len(history) * setup.steps_per_epoch, config.total_steps(setup.steps_per_epoch)):
             raise JaxresError(
                 f"cannot resume {workdir}: its checkpoint is at step {int(state.step)}, not at the end of its "
                 f"epoch {len(history)} of {setup.steps_per_epoch} steps (did the training set change?)"
             )
-        log(f"resumed {workdir} at epoch {len(history)}")
-    state = parallel.replicate_tree(setup.mesh, state)
-    if is_main:
-        rundir.start_run_files(workdir, config, info, history)
+    return parallel.replicate_tree(setup.mesh, state), history
 
-    # 3-5. epochs: train, evaluate, commit the checkpoint with the epoch's row
-    log(
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `train_and_evaluate` returns: the final state (on the mesh), every epoch's
+    metrics row (metrics.jsonl's), the run's config and its `RunSetup`."""
+
+    state: TrainState
+    history: list[dict]
+    config: TrainConfig
+    setup: RunSetup
+
+
+def describe_run(setup: RunSetup, dataset: data.Dataset) -> str:
+    """The line that opens a run's log: model, precision, data, steps, devices, loop."""
+    config, info = setup.config, setup.info
+    return (
         f"training {config.model} (width {config.width}, {config.precision}) on {dataset.source}: "
-        f"{info['train_images']} train / {info['test_images']} test images, "
-        f"{setup.steps_per_epoch} steps of {config.batch_size} per epoch, {setup.mesh.devices.size} device(s)"
+        f"{info['train_images']} train / {info['test_images']} test images, {setup.steps_per_epoch} steps of "
+        f"{config.batch_size} per epoch, {setup.mesh.devices.size} device(s), {setup.backend.name} convolutions, "
+        f"epoch loop {setup.loop}"
     )
+
+
+@rundir.claims_workdir  # checked before any data is loaded, then one run writes it at a time
+def train_and_evaluate(
+    config: TrainConfig, *, resume: bool = False, dataset: data.Dataset | None = None, progress: bool | None = None,
+    log: Callable[[str], None] = print, write_plots: bool = True, mesh: Mesh | None = None,
+    tune: Callable[[TrainConfig, data.Dataset], TrainConfig] | None = None, on_epoch: Callable[[dict], bool] | None = None,
+) -> RunResult:
+    """Run (or resume) the training `config` describes, writing config.json, dataset.json,
+    metrics.jsonl, the checkpoint after every epoch and the plots to its workdir.
+
+    resume: continue from the workdir's checkpoint, bit-exactly as if never stopped (the
+      saved recipe must equal `config`'s; run options, `config.RUN_OPTIONS`, may change).
+    dataset: a `jaxres.data.Dataset` instead of loading `config.data`. progress: a bar per
+      epoch (default: when stderr is a terminal). log: where the table lines go.
+    write_plots: curves.png, lr_schedule.png, misclassified.png at the end. mesh: the devices
+      (default all, `parallel.make_mesh()`). tune: `tune(config, dataset) -> config`, once the
+      data is loaded, before anything is built (`--peak-lr auto` runs the LR range test so).
+    on_epoch: called with each epoch's metrics row after its checkpoint; True ends the run
+      there (early stopping; it can be resumed).
+
+    Returns a `RunResult`. Raises JaxresError for an unusable workdir, data or config (named
+    in the message), `monitoring.NonFiniteLossError` for a non-finite loss (the last good
+    checkpoint stays intact).
+    """
+    is_main, workdir = jax.process_index() == 0, Path(config.workdir)
+    saved = rundir.read_resumable(workdir, config) if resume else None  # verified before any data is loaded
+    progress = sys.stderr.isatty() if progress is None else progress
+    if dataset is None:
+        dataset = data.load_dataset(config.data, cache_dir=config.cache_dir, progress=progress and is_main)
+    config = config if tune is None else tune(config, dataset)
+    setup = prepare_run(config, dataset, mesh)
+    state, history = restore_or_initialise(setup, dataset, saved)
+    if saved is not None:
+        log(f"resumed {workdir} at epoch {len(history)}")
+    if is_main:
+        rundir.start_run_files(workdir, config, setup.info, history)
+    log(describe_run(setup, dataset))
     log(TABLE_HEADER)
-    stop_epoch = config.epoch_count if stop_after_epoch is None else min(config.epoch_count, stop_after_epoch)
-    bar = EpochProgress(setup.steps_per_epoch) if progress and is_main else None
-    predictions = None
-    for result in train_epochs(setup, state, len(history), stop_epoch, bar):
-        state = result.state
-        monitoring.check_epoch_is_finite(config, workdir, result.epoch, result.train, result.test, result.steps or setup.steps_per_epoch)
-        predictions = result.test["predictions"]
+    bar, predictions = EpochProgress(setup.steps_per_epoch) if progress and is_main else None, None
+    for result in train_epochs(setup, state, len(history), config.epoch_count, bar):
+        state, predictions = result.state, result.test["predictions"]
+        monitoring.check_epoch_is_finite(config, workdir, result.epoch, result.train, result.test, result.steps)
         history.append(monitoring.metrics_row(result, setup.schedule, setup.steps_per_epoch, config.batch_size))
         log(format_row(history[-1]))
         if is_main:
             rundir.save_epoch(workdir, jax.device_get(state), history)
-
-    if history and config.final_tta != "none" and len(history) == config.epoch_count and "final_tta_accuracy" not in history[-1]:
+        if on_epoch is not None and on_epoch(history[-1]):
+            break
+    if config.final_tta != "none" and len(history) == config.epoch_count and "final_tta_accuracy" not in history[-1]:
         history[-1].update(final_tta_evaluation(setup, state))
         log(f"final model with TTA {config.final_tta}: test accuracy {100 * history[-1]['final_tta_accuracy']:.2f}%")
         if is_main:
             rundir.save_epoch(workdir, jax.device_get(state), history)
-
     if is_main and write_plots and history:
-        if predictions is None:  # resumed at the end: evaluate once for the misclassified images
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            evaluate_test = evaluate.make_evaluate(setup.model, config, setup.mesh)
-            predictions = jax.device_get(evaluate_test(variables, setup.test_images, setup.test_labels))["predictions"]
+        if predictions is None:  # resumed at the end: the misclassified images need one evaluation
+            predictions = setup.test_evaluation(state)["predictions"]
         plots.save_run_plots(workdir, config, history, setup.schedule, setup.steps_per_epoch, dataset, predictions)
-    return RunResult(state=state, history=history, config=config)
+    return RunResult(state=state, history=history, config=config, setup=setup)
 
 
 if __name__ == "__main__":  # `python -m jaxres.train`: the command line lives in jaxres.cli

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxres import airbench, augment, config as config_lib, evaluate, models, optim, train
+from jaxres import airbench, augment, backends, config as config_lib, evaluate, models, optim, train
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
 
@@ -72,7 +72,7 @@ def test_whitening_sample_is_the_start_of_the_fixed_shuffle():
 
 
 def test_whitening_init_writes_the_kernel_into_the_model():
-    model = models.create_model("airbench94", width=0.25, conv_backend="xla")
+    model = models.create_model("airbench94", width=0.25)
     variables = models.init_variables(model, jax.random.PRNGKey(0))
     images = np.random.default_rng(2).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
     whitened = airbench.init_whitening(variables, images)
@@ -99,7 +99,7 @@ def test_dirac_init_is_the_identity_map_on_the_first_filters():
 
 
 def test_airbench_shapes_parameters_and_frozen_batchnorm_scale():
-    model = models.create_model("airbench94", conv_backend="xla")
+    model = models.create_model("airbench94")
     variables = models.init_variables(model, jax.random.PRNGKey(0))
     params = variables["params"]
     assert models.count_params(params) == 1_971_640
@@ -108,7 +108,7 @@ def test_airbench_shapes_parameters_and_frozen_batchnorm_scale():
     assert model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
     assert model.apply(variables, jnp.zeros((1, 28, 28, 3))).shape == (1, 10)  # 27 -> 13 -> 6 -> 3 -> 1
     with pytest.raises(JaxresError, match="norm 'group'"):
-        models.init_variables(models.create_model("airbench94", norm="group", conv_backend="xla"), jax.random.PRNGKey(0))
+        models.init_variables(models.create_model("airbench94", norm="group"), jax.random.PRNGKey(0))
 
 
 def test_airbench_batchnorm_running_average_momentum_is_pytorchs_0_4():
@@ -368,7 +368,7 @@ def test_two_steps_equal_a_pytorch_twin_with_the_published_optimizer():
     torch = pytest.importorskip("torch")
     config = small_airbench(lookahead_every=0)
     batch, steps_per_epoch = config.batch_size, 4
-    model = models.from_config(config, 10)
+    model = backends.model_from_config(config, 10)
     variables = models.init_variables(model, jax.random.PRNGKey(0))
     rng = np.random.default_rng(9)
     images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3)), jnp.uint8)
@@ -429,7 +429,7 @@ def test_two_steps_equal_a_pytorch_twin_with_the_published_optimizer():
 
 @pytest.mark.slow
 def test_airbench_run_fractional_epochs_final_tta_and_bit_exact_resume(tmp_path):
-    from tests.helpers import quiet, random_dataset
+    from tests.helpers import quiet, random_dataset, stop_after_first_epoch
 
     dataset = random_dataset(num_train=128, num_test=40)
 
@@ -449,7 +449,7 @@ def test_airbench_run_fractional_epochs_final_tta_and_bit_exact_resume(tmp_path)
     assert all(jax.tree_util.tree_leaves(chex_equal))
 
     stopped = config(tmp_path / "stopped")
-    train.train_and_evaluate(stopped, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
+    train.train_and_evaluate(stopped, dataset=dataset, progress=False, log=quiet, on_epoch=stop_after_first_epoch)
     resumed = train.train_and_evaluate(stopped, resume=True, dataset=dataset, progress=False, log=quiet)
     same = jax.tree_util.tree_map(
         np.array_equal, jax.device_get(whole.state), jax.device_get(resumed.state)

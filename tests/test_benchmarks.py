@@ -45,13 +45,13 @@ def images_uint8(count: int, seed: int = 0) -> np.ndarray:
 def test_both_sides_build_the_same_model():
     import jax
 
-    from jaxres import augment, convert, models
+    from jaxres import augment, backends, convert
     from jaxres.config import TrainConfig
     from jaxres.models import count_params
 
     torch_model = torch_model_with_random_statistics().eval()
     config = TrainConfig(width=WIDTH)
-    flax_model = models.from_config(config, num_classes=10)
+    flax_model = backends.model_from_config(config, num_classes=10)
     variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
     assert count_params(variables["params"]) == sum(p.numel() for p in torch_model.parameters())
 
@@ -70,7 +70,7 @@ def test_both_sides_build_the_same_model():
 
 
 def test_weights_round_trip_through_the_shared_npz(tmp_path):
-    from jaxres import convert, models
+    from jaxres import backends, convert
     from jaxres.config import TrainConfig
 
     from benchmarks import worker_torch
@@ -81,7 +81,7 @@ def test_weights_round_trip_through_the_shared_npz(tmp_path):
     loaded = worker_torch.load_weights(args.weights)
     assert set(loaded) == set(state)
     assert float(np.abs(loaded["prep.conv_block.norm.running_mean"]).max()) > 0  # calibrated, not the fresh zeros
-    model = models.from_config(TrainConfig(width=WIDTH), num_classes=10)
+    model = backends.model_from_config(TrainConfig(width=WIDTH), num_classes=10)
     back = convert.flax_to_torch(convert.torch_to_flax(loaded, model), model)
     assert set(back) == set(loaded)
     for name, array in loaded.items():
@@ -224,11 +224,11 @@ def test_flip_tta_logits_match_jaxres():
     is jaxres.evaluate's on the same weights and images; "none" is the plain forward."""
     import jax
 
-    from jaxres import augment, convert, evaluate, models
+    from jaxres import augment, backends, convert, evaluate
     from jaxres.config import TrainConfig
 
     torch_model = torch_model_with_random_statistics(seed=2).eval()
-    flax_model = models.from_config(TrainConfig(width=WIDTH), num_classes=10)
+    flax_model = backends.model_from_config(TrainConfig(width=WIDTH), num_classes=10)
     variables = convert.torch_to_flax(torch_model.state_dict(), flax_model)
     images = images_uint8(16, seed=5)
     recipe = torch_train.Recipe(width=WIDTH, channels_last=True)

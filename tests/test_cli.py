@@ -14,7 +14,7 @@ import pytest
 from jaxres import cli, config as config_lib, train
 from jaxres.config import RUN_OPTIONS, TrainConfig
 from jaxres.errors import JaxresError
-from tests.helpers import quiet, random_dataset, tiny_config
+from tests.helpers import quiet, random_dataset, stop_after_first_epoch, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -75,7 +75,7 @@ def test_run_options_are_where_and_how_not_what():
 def test_resume_accepts_new_run_options_and_refuses_a_changed_recipe(tmp_path):
     dataset = random_dataset(num_train=64)
     config = tiny_config(tmp_path / "run", epochs=2)
-    train.train_and_evaluate(config, dataset=dataset, log=quiet, stop_after_epoch=1, write_plots=False)
+    train.train_and_evaluate(config, dataset=dataset, log=quiet, on_epoch=stop_after_first_epoch, write_plots=False)
     with pytest.raises(JaxresError, match=r"differs in peak_lr, seed; resume with the same recipe"):
         train.train_and_evaluate(dataclasses.replace(config, peak_lr=0.1, seed=3), resume=True, dataset=dataset, log=quiet)
     moved = dataclasses.replace(config, data=str(tmp_path / "moved"), cache_dir=str(tmp_path / "cache"), eval_batch_size=8)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres import cli, evaluate, models, optim, rundir, train
+from jaxres import backends, cli, evaluate, models, optim, rundir, train
 from jaxres import gradcam as cam_lib
 from jaxres.config import TrainConfig
 from jaxres.data import CIFAR10_CLASSES
@@ -31,7 +31,7 @@ def cifar_run(tmp_path_factory):
     """A run directory of an all-zero model of the 10 CIFAR-10 classes on 32x32 images."""
     workdir = tmp_path_factory.mktemp("cifar-run")
     config = TrainConfig(data="cifar10", width=0.0625, eval_batch_size=16, workdir=str(workdir))
-    model = models.from_config(config, len(CIFAR10_CLASSES))
+    model = backends.model_from_config(config, len(CIFAR10_CLASSES))
     optimizer = optim.make_optimizer(config, steps_per_epoch=1)[0]
     template = jax.eval_shape(lambda: train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))))
     state = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), template)
@@ -87,7 +87,7 @@ def no_computing(monkeypatch):
 # --------------------------------------------------------------------------- the data must be the run's kind
 
 
-@pytest.mark.parametrize("main", [cli.evaluate_main, cam_lib.main], ids=["evaluate", "gradcam"])
+@pytest.mark.parametrize("main", [cli.evaluate_main, cli.gradcam_main], ids=["evaluate", "gradcam"])
 def test_data_with_other_classes_is_named_before_computing(main, cifar_run, no_computing, capsys, tmp_path):
     """Issue 11 item 13: a CIFAR-10 run with --data shapes (evaluate used to print 16.95%, gradcam
     raised IndexError)."""
@@ -98,7 +98,7 @@ def test_data_with_other_classes_is_named_before_computing(main, cifar_run, no_c
     assert not (tmp_path / "c.png").exists()
 
 
-@pytest.mark.parametrize("main", [cli.evaluate_main, cam_lib.main], ids=["evaluate", "gradcam"])
+@pytest.mark.parametrize("main", [cli.evaluate_main, cli.gradcam_main], ids=["evaluate", "gradcam"])
 def test_data_with_other_image_shape_is_named_before_computing(main, cifar_run, no_computing, capsys, tmp_path):
     tree = image_tree(tmp_path / "small", size=8, test_per_class=1)
     argv = ["--workdir", cifar_run, "--data", tree, "--cache-dir", tmp_path / "cache"]
@@ -142,7 +142,7 @@ def test_misclassified_images_are_taken_round_robin_over_the_classes(cifar_run, 
     monkeypatch.setattr(cam_lib, "plot_cams", recording_plot_cams)
     out = tmp_path / "cams.png"
     argv = ["--workdir", cifar_run, "--data", cifar_like_tree, "--cache-dir", tmp_path / "cache", "--misclassified", "4", "--out", out]
-    status, stdout, err = run_command(cam_lib.main, argv, capsys)
+    status, stdout, err = run_command(cli.gradcam_main, argv, capsys)
     assert status == 0, err
     assert stdout == f"wrote {out}\n" and out.read_bytes()[:4] == b"\x89PNG"
     assert shown["true_labels"].tolist() == [1, 2, 3, 4]  # round-robin: one of each class, classes in order

@@ -4,8 +4,8 @@ built exactly as that run builds it and exported for CUDA on this CPU-only machi
 not run on).
 
 "As a GPU run builds it": the run's choices are resolved with `jax.default_backend()`
-reading "gpu" (`as_on_a_gpu`), so `onednn.resolve` picks the convolution backend and
-`parallel.resolve_epoch_loop` the loop a GPU run gets (XLA's convolutions, one
+reading "gpu" (`as_on_a_gpu`), so `backends.resolve` picks the convolution backend and
+`loops.choose_loop` the loop a GPU run gets (XLA's convolutions, one
 `lax.scan`); the programs are then built by the library's own builders
 (`train.make_train_epoch`, `evaluate.make_evaluate`, `gradcam.gradcam` under `jax.jit`,
 the LR range test's step) at the full recipe's shapes (width 1, batch 512, 50,000 training
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import pytest
 from jax.export import DisabledSafetyCheck
 
-from jaxres import evaluate, gradcam, lr_find, models, onednn, optim, parallel, precision, train
+from jaxres import backends, evaluate, gradcam, loops, lr_find, models, onednn, optim, parallel, precision, train
 from jaxres import config as config_lib
 from jaxres.config import MIX_METHODS, TTA_MODES, TrainConfig
 
@@ -69,7 +69,7 @@ NORM_SCOPE = re.compile(r"(?:^|/)(?:\w+_)?norm\d*/")  # norm, norm1, norm2, shor
 @contextlib.contextmanager
 def as_on_a_gpu():
     """While inside, `jax.default_backend()` reads "gpu": what the run's resolvers
-    (`onednn.resolve`, `parallel.resolve_epoch_loop`) see on a GPU. Only the choices are
+    (`backends.resolve`, `loops.choose_loop`) see on a GPU. Only the choices are
     made inside; building and exporting happen outside, on the real (CPU) backend."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(jax, "default_backend", lambda: "gpu")
@@ -77,20 +77,23 @@ def as_on_a_gpu():
 
 
 def gpu_model(config: TrainConfig):
-    """The model `models.from_config` builds for `config` on a GPU (its conv_backend resolved there)."""
+    """The model `backends.model_from_config` builds for `config` on a GPU (its conv_backend resolved there)."""
     with as_on_a_gpu():
-        model = models.from_config(config, NUM_CLASSES)
-    assert model.conv_backend == "xla", f"a GPU run resolves conv_backend {config.conv_backend!r} to {model.conv_backend!r}"
+        backend = backends.resolve(config.conv_backend)
+        model = backends.model_from_config(config, NUM_CLASSES)
+    assert backend.name == "xla", f"a GPU run resolves conv_backend {config.conv_backend!r} to {backend.name!r}"
+    assert model.conv is backends.XLA.conv, f"a GPU run's model convolves with {model.conv!r}, not XLA's"
     return model
 
 
-def gpu_program(choice: parallel.LoopChoice):
-    """The program a `LoopChoice` (train epoch, evaluation) builds on a GPU: the loop
-    `resolve_epoch_loop` picks there, which must be the one `lax.scan` program."""
+def gpu_program(build):
+    """The compiled program (`loops.EpochProgram.function`) that `build()` (a train epoch, an
+    evaluation) makes on a GPU: the loop `loops.choose_loop` picks there, which must be the
+    one `lax.scan` program (its carry first: the state, or None for an evaluation)."""
     with as_on_a_gpu():
-        loop = parallel.resolve_epoch_loop(choice.epoch_loop)
-    assert loop == "scan", f"epoch_loop {choice.epoch_loop!r} runs as {loop!r} on a GPU, not as one scan"
-    return choice.build(loop)
+        program = build()
+    assert program.loop == "scan", f"it runs as {program.loop!r} on a GPU, not as one scan"
+    return program.function
 
 
 def replicated_struct(shape, dtype, mesh=None):
@@ -115,7 +118,7 @@ def train_epoch_program(config: TrainConfig, mesh=None, progress=None):
     optimizer, _ = optim.make_optimizer(config, steps_per_epoch)
     variables = variable_structs(model)
     state = struct_tree(jax.eval_shape(lambda v: train.init_train_state(config, optimizer, v), variables), mesh)
-    epoch = gpu_program(train.make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=progress))
+    epoch = gpu_program(lambda: train.make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=progress))
     arguments = (
         state,
         replicated_struct((TRAIN_IMAGES, 32, 32, 3), jnp.uint8, mesh),
@@ -130,7 +133,7 @@ def train_epoch_program(config: TrainConfig, mesh=None, progress=None):
 
 def host_callbacks(closed_jaxpr) -> dict:
     """{primitive: count} of the host callbacks in a traced program, sub-programs included."""
-    counts = parallel.primitive_counts(closed_jaxpr)
+    counts = loops.primitive_counts(closed_jaxpr)
     return {name: count for name, count in counts.items() if "callback" in name or name == "debug_print"}
 
 
@@ -263,8 +266,9 @@ def test_evaluation_exports_for_cuda(model_name, precision_name, tta):
     config = TrainConfig(model=model_name, precision=precision_name, tta=tta)
     mesh = parallel.make_mesh()
     model = gpu_model(config)
-    program = gpu_program(evaluate.make_evaluate(model, config, mesh))
+    program = gpu_program(lambda: evaluate.make_evaluate(model, config, mesh))
     arguments = (
+        None,  # the evaluation's carry
         variable_structs(model),
         jax.ShapeDtypeStruct((TEST_IMAGES, 32, 32, 3), jnp.uint8),
         jax.ShapeDtypeStruct((TEST_IMAGES,), jnp.int32),
@@ -293,19 +297,18 @@ def test_lr_range_test_step_exports_for_cuda(precision_name):
     config = TrainConfig(precision=precision_name)
     with as_on_a_gpu():
         model = lr_find.range_test_model(config, NUM_CLASSES)
-    assert model.conv_backend == "xla"
+    assert model.conv is backends.XLA.conv
     variables = variable_structs(model)
     hyperparameters = dict(momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay)
-    opt_state = struct_tree(jax.eval_shape(lr_find._optimizer(**hyperparameters).init, variables["params"]))
-    arguments = (
-        variables["params"], variables["batch_stats"], opt_state,
+    recipe = lr_find.range_test_recipe(label_smoothing=config.label_smoothing, **hyperparameters)
+    optimizer = lr_find._optimizer(**hyperparameters)
+    state = struct_tree(jax.eval_shape(lambda v: train.init_train_state(recipe, optimizer, v), variables))
+    batch = (
         jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.uint8),
         jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
         jax.ShapeDtypeStruct((), jnp.float32),
-    )  # fmt: skip
-    exported = export_for_cuda(
-        lr_find._range_test_step, *arguments, model=model, label_smoothing=config.label_smoothing, **hyperparameters
     )
+    exported = export_for_cuda(lr_find._range_test_step, state, batch, model=model, optimizer=optimizer, config=recipe)
     check_exported(exported, "fp32" if precision_name == "fp16" else precision_name, batch_norm_statistics=True)
 
 
@@ -372,10 +375,11 @@ def test_the_check_refuses_a_host_callback_in_the_epoch():
 
 def test_the_check_refuses_onednn_convolutions():
     """The oneDNN convolutions (what a CPU run resolves) exported for CUDA are refused by name."""
-    if onednn.unavailable_reason() is not None:  # asked here, not at collection: it builds the library
-        pytest.skip(f"the oneDNN library cannot be had here: {onednn.unavailable_reason()}")
+    reason = onednn.default().unavailable_reason  # asked here, not at collection: it builds the library
+    if reason is not None:
+        pytest.skip(f"the oneDNN library cannot be had here: {reason}")
     config = TrainConfig(width=0.25)
-    model = gpu_model(config).clone(conv_backend="onednn")
+    model = gpu_model(config).clone(conv=backends.resolve("onednn").conv)
     program = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
     arguments = (variable_structs(model), jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32))
     exported = export_for_cuda(program, *arguments)

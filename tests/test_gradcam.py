@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxres import cli
 from jaxres import gradcam as cam_lib
 from jaxres.augment import normalize
 from jaxres.errors import JaxresError
@@ -36,7 +37,7 @@ def variables(model):
 @pytest.fixture(scope="module")
 def images():
     """Six synthetic-shape images (structured, so maps are not degenerate)."""
-    from jaxres.shapes import make_shapes
+    from jaxres.data.shapes import make_shapes
 
     return make_shapes(num_train=1, num_test=6, seed=0).test.images
 
@@ -402,7 +403,7 @@ def test_trained_model_localises_shapes_and_fails_randomisation():
     more than chance, and re-initialising the model decorrelates the maps (Adebayo 2018)."""
     import optax
 
-    from jaxres.shapes import make_shapes
+    from jaxres.data.shapes import make_shapes
 
     dataset = make_shapes(num_train=2048, num_test=64, seed=0)
     model = CustomResNet(width=WIDTH, num_classes=len(dataset.class_names))
@@ -465,13 +466,13 @@ def fake_run(monkeypatch, model, variables, images):
 
 def test_cli_writes_the_grid(tmp_path, fake_run, capsys):
     out = tmp_path / "cams.png"
-    assert cam_lib.main(["--workdir", "RUN", "--misclassified", "3", "--out", str(out)]) == 0
+    assert cli.gradcam_main(["--workdir", "RUN", "--misclassified", "3", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert fake_run == {"workdir": "RUN", "source": "shapes"}
     assert f"wrote {out}" in capsys.readouterr().out
     out2 = tmp_path / "indices.png"
     argv = ["--workdir", "RUN", "--data", "elsewhere", "--indices", "0", "5", "--layer", "layer2", "--method", "layercam", "--target", "true", "--out", str(out2)]
-    assert cam_lib.main(argv) == 0 and out2.is_file()
+    assert cli.gradcam_main(argv) == 0 and out2.is_file()
     assert fake_run["source"] == "elsewhere"
 
 
@@ -484,14 +485,14 @@ def test_cli_writes_the_grid(tmp_path, fake_run, capsys):
     ],
 )
 def test_cli_errors_exit_2_without_traceback(fake_run, capsys, argv, message):
-    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    assert cli.gradcam_main(["--workdir", "RUN", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv", [["--misclassified", "0"], ["--batch-size", "0"]])
 def test_cli_flag_errors_come_before_loading_the_run(fake_run, capsys, argv):
-    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    assert cli.gradcam_main(["--workdir", "RUN", *argv]) == 2
     assert capsys.readouterr().err.startswith("error: --") and fake_run == {}
 
 
@@ -499,7 +500,7 @@ def test_cli_flag_errors_come_before_loading_the_run(fake_run, capsys, argv):
 def test_cli_checks_the_output_before_any_work(tmp_path, fake_run, capsys, out, message):
     """Issue 11 item 12: --out x.txt raised ValueError after all the work; a folder printed
     'wrote FOLDER' but wrote FOLDER.png."""
-    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "--out", str(tmp_path / out)]) == 2
+    assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", "--out", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and message in err and err.count("\n") == 1
     assert fake_run == {}  # neither the run nor the data were loaded
@@ -515,7 +516,7 @@ def test_cli_reports_an_unwritable_output_without_traceback(tmp_path, fake_run, 
         raise OSError(30, "Read-only file system", str(path))
 
     monkeypatch.setattr(Figure, "savefig", read_only)
-    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "5", "--out", str(out)]) == 2
+    assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", "5", "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: {out}: Read-only file system\n"
 
 
@@ -532,7 +533,7 @@ def test_float_images_in_the_unit_range_warn(model, variables, images):
 
 
 def test_cli_argument_parsing():
-    parser = cam_lib.build_parser()
+    parser = cli.gradcam_parser()
     args = parser.parse_args(["--workdir", "RUN"])
     assert (args.split, args.method, args.layer, args.misclassified, args.indices, args.out) == ("test", "gradcam", None, None, None, "cams.png")
     with pytest.raises(SystemExit) as exit_info:
@@ -555,7 +556,7 @@ def test_cli_end_to_end_on_a_trained_run(tmp_path):
     argv = ["--data", "shapes", "--width", "0.125", "--epochs", "1", "--train-subset", "256", "--batch-size", "128", "--workdir", str(workdir)]
     assert cli.train_main(argv) == 0
     out = tmp_path / "cams.png"
-    assert cam_lib.main(["--workdir", str(workdir), "--misclassified", "4", "--out", str(out)]) == 0
+    assert cli.gradcam_main(["--workdir", str(workdir), "--misclassified", "4", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -575,7 +576,7 @@ def test_cli_end_to_end_on_a_trained_run(tmp_path):
     ],
 )
 def test_cli_bounds_a_figure_and_refuses_empty_flags_before_loading(fake_run, capsys, argv, message):
-    assert cam_lib.main(["--workdir", "RUN", *argv]) == 2
+    assert cli.gradcam_main(["--workdir", "RUN", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
     assert fake_run == {}
@@ -595,10 +596,10 @@ def test_cli_skip_pages_through_the_misclassified_images(tmp_path, fake_run, mon
     order = cam_lib.round_robin_over_classes(wrong, labels[wrong], 6)
     assert len(order) >= 3  # random weights: most of the six are wrong
     for page, skip in enumerate((0, 2)):
-        assert cam_lib.main(["--workdir", "RUN", "--misclassified", "2", "--skip", str(skip), "--out", str(tmp_path / f"{page}.png")]) == 0
+        assert cli.gradcam_main(["--workdir", "RUN", "--misclassified", "2", "--skip", str(skip), "--out", str(tmp_path / f"{page}.png")]) == 0
         np.testing.assert_array_equal(shown[page], np.asarray(images)[order[skip : skip + 2]])
     with pytest.raises(JaxresError, match=f"--skip 6 skips every misclassified image: the test split has {len(wrong)}"):
-        cam_lib.run(cam_lib.build_parser().parse_args(["--workdir", "RUN", "--skip", "6", "--out", str(tmp_path / "x.png")]))
+        cam_lib.run(cli.gradcam_parser().parse_args(["--workdir", "RUN", "--skip", "6", "--out", str(tmp_path / "x.png")]))
 
 
 def test_cli_takes_the_methods_options_and_scores_of_cam_methods(tmp_path, fake_run, capsys):
@@ -607,9 +608,9 @@ def test_cli_takes_the_methods_options_and_scores_of_cam_methods(tmp_path, fake_
     out = str(tmp_path / "cams.png")
     for argv in (["--method", "scorecam", "--score", "softmax", "--aug-smooth"], ["--method", "randomcam", "--seed", "3"],
                  ["--method", "layercam", "--eigen-smooth"]):  # fmt: skip
-        assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "1", "--out", out, *argv]) == 0
+        assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", "1", "--out", out, *argv]) == 0
     capsys.readouterr()
-    assert cam_lib.main(["--workdir", "RUN", "--indices", "0", "--out", out, "--method", "fem", "--eigen-smooth"]) == 2
+    assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", "--out", out, "--method", "fem", "--eigen-smooth"]) == 2
     assert capsys.readouterr().err.startswith("error: eigen_smooth does not apply to fem (pytorch-grad-cam ignores it there")
 
 

@@ -173,21 +173,26 @@ def test_cli_reports_an_unreadable_dataset_without_traceback(tmp_path, capsys, l
     assert loaded_sources == ["/data/photos"]
 
 
-def test_max_lr_is_the_peak_lr_flag_and_takes_auto():
+def test_peak_lr_takes_a_number_or_auto_and_max_lr_means_only_the_sweep_bound():
+    """One meaning per flag name: --max-lr is the LR range test's last LR (python -m
+    jaxres.lr_find); the trainer's peak LR is --peak-lr alone."""
     parser = cli.train_parser()
-    assert parser.parse_args(["--max-lr", "0.3"]).peak_lr == 0.3
+    assert parser.parse_args(["--peak-lr", "0.3"]).peak_lr == 0.3
     assert parser.parse_args(["--peak-lr", "AUTO"]).peak_lr == "auto"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--max-lr", "fast"])
+        parser.parse_args(["--peak-lr", "fast"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-lr", "0.3"])
+    assert cli.lr_find_parser().parse_args(["--max-lr", "3"]).max_lr == 3.0
 
 
 @pytest.mark.slow
-def test_trainer_with_max_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(tmp_path, capsys):
+def test_trainer_with_peak_lr_auto_runs_the_range_test_and_trains_at_its_suggestion(tmp_path, capsys):
     import json
 
     workdir = tmp_path / "run"
     args = ["--data", "shapes", "--width", "0.0625", "--batch-size", "32", "--train-subset", "64",
-            "--eval-batch-size", "500", "--epochs", "1", "--max-lr", "auto", "--workdir", str(workdir)]  # fmt: skip
+            "--eval-batch-size", "500", "--epochs", "1", "--peak-lr", "auto", "--workdir", str(workdir)]  # fmt: skip
     assert cli.train_main(args) == 0
     saved = json.loads((workdir / "config.json").read_text())
     assert (workdir / "lr_find.png").is_file()

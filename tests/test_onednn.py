@@ -1,6 +1,8 @@
 """jaxres/onednn.py, oneDNN's convolutions through JAX's FFI (conv_backend "onednn", the CPU
 default): it computes the convolution and both of its gradients, the model calls it where it
-should, and "auto" / "onednn" say what is missing when it cannot be had.
+should, and "auto" / "onednn" (`jaxres.backends.resolve`) say what is missing when it cannot
+be had. Tests that need another CPU's answers build their own `onednn.Onednn` (`answering`,
+`kernel_names`) and pass it in; nothing module-level is patched.
 
 The bound: a sum of K float32 products, taken in any order (blocked, with or without FMA),
 is within gamma_K * sum|products| of the exact sum, gamma_K = K*u / (1 - K*u) with
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxres import onednn
+from jaxres import backends, onednn
 from jaxres.errors import JaxresError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,11 +32,30 @@ REPO = Path(__file__).resolve().parents[1]
 U = 2.0**-24
 
 
-def library_or_skip():
+def library_or_skip() -> onednn.Onednn:
+    """The process's `Onednn`, its library loaded (the test is skipped when it cannot be had)."""
+    library = onednn.default()
     try:
-        return onednn.load()
+        library.load()
     except FileNotFoundError as missing:  # wheels or compiler absent: say which
         pytest.skip(str(missing))
+    return library
+
+
+def answering(**answers) -> onednn.Onednn:
+    """A fresh `Onednn` (the real library) whose probes give `answers` instead of asking this
+    CPU, e.g. `native_bf16=False`: what another CPU would answer."""
+    return type("Answering", (onednn.Onednn,), answers)()
+
+
+def kernel_names(names: str) -> onednn.Onednn:
+    """A fresh `Onednn` to which oneDNN names `names` for every kernel it is asked about."""
+
+    class Named(onednn.Onednn):
+        def implementations(self, *shape, dtype=None):
+            return names
+
+    return Named()
 
 
 def conv_reference(x, w):
@@ -73,7 +94,7 @@ def references(x, w, g):
 
 @pytest.mark.parametrize("size", [4, 16])
 def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size):
-    library_or_skip()
+    library = library_or_skip()
     import jax
     import jax.numpy as jnp
 
@@ -84,7 +105,7 @@ def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size)
     g = rng.standard_normal((n, h, width, co)).astype(np.float32)
     x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
 
-    y, vjp = jax.vjp(onednn.conv3x3, jnp.asarray(x), jnp.asarray(w))
+    y, vjp = jax.vjp(library.conv3x3, jnp.asarray(x), jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g))
 
     checks = references(x64, w64, g64)
@@ -101,8 +122,8 @@ def test_bfloat16_forward_and_both_gradients_are_float32_sums_rounded_once_to_bf
     """The bfloat16 handlers (used where `native_bf16`): bfloat16 operands, products exact in
     float32, float32 sums (the bound above), one rounding to bfloat16 at the end (unit
     roundoff 2**-8). bfloat16 sums would be ~2**-8 * K off, far outside."""
-    library_or_skip()
-    if not onednn.native_bf16():
+    library = library_or_skip()
+    if not library.native_bf16:
         pytest.skip("oneDNN's bfloat16 kernels on this CPU do not use native bfloat16 (no AMX or AVX512-BF16): "
                     "jaxres leaves bfloat16 convolutions to XLA here")
     import jax
@@ -113,7 +134,7 @@ def test_bfloat16_forward_and_both_gradients_are_float32_sums_rounded_once_to_bf
     # operands exactly representable in bfloat16, so only the sums and the last rounding differ
     x, w, g = (np.asarray(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16), np.float64)
                for shape in ((n, h, width, ci), (3, 3, ci, co), (n, h, width, co)))
-    y, vjp = jax.vjp(onednn.conv3x3, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    y, vjp = jax.vjp(library.conv3x3, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
     dx, dw = vjp(jnp.asarray(g, jnp.bfloat16))
     assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
 
@@ -127,7 +148,7 @@ def test_bfloat16_forward_and_both_gradients_are_float32_sums_rounded_once_to_bf
     assert not within(y, conv_reference(x, np.roll(w, 1, axis=0)), conv_reference(np.abs(x), np.abs(w)), 9 * ci)
 
 
-def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backend_onednn(monkeypatch):
+def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backend_onednn():
     library_or_skip()
     import dataclasses
 
@@ -140,8 +161,8 @@ def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backe
     config = TrainConfig(width=0.0625)
     images = np.zeros((2, 32, 32, 3), np.float32)
 
-    def hlo(config):
-        model = models.from_config(config, num_classes=10)
+    def hlo(config, library=None):
+        model = backends.model_from_config(config, 10, backends.resolve(config.conv_backend, library))
         variables = models.init_variables(model, jax.random.PRNGKey(0))
         loss = lambda v, x: jnp.sum(model.apply(v, x, train=False))  # noqa: E731
         return jax.jit(jax.grad(loss)).lower(variables, images).as_text()
@@ -153,11 +174,10 @@ def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backe
     xla = hlo(dataclasses.replace(config, conv_backend="xla"))
     assert "JaxresOnednn" not in xla and "convolution" in xla
     # bfloat16 only where oneDNN has native bfloat16 kernels (AMX, AVX512-BF16), else XLA's
-    monkeypatch.setattr(onednn, "native_bf16", lambda: False)
-    bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"))
+    bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"), answering(native_bf16=False))
     assert "JaxresOnednn" not in bf16
-    monkeypatch.setattr(onednn, "native_bf16", lambda: True)  # tracing only: no oneDNN kernel runs
-    bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"))
+    # tracing only: no oneDNN kernel runs
+    bf16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="bf16"), answering(native_bf16=True))
     assert bf16.count(onednn.TARGETS["forward"] + onednn.BF16_SUFFIX) == 8
     assert bf16.count(onednn.TARGETS["backward_weights"] + onednn.BF16_SUFFIX) == 8
     fp16 = hlo(dataclasses.replace(config, conv_backend="onednn", precision="fp16"))
@@ -165,40 +185,37 @@ def test_the_model_calls_onednn_for_its_3x3_float32_convolutions_with_conv_backe
     # at width 1, where oneDNN's kernels are AVX2 ones, only the convolutions of at most 128 x 128
     # channels (prep, layer1's three); with its AVX-512 kernels every one
     for limit, expected in ((onednn.AVX2_MAX_CHANNEL_PRODUCT, 4), (None, 8)):
-        monkeypatch.setattr(onednn, "max_channel_product", lambda limit=limit: limit)
-        wide = hlo(dataclasses.replace(config, width=1.0, conv_backend="onednn"))
+        wide = hlo(dataclasses.replace(config, width=1.0, conv_backend="onednn"), answering(max_channel_product=limit))
         assert wide.count(onednn.TARGETS["forward"]) == expected
 
 
-def test_the_channel_limit_follows_the_isa_of_onednns_weight_gradient_kernel(monkeypatch):
+def test_the_channel_limit_follows_the_isa_of_onednns_weight_gradient_kernel():
     """oneDNN's kernel names carry the ISA (jit:avx2, jit:avx512_core, ...): AVX-512 -> no
     limit, anything else -> the AVX2 limit; and this CPU's real names do carry one."""
-    library_or_skip()
-    real = onednn.implementations(*onednn.ISA_PROBE_SHAPE)
+    library = library_or_skip()
+    real = library.implementations(*onednn.ISA_PROBE_SHAPE)
     assert real.count("|") == 2 and ("avx2" in real or "avx512" in real), real
     # against the kernel's own word for the CPU: AVX-512 kernels where /proc/cpuinfo lists avx512f
     flags = Path("/proc/cpuinfo").read_text().split()
-    assert (onednn.max_channel_product() is None) == ("avx512f" in flags), (real, "avx512f" in flags)
-    rule = onednn.max_channel_product.__wrapped__  # uncached, so the patched names are read
+    assert (library.max_channel_product is None) == ("avx512f" in flags), (real, "avx512f" in flags)
     for names, limit in (("brgconv:avx2 | brg_fwd:avx2+brgconv:avx2 | jit:avx2", onednn.AVX2_MAX_CHANNEL_PRODUCT),
                          ("brgconv:avx512_core | brgconv:avx512_core | jit:avx512_core", None),
                          ("brgconv:avx512_core | brgconv:avx512_core | jit:avx2", onednn.AVX2_MAX_CHANNEL_PRODUCT),
                          ("brgconv:avx512_core_amx | x | jit:avx512_core_amx", None)):
-        monkeypatch.setattr(onednn, "implementations", lambda *shape, names=names: names)
-        assert rule() == limit, names
+        assert kernel_names(names).max_channel_product == limit, names
 
 
 def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolution():
-    """`parallel.resolve_epoch_loop` traces a step: scan with oneDNN's convolutions only, the
+    """`loops.choose_loop` traces the model: scan with oneDNN's convolutions only, the
     host loop while an XLA convolution is left (bf16 without native bfloat16 kernels, or XLA's
     backend), for training and evaluation alike; the scanned epoch computes what the stepped
     one does."""
-    library_or_skip()
+    library = library_or_skip()
     import dataclasses
 
     import jax
 
-    from jaxres import evaluate, models, optim, parallel, train
+    from jaxres import evaluate, loops, optim, parallel, train
     from tests.helpers import random_dataset, random_variables, tiny_config
 
     dataset = random_dataset()
@@ -206,15 +223,15 @@ def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolut
     put = lambda x: parallel.replicate(mesh, x)  # noqa: E731
     images, labels = put(dataset.train.images), put(dataset.train.labels)
 
-    def epoch(**changes):
+    def epoch(library=None, **changes):
         config = dataclasses.replace(tiny_config("unused", epochs=1), **changes)
-        model = models.from_config(config, num_classes=4)
+        model = backends.model_from_config(config, 4, backends.resolve(config.conv_backend, library))
         optimizer, _ = optim.make_optimizer(config, steps_per_epoch=2)
         variables = random_variables(model, 0)
         state = parallel.replicate_tree(mesh, train.init_train_state(config, optimizer, variables))
         train_epoch = train.make_train_epoch(model, optimizer, config, mesh, 2)
         evaluation = evaluate.make_evaluate(model, config, mesh)
-        assert train_epoch.loop is None and evaluation.loop is None  # decided on the first call
+        assert train_epoch.loop == evaluation.loop == loops.choose_loop(config.epoch_loop, model)  # decided when built
         state, metrics = jax.device_get(train_epoch(state, images, labels, jax.random.PRNGKey(1)))
         evaluation(variables, images, labels)
         return train_epoch.loop, evaluation.loop, state, metrics
@@ -222,10 +239,9 @@ def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolut
     scan_loop, scan_eval_loop, scanned, scanned_metrics = epoch(conv_backend="onednn")
     assert (scan_loop, scan_eval_loop) == ("scan", "scan")
     assert epoch(conv_backend="xla")[:2] == ("steps", "steps")
-    with pytest.MonkeyPatch.context() as patch:  # bfloat16 left to XLA (a CPU without native bfloat16)
-        patch.setattr(onednn, "native_bf16", lambda: False)
-        assert epoch(conv_backend="onednn", precision="bf16")[:2] == ("steps", "steps")  # XLA's bf16 convolutions
-    if onednn.native_bf16():  # oneDNN's bfloat16 kernels: nothing of XLA's left, one scan again
+    # bfloat16 left to XLA (a CPU without native bfloat16): XLA's bf16 convolutions
+    assert epoch(answering(native_bf16=False), conv_backend="onednn", precision="bf16")[:2] == ("steps", "steps")
+    if library.native_bf16:  # oneDNN's bfloat16 kernels: nothing of XLA's left, one scan again
         assert epoch(conv_backend="onednn", precision="bf16")[:2] == ("scan", "scan")
     steps_loop, _, stepped, stepped_metrics = epoch(conv_backend="onednn", epoch_loop="steps")
     assert steps_loop == "steps"
@@ -242,62 +258,63 @@ def test_auto_runs_the_cpu_epoch_as_one_scan_when_onednn_computes_every_convolut
     ("brgconv:avx512_core_amx | brgconv:avx512_core_amx | gemm:jit:bf16", False),  # one pass not native
     ("error: could not create a primitive descriptor for a convolution forward propagation primitive", False),
 ])
-def test_bf16_goes_to_onednn_only_where_all_three_of_its_bfloat16_kernels_are_native(monkeypatch, names, native):
-    monkeypatch.setattr(onednn, "implementations", lambda *shape, dtype=None: names)
-    assert onednn.native_bf16.__wrapped__() is native  # uncached, so the patched names are read
+def test_bf16_goes_to_onednn_only_where_all_three_of_its_bfloat16_kernels_are_native(names, native):
+    assert kernel_names(names).native_bf16 is native
 
 
 def test_the_bf16_probe_answers_with_names_or_an_error_string_on_this_cpu():
     """On a CPU where oneDNN has no bfloat16 convolution the probe must say so, not raise."""
-    library_or_skip()
+    library = library_or_skip()
     import jax.numpy as jnp
 
-    names = onednn.implementations(*onednn.ISA_PROBE_SHAPE, dtype=jnp.bfloat16)
+    names = library.implementations(*onednn.ISA_PROBE_SHAPE, dtype=jnp.bfloat16)
     assert names.count("|") == 2 or names.startswith("error: "), names
     flags = Path("/proc/cpuinfo").read_text().split()
     if "amx_bf16" in flags:  # the Xeon with AMX: oneDNN's own AMX kernels
-        assert onednn.native_bf16() and "amx" in names, names
+        assert library.native_bf16 and "amx" in names, names
 
 
 def test_the_handlers_refuse_mixed_or_other_dtypes_when_traced():
-    library_or_skip()
+    library = library_or_skip()
     import jax.numpy as jnp
 
     x, w = jnp.zeros((1, 4, 4, 2), jnp.float32), jnp.zeros((3, 3, 2, 2), jnp.bfloat16)
     with pytest.raises(TypeError, match="float32, bfloat16"):
-        onednn.forward(x, w)
+        library.forward(x, w)
     with pytest.raises(TypeError, match="float16, float16"):
-        onednn.forward(x.astype(jnp.float16), w.astype(jnp.float16))
+        library.forward(x.astype(jnp.float16), w.astype(jnp.float16))
 
 
-def test_resolve_says_why_auto_falls_back_and_onednn_fails(monkeypatch, capsys):
-    monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no C++ compiler (g++ or c++) on PATH")
-    monkeypatch.setitem(onednn._loaded, "told", False)
-    assert onednn.resolve("xla") == "xla"
-    assert onednn.resolve("auto") == "xla"
-    assert onednn.resolve("auto") == "xla"
+def test_resolve_says_why_auto_falls_back_and_onednn_fails(capsys):
+    library = answering(unavailable_reason="no C++ compiler (g++ or c++) on PATH")
+    assert backends.resolve("xla", library).name == "xla"
+    assert backends.resolve("auto", library).name == "xla"
+    assert backends.resolve("auto", library) is backends.XLA
     assert capsys.readouterr().err.count("XLA's convolutions, not oneDNN's: no C++ compiler") == 1  # once
+    assert library.told
     with pytest.raises(JaxresError, match="conv_backend onednn is not available: no C\\+\\+ compiler"):
-        onednn.resolve("onednn")
+        backends.resolve("onednn", library)
     with pytest.raises(JaxresError, match="unknown conv_backend 'eigen'"):
-        onednn.resolve("eigen")
+        backends.resolve("eigen", library)
 
 
 def test_auto_is_xla_on_a_gpu_without_a_word_and_onednn_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(onednn.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setitem(onednn._loaded, "told", False)
-    assert onednn.resolve("auto") == "xla"
-    assert capsys.readouterr().err == ""
+    import jax
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    library = answering(unavailable_reason="never asked on a GPU")
+    assert backends.resolve("auto", library).name == "xla"
+    assert capsys.readouterr().err == "" and not library.told
     with pytest.raises(JaxresError, match="conv_backend onednn is for the CPU, JAX runs on gpu"):
-        onednn.resolve("onednn")
+        backends.resolve("onednn", library)
 
 
 def test_auto_is_xla_with_several_devices_and_onednn_is_refused():
     script = (
-        "import json; from jaxres import onednn; from jaxres.errors import JaxresError\n"
-        "try:\n    onednn.resolve('onednn'); error = None\n"
+        "import json; from jaxres import backends; from jaxres.errors import JaxresError\n"
+        "try:\n    backends.resolve('onednn'); error = None\n"
         "except JaxresError as e:\n    error = str(e)\n"
-        "print(json.dumps({'auto': onednn.resolve('auto'), 'error': error}))\n"
+        "print(json.dumps({'auto': backends.resolve('auto').name, 'error': error}))\n"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -339,8 +356,9 @@ def fake_compiler(tmp_path, garbage_once: str = "") -> tuple[Path, Path]:
 
 LOAD_AND_PROBE = (
     "from jaxres import onednn\n"
-    "assert onednn.unavailable_reason() is None, onednn.unavailable_reason()\n"
-    "print(onednn.implementations(1, 4, 4, 8, 8))\n"
+    "library = onednn.default()\n"
+    "assert library.unavailable_reason is None, library.unavailable_reason\n"
+    "print(library.implementations(1, 4, 4, 8, 8))\n"
 )
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 
 from jaxres import rundir
+from jaxres.errors import JaxresError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,11 +238,13 @@ def test_two_processes_on_localhost_match_one_process_with_two_devices(tmp_path)
 
 
 def test_auto_scans_off_the_cpu_and_on_the_cpu_only_without_xla_convolutions(monkeypatch):
-    """`resolve_epoch_loop` counts XLA convolutions in the traced step, inside a scan's body
-    and a custom_vjp's rules too; explicit loops pass through untraced."""
+    """`loops.xla_convolutions` counts XLA convolutions in a traced program, inside a scan's
+    body and a custom_vjp's rules too; `loops.choose_loop` traces the model's forward pass
+    once, when the run is prepared; explicit loops pass through untraced."""
+    import flax.linen as nn
     import jax.numpy as jnp
 
-    from jaxres import parallel
+    from jaxres import loops, models
 
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
 
@@ -253,23 +256,27 @@ def test_auto_scans_off_the_cpu_and_on_the_cpu_only_without_xla_convolutions(mon
 
     traced_conv = lambda: jax.make_jaxpr(jax.grad(lambda x: in_scan(x).sum()))(x)  # noqa: E731
     traced_none = lambda: jax.make_jaxpr(lambda x: jnp.tanh(x).sum())(x)  # noqa: E731
-    assert parallel.xla_convolutions(traced_conv()) >= 2  # forward and gradients, inside the scan
-    assert parallel.xla_convolutions(traced_none()) == 0
-    assert parallel.resolve_epoch_loop("auto", traced_conv) == "steps"
-    assert parallel.resolve_epoch_loop("auto", traced_none) == "scan"
-    assert parallel.resolve_epoch_loop("auto") == "steps"  # nothing to trace: the safe loop on CPU
-    untraceable = lambda: pytest.fail("an explicit loop or another backend needs no trace")  # noqa: E731
-    assert parallel.resolve_epoch_loop("scan", untraceable) == "scan"
-    assert parallel.resolve_epoch_loop("steps", untraceable) == "steps"
-    built, traces = [], []
+    assert loops.xla_convolutions(traced_conv()) >= 2  # forward and gradients, inside the scan
+    assert loops.xla_convolutions(traced_none()) == 0
 
-    def trace(*args):
-        traces.append(args)
-        return traced_conv()
+    class NoConvolution(nn.Module):
+        @nn.compact
+        def __call__(self, images, train=False):
+            return nn.Dense(3)(images.reshape(images.shape[0], -1))
 
-    choice = parallel.LoopChoice("auto", lambda loop: built.append(loop) or (lambda *args: (loop, args)), trace)
-    assert choice.loop is None
-    assert choice(1) == ("steps", (1,)) and choice(2) == ("steps", (2,))
-    assert choice.loop == "steps" and built == ["steps"] and traces == [(1,)]  # decided once, on the first call's arguments
-    monkeypatch.setattr(parallel.jax, "default_backend", lambda: "gpu")
-    assert parallel.resolve_epoch_loop("auto", untraceable) == "scan"
+    with_convolutions = models.create_model(width=0.0625)  # XLA's convolutions
+    assert loops.model_xla_convolutions(with_convolutions) >= 1
+    assert loops.choose_loop("auto", with_convolutions) == "steps"
+    assert loops.choose_loop("auto", NoConvolution()) == "scan"
+    assert loops.choose_loop("auto") == "steps"  # no model to trace: the safe loop on CPU
+
+    class Untraceable(nn.Module):
+        def __call__(self, *args, **kwargs):
+            pytest.fail("an explicit loop or another backend needs no trace")
+
+    assert loops.choose_loop("scan", Untraceable()) == "scan"
+    assert loops.choose_loop("steps", Untraceable()) == "steps"
+    with pytest.raises(JaxresError, match="epoch_loop"):
+        loops.choose_loop("sometimes")
+    monkeypatch.setattr(loops.jax, "default_backend", lambda: "gpu")
+    assert loops.choose_loop("auto", Untraceable()) == "scan"

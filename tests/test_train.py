@@ -14,10 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxres import evaluate, models, monitoring, optim, parallel, precision, rundir, train
+from jaxres import backends, evaluate, models, monitoring, optim, parallel, precision, rundir, train
 from jaxres.config import TrainConfig
 from jaxres.errors import JaxresError
-from tests.helpers import quiet, random_dataset, tiny_config
+from tests.helpers import quiet, random_dataset, stop_after_first_epoch, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_fp16_step_with_overflowing_gradients_is_skipped_and_scale_backs_off():
     config = TrainConfig(
         width=0.0625, batch_size=8, precision="fp16", initial_loss_scale=2.0**60, epochs=1, peak_epoch=0
     )
-    model = models.from_config(config, num_classes=4)
+    model = backends.model_from_config(config, num_classes=4)
     optimizer, _ = optim.make_optimizer(config, steps_per_epoch=10)
     state = train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
@@ -167,7 +167,7 @@ def test_same_seed_gives_the_same_parameters(finished_run, dataset, tmp_path):
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(finished_run, dataset, tmp_path):
     config = tiny_config(tmp_path / "resumed")
-    first = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
+    first = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, on_epoch=stop_after_first_epoch)
     assert len(first.history) == 1
     resumed = train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, resume=True)
     chex.assert_trees_all_equal(jax.device_get(resumed.state), jax.device_get(finished_run.state))
@@ -190,7 +190,7 @@ def test_resume_with_different_options_names_them(finished_run, dataset):
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
     config = tiny_config(tmp_path / "nan")
-    train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, stop_after_epoch=1)
+    train.train_and_evaluate(config, dataset=dataset, progress=False, log=quiet, on_epoch=stop_after_first_epoch)
     saved = (tmp_path / "nan" / "checkpoint.msgpack").read_bytes()
     monkeypatch.setattr(optim, "smoothed_cross_entropy", lambda logits, labels, smoothing: jnp.log(-jnp.mean(logits**2)))
     with pytest.raises(monitoring.NonFiniteLossError, match=r"non-finite at epoch 2, step 1.*epoch 1\) in .* is intact"):
@@ -276,7 +276,7 @@ def test_shift_images_matches_numpy():
 
 def test_flip_tta_is_the_mean_of_image_and_mirror_logits():
     config = TrainConfig(width=0.0625)
-    model = models.from_config(config, num_classes=4)
+    model = backends.model_from_config(config, num_classes=4)
     variables = jax.device_get(
         train.init_train_state(config, optim.make_optimizer(config, 1)[0], models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
     )
@@ -316,7 +316,7 @@ def test_mixing_step_trains_on_mixed_soft_labels(mix):
     """A step with label mixing runs, is finite, and its loss is the cross-entropy against
     the mixed soft labels (not the hard ones)."""
     config = TrainConfig(width=0.0625, batch_size=8, epochs=1, peak_epoch=0, mix=mix, crop_padding=0, flip=False, cutout_size=0)
-    model = models.from_config(config, num_classes=4)
+    model = backends.model_from_config(config, num_classes=4)
     optimizer, _ = optim.make_optimizer(config, steps_per_epoch=10)
     state = train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
@@ -331,3 +331,19 @@ def test_mixing_step_trains_on_mixed_soft_labels(mix):
     logits, _ = model.apply(variables, augment.normalize(mixed), train=True, mutable=["batch_stats"])
     expected = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, 0.2)).mean()
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_states_of_two_runs_compare_which_flax_train_state_would_not_allow():
+    """Why `train.TrainState` is not flax's `train_state.TrainState`: flax's keeps the optimizer
+    as static pytree data, so two runs' states (equal optimizers, distinct objects) have
+    different tree structures; jaxres's states compare leaf by leaf."""
+    from flax.training import train_state
+
+    config = TrainConfig(width=0.0625, epochs=1)
+    params = {"w": jnp.ones(3)}
+    first, second = optim.make_optimizer(config, 10)[0], optim.make_optimizer(config, 10)[0]
+    flax_states = [train_state.TrainState.create(apply_fn=None, params=params, tx=tx) for tx in (first, second)]
+    assert jax.tree_util.tree_structure(flax_states[0]) != jax.tree_util.tree_structure(flax_states[1])
+    ours = [train.init_train_state(config, tx, {"params": params}) for tx in (first, second)]
+    assert jax.tree_util.tree_structure(ours[0]) == jax.tree_util.tree_structure(ours[1])
+    chex.assert_trees_all_equal(*ours)
