@@ -9,7 +9,7 @@ NumPy arrays one image at a time, these functions on NHWC device arrays, a batch
 
 Groups:
   gradient-based  gradcam, gradcam++, hirescam, xgradcam, layercam, gradcam_elementwise,
-                  eigengradcam, shapleycam
+                  eigengradcam, shapleycam, fullgrad (all the biases' gradients; no layer)
   gradient-free   eigencam, kpca_cam, scorecam, ablationcam, fem, randomcam (a sanity baseline)
   targets         what is explained: a class logit, its softmax probability, a binary
                   output, ReST, or any function (logits, classes) -> one score per image
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from jaxres.errors import JaxresError
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "eigengradcam", "segeigencam",
-                    "shapleycam", "finercam")  # fmt: skip
+                    "shapleycam", "finercam", "fullgrad")  # fmt: skip
 GRADIENT_FREE_METHODS = ("eigencam", "kpca_cam", "scorecam", "ablationcam", "fem", "randomcam")
 ALL_METHODS = GRADIENT_METHODS + GRADIENT_FREE_METHODS
 # Methods whose map is a function of A and dS/dA alone (`cam_from_activation`).
@@ -37,7 +38,7 @@ ACTIVATION_GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "
 # eigen_cam.py, eigen_grad_cam.py, seg_eigen_cam.py, kpca_cam.py and fem.py override get_cam_image and
 # ignore it; FinerCAM passes it on to its base method (GradCAM).
 EIGEN_SMOOTH_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam_elementwise", "shapleycam", "finercam",
-                        "scorecam", "ablationcam", "randomcam")  # fmt: skip
+                        "scorecam", "ablationcam", "randomcam", "fullgrad")  # fmt: skip
 SCORES = ("logit", "softmax", "binary", "rest", "finer")
 
 # The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
@@ -54,6 +55,8 @@ KPCA_COEF0 = 1.0  # kpca_cam.py: KernelPCA(kernel='sigmoid', gamma=None), sklear
 FINER_ALPHA = 1.0  # finer_cam.py FinerCAM.forward: alpha: float = 1
 FINER_COMPARISON_CATEGORIES = (1, 2, 3)  # finer_cam.py: comparison_categories = [1, 2, 3], ranks by similarity
 FINER_EPSILON = 1e-9  # utils/model_targets.py FinerWeightedTarget: numerator / (denominator + 1e-9)
+SCALE_EPSILON = 1e-7  # utils/image.py scale_cam_image: (x - min) / (1e-7 + max), per map (FullGrad's every map)
+FULLGRAD_EIGEN_SMOOTH_FACTOR = 8  # fullgrad_cam.py: eigen_smooth at (target_size[0] // 8, target_size[1] // 8)
 
 
 # --------------------------------------------------------------------------- targets
@@ -445,8 +448,110 @@ def ablationcam_weights(forward, activation, logits, classes, score="logit", bat
     return ((original[:, None] - ablated_scores) / original[:, None]).astype(jnp.float32)
 
 
+def _bias_kind(module) -> str | None:
+    """"batch_norm" for a BatchNorm (params bias, batch_stats mean and var, an epsilon), "conv" for
+    a convolution with a bias (a 4-D kernel), None otherwise: fullgrad_cam.py's layers,
+    torch.nn.Conv2d and BatchNorm2d with a bias (Dense, GroupNorm, LayerNorm are not among them)."""
+    tree = module.variables
+    params, stats = tree.get("params", {}), tree.get("batch_stats", {})
+
+    def leaf(collection, name, ndim):
+        return hasattr(collection, "get") and getattr(collection.get(name), "ndim", None) == ndim
+
+    if leaf(params, "bias", 1) and leaf(stats, "mean", 1) and leaf(stats, "var", 1) and hasattr(module, "epsilon"):
+        return "batch_norm"
+    return "conv" if leaf(params, "bias", 1) and leaf(params, "kernel", 4) else None
+
+
+def bias_forward(model, variables, inputs: jax.Array):
+    """(forward, zeros): forward(inputs, perturbations) -> (logits, biases) runs the model in
+    inference mode with perturbations[path] added to the output of every bias layer
+    (`_bias_kind`; found with flax's nn.intercept_methods, no change to the model), and gives
+    biases[path], float32[C], each layer's bias as fullgrad_cam.py's get_bias_data: a
+    convolution's own, and a BatchNorm's effective one, bias - running_mean * scale /
+    sqrt(running_var + eps) (scale 1 where the layer has none). zeros: the zero perturbations,
+    {path: float[N, h, w, C]}; the gradient with respect to them is each layer's output gradient."""
+    variables = inference_variables(variables)
+
+    def forward(x, perturbations):
+        biases, outputs = {}, {}
+
+        def intercept(next_fun, args, kwargs, context):
+            output = next_fun(*args, **kwargs)
+            kind = _bias_kind(context.module) if context.method_name == "__call__" else None
+            if kind is None:
+                return output
+            module, path = context.module, context.module.path
+            params = module.variables["params"]
+            bias = jnp.asarray(params["bias"], jnp.float32)
+            if kind == "batch_norm":
+                stats = module.variables["batch_stats"]
+                scale = jnp.asarray(params.get("scale", 1.0), jnp.float32)
+                bias = bias - stats["mean"] * scale / jnp.sqrt(stats["var"] + module.epsilon)
+            biases[path], outputs[path] = bias, output
+            return output if perturbations is None else output + perturbations[path]
+
+        with nn.intercept_methods(intercept):
+            logits = model.apply(variables, x, train=False)
+        return logits, biases, outputs
+
+    shapes = jax.eval_shape(lambda x: forward(x, None)[2], inputs)
+    zeros = {path: jnp.zeros(shape.shape, shape.dtype) for path, shape in shapes.items()}
+    return (lambda x, perturbations: forward(x, perturbations)[:2]), zeros
+
+
+def _scale_maps(maps: jax.Array) -> jax.Array:
+    """utils/image.py scale_cam_image on every map, as scale_accross_batch_and_channels: per (n,
+    c), (x - min) / (SCALE_EPSILON + max of that).  float[N, h, w, C] -> same."""
+    shifted = maps - jnp.min(maps, axis=(1, 2), keepdims=True)
+    return shifted / (SCALE_EPSILON + jnp.max(shifted, axis=(1, 2), keepdims=True))
+
+
+def _resize_channels(maps: jax.Array, size) -> jax.Array:
+    """cv2.resize INTER_LINEAR of every channel (`upsample`).  float[N, h, w, C] -> [N, *size, C]."""
+    return jax.image.resize(maps, (maps.shape[0], *size, maps.shape[-1]), method="bilinear", antialias=False)
+
+
+def fullgrad_map(model, variables, inputs, classes, score="logit", eigen_smooth: bool = False) -> jax.Array:
+    """FullGrad (Srinivas & Fleuret 2019; pytorch-grad-cam 1.5.7 fullgrad_cam.py), which ignores
+    the target layer: the map of all the model's biases and of the input.
+    inputs float32[N, H, W, 3] (normalised); classes int32[N] or None -> float32[N, H, W].
+
+    One forward and one backward pass (`bias_forward`) give the input gradient g_x = dS/dx and,
+    for every convolution bias and BatchNorm bias b_l, the gradient g_l of S with respect to
+    that layer's output. Then, as compute_cam_per_layer: |x * g_x| per channel (3 maps) and,
+    per layer, sum_c of |b_l[c] * g_l[..., c]|, each map scaled by scale_cam_image
+    ((m - min) / (SCALE_EPSILON + max), SCALE_EPSILON = 1e-7) at its own resolution and resized
+    to H x W (bilinear, cv2's; resized after the channel sum here, which is the same linear
+    map); the 3 + L maps are summed. With eigen_smooth, the 3 + L maps scaled and resized to
+    (H // 8, W // 8) (FULLGRAD_EIGEN_SMOOTH_FACTOR), their first principal component
+    (`principal_component_projection`, sign the SVD's: compare up to sign), scaled and resized
+    to H x W. The library's last scale_cam_image is the caller's normalisation. The library
+    pairs the i-th layer module with the i-th gradient its hooks record (module order against
+    call order); here each layer's bias meets its own gradient, by module path.
+    """
+    forward, zeros = bias_forward(model, variables, inputs)
+    logits, backward, biases = jax.vjp(forward, inputs, zeros, has_aux=True)
+    if classes is None:
+        classes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    _, score_backward = jax.vjp(lambda values: target_scores(values, classes, score), logits)
+    input_gradient, gradients = backward(score_backward(jnp.ones(logits.shape[:1], logits.dtype))[0])
+    size = inputs.shape[1:3]
+    maps = [_scale_maps(jnp.abs(inputs * input_gradient).astype(jnp.float32))]
+    for path, gradient in gradients.items():
+        layer = jnp.sum(_scale_maps(jnp.abs(biases[path] * gradient.astype(jnp.float32))), axis=-1, keepdims=True)
+        maps.append(_resize_channels(layer, size))
+    maps = jnp.concatenate(maps, axis=-1)  # [N, H, W, 3 + L]
+    if not eigen_smooth:
+        return jnp.sum(maps, axis=-1)
+    small = tuple(side // FULLGRAD_EIGEN_SMOOTH_FACTOR for side in size)
+    projection = principal_component_projection(_resize_channels(_scale_maps(maps), small))
+    return _resize_channels(_scale_maps(projection[..., None]), size)[..., 0]
+
+
 def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: str, score="logit", eigen_smooth: bool = False):
-    """The map of any method before ReLU, at the stage's resolution: float32[N, h, w].
+    """The map of any method before ReLU, at the stage's resolution: float32[N, h, w] (fullgrad:
+    at the input's, [N, H, W]; it ignores `layer`).
 
     inputs float32[N, H, W, 3] (normalised); classes int32[N] or None (the predicted ones);
     key: a PRNG key (randomcam only). Gradient-based methods take one forward and one
@@ -468,6 +573,8 @@ def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: 
         else:
             weights = ablationcam_weights(forward, activation, logits, classes, score)
         return cam_from_weights(activation, weights, eigen_smooth)
+    if method == "fullgrad":
+        return fullgrad_map(model, variables, inputs, classes, score, eigen_smooth)
     if method == "finercam":  # finer_cam.py: FinerCAM = its base method, GradCAM, with FinerWeightedTarget
         method, score = "gradcam", "finer"
     _, classes, activation, gradient = stage_activation_and_gradient(model, variables, inputs, classes, layer, score)

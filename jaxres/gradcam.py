@@ -21,7 +21,8 @@ the arguments, post-processes (ReLU, upsampling, normalisation, aug_smooth) and 
 
 Also here: `overlay` and `plot_cams` (the course library's image / heatmap / overlay
 view) and the command line `python -m jaxres.gradcam --workdir RUN ...`. Scores of the
-maps (pointing game, deletion / insertion, confidence change) are in `jaxres.cam_metrics`.
+maps (pointing game, deletion / insertion, confidence change, ROAD, ARCC) are in
+`jaxres.cam_metrics`; the meta-methods over any method (RefineCAM, SESS) in `jaxres.cam_meta`.
 """
 
 from __future__ import annotations
@@ -261,8 +262,8 @@ def gradcam(
         residual add included).
       method: one of `ALL_METHODS` (formulas and their pytorch-grad-cam sources in
         `jaxres.cam_methods`): "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam",
-        "gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam"
-        (gradient-based), "eigencam", "kpca_cam", "scorecam", "ablationcam", "fem",
+        "gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam",
+        "fullgrad" (gradient-based; fullgrad ignores `layer`), "eigencam", "kpca_cam", "scorecam", "ablationcam", "fem",
         "randomcam" (gradient-free; scorecam and ablationcam run N K forward passes,
         batched on the device).
       relu: whether to apply the final ReLU (as all the papers do).

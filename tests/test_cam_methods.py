@@ -481,7 +481,8 @@ def test_aug_smooth_is_the_mean_of_the_deaugmented_maps(model, variables, images
 # --------------------------------------------------------------------------- batched, jit, grad
 
 
-NEW_METHODS = ("gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam", "eigencam", "kpca_cam", "scorecam", "ablationcam", "fem")
+NEW_METHODS = ("gradcam_elementwise", "eigengradcam", "segeigencam", "shapleycam", "finercam", "eigencam", "kpca_cam", "scorecam", "ablationcam", "fem",
+               "fullgrad")  # fmt: skip
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
@@ -496,7 +497,7 @@ def test_batch_equals_per_image_under_jit(model, variables, images, method):
     np.testing.assert_allclose(per_image, together, rtol=0, atol=1e-5 * np.abs(together).max())
 
 
-@pytest.mark.parametrize("method", ["eigencam", "kpca_cam", "scorecam", "ablationcam", "shapleycam"])
+@pytest.mark.parametrize("method", ["eigencam", "kpca_cam", "scorecam", "ablationcam", "shapleycam", "fullgrad"])
 def test_differentiable_with_respect_to_images(model, variables, images, method):
     weights = jnp.asarray(np.random.default_rng(1).random((2, 32, 32)), jnp.float32)
     loss = lambda x: jnp.sum(gradcam(model, variables, x, layer="layer2", method=method, score="softmax") * weights)  # noqa: E731
@@ -530,3 +531,253 @@ def test_drop_and_increase_in_confidence_as_cam_mult_image(model, variables, ima
         np.testing.assert_array_equal(np.asarray(drop_in_confidence(model, variables, images, maps)), np.maximum(-change, 0))
         np.testing.assert_array_equal(np.asarray(increase_in_confidence(model, variables, images, maps)), np.float32(change > 0))
     assert np.all(np.asarray(drop_in_confidence(model, variables, images, flat))[1:3] == 0)  # an all-ones map changes nothing
+
+
+# --------------------------------------------------------------------------- FullGrad
+
+
+def scale_cam_image(maps, size=None):
+    """utils/image.py scale_cam_image on float [M, h, w]: per map x - min, / (1e-7 + max), then
+    cv2.resize INTER_LINEAR to `size` (torch's bilinear with align_corners=False, no antialias:
+    the same half-pixel rule, up or down; cv2 copies a map of the same size)."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    maps = maps - maps.min(axis=(1, 2), keepdims=True)
+    maps = np.float32(maps / (1e-7 + maps.max(axis=(1, 2), keepdims=True)))
+    if size is None or tuple(size) == maps.shape[1:]:
+        return maps
+    return F.interpolate(torch.from_numpy(maps)[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def scale_accross_batch_and_channels(tensor, size):
+    """utils/image.py: scale_cam_image on every (image, channel) map."""
+    count, channels = tensor.shape[:2]
+    return scale_cam_image(tensor.reshape(count * channels, *tensor.shape[2:]), size).reshape(count, channels, *size)
+
+
+def fullgrad_reference(twin, inputs_nchw, targets, eigen_smooth=False):
+    """fullgrad_cam.py FullGrad on the PyTorch twin, as the library runs it: its layers
+    (find_layer_predicate_recursive: Conv2d and BatchNorm2d with a bias, in module order),
+    ActivationsAndGradients' tensor hooks (gradients prepended as they arrive), the input's
+    gradient of sum_n logit[n, target_n], get_bias_data, compute_cam_per_layer and
+    aggregate_multi_layers. Returns (the sum before the last scale_cam_image, the final map)."""
+    import torch
+
+    def find(module):
+        found = []
+        for layer in module._modules.values():
+            if type(layer) in (torch.nn.Conv2d, torch.nn.BatchNorm2d) and layer.bias is not None:
+                found.append(layer)
+            found.extend(find(layer))
+        return found
+
+    layers, gradients = find(twin), []
+
+    def save_gradient(module, inputs, output):
+        def store(grad):
+            gradients.insert(0, grad.detach().numpy())
+
+        output.register_hook(store)
+
+    handles = [layer.register_forward_hook(save_gradient) for layer in layers]
+    input_tensor = torch.tensor(inputs_nchw, requires_grad=True)
+    outputs = twin(input_tensor)
+    sum(output[target] for target, output in zip(targets, outputs)).backward()
+    for handle in handles:
+        handle.remove()
+    bias_data = [
+        (-(layer.running_mean * layer.weight / torch.sqrt(layer.running_var + layer.eps)) + layer.bias).detach().numpy()
+        if isinstance(layer, torch.nn.BatchNorm2d) else layer.bias.detach().numpy()
+        for layer in layers
+    ]  # fmt: skip
+    assert len(bias_data) == len(gradients) > 0
+    size = inputs_nchw.shape[2:]
+    per_layer = [scale_accross_batch_and_channels(np.abs(input_tensor.grad.numpy() * inputs_nchw), size)]
+    for bias, grads in zip(bias_data, gradients):
+        per_layer.append(scale_accross_batch_and_channels(np.abs(bias[None, :, None, None] * grads), size).sum(1)[:, None])
+    per_layer = np.concatenate(per_layer, axis=1)
+    if eigen_smooth:
+        small = scale_accross_batch_and_channels(per_layer, (size[0] // 8, size[1] // 8))
+        projection, ratio, _ = get_2d_projection(small.astype(np.float64))
+        assert ratio < 50, "first singular value nearly repeated: the sign and the map would be ill-defined"
+        per_layer = scale_accross_batch_and_channels(np.float32(projection)[:, None], size)
+    total = per_layer.sum(axis=1)
+    return total, scale_cam_image(total)
+
+
+@pytest.fixture(scope="module")
+def torch_twin(model, variables):
+    pytest.importorskip("torch")
+    from benchmarks.torch_reference import CustomResNet as TorchResNet
+    from jaxres.convert import flax_to_torch
+
+    twin = TorchResNet(width=0.25).float().eval()
+    twin.load_state_dict(flax_to_torch(variables, model, tensors=True), strict=True)
+    return twin
+
+
+def test_fullgrad_matches_pytorch_grad_cam_on_the_twin(model, variables, images, torch_twin):
+    inputs = np.asarray(normalize(images)).transpose(0, 3, 1, 2)
+    raw_expected, expected = fullgrad_reference(torch_twin, inputs, TARGETS)
+    raw = np.asarray(gradcam(model, variables, images, TARGETS, method="fullgrad", relu=False, normalize=False, upsample=False))
+    # a sum of 3 + 8 maps in [0, 1]; each the scaled |b * g| of a float32 network's gradients
+    np.testing.assert_allclose(raw, raw_expected, rtol=0, atol=1e-4)
+    cams = np.asarray(gradcam(model, variables, images, TARGETS, method="fullgrad"))
+    np.testing.assert_allclose(cams, expected, rtol=0, atol=1e-5)
+    # it ignores the layer (fullgrad_cam.py: "target_layers is ignored")
+    np.testing.assert_array_equal(np.asarray(gradcam(model, variables, images, TARGETS, layer="layer1", method="fullgrad")), cams)
+
+
+def test_fullgrad_eigen_smooth_matches_up_to_sign(model, variables, images, torch_twin):
+    inputs = np.asarray(normalize(images)).transpose(0, 3, 1, 2)
+    _, expected = fullgrad_reference(torch_twin, inputs, TARGETS, eigen_smooth=True)
+    cams = np.asarray(gradcam(model, variables, images, TARGETS, method="fullgrad", eigen_smooth=True))
+    # a flipped component scales to 1 - map: compare each image with the closer orientation
+    flipped = np.abs(cams - (1 - expected)).max(axis=(1, 2)) < np.abs(cams - expected).max(axis=(1, 2))
+    np.testing.assert_allclose(np.where(flipped[:, None, None], 1 - cams, cams), expected, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- meta-methods: RefineCAM and SESS
+
+
+def test_refinecam_matches_pytorch_grad_cam(model, variables, images, passes):
+    """refine_cam.py with GradCAMPlusPlus: each layer's BaseCAM map (grad_cam_plusplus.py's
+    weights, ReLU, scale_cam_image to the input size, aggregate_multi_layers), their product
+    (its clip-and-rescale loop rebinds its loop variable: a no-op), scale_cam_image."""
+    from jaxres.cam_meta import refinecam
+
+    per_layer = []
+    for layer in ("layer2", "layer3"):
+        _, activation, gradient = passes[layer]
+        grads_power_2 = gradient**2
+        sum_activations = activation.sum(axis=(2, 3))[:, :, None, None]
+        aij = grads_power_2 / (2 * grads_power_2 + sum_activations * grads_power_2 * gradient + 0.000001)
+        aij = np.where(gradient != 0, aij, 0)
+        weights = (np.maximum(gradient, 0) * aij).sum(axis=(2, 3))
+        cam = scale_cam_image(np.maximum(base_cam_image(weights, activation), 0), (32, 32))
+        per_layer.append(scale_cam_image(np.maximum(cam, 0)))
+    expected = scale_cam_image(np.prod(np.array(per_layer), axis=0))
+    assert np.all(expected.max(axis=(1, 2)) > 0.99) and np.abs(expected - per_layer[1]).max() > 0.1
+    got = np.asarray(refinecam(model, variables, images, TARGETS, layers=("layer2", "layer3")))
+    # one normalisation without epsilon here, two with 1e-7 there, per layer (tests/test_gradcam.py)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6)
+    with pytest.raises(JaxresError, match="at least one layer"):
+        refinecam(model, variables, images, layers=())
+
+
+def sess_reference(inputs_nchw, targets, scores_of, base, scales, window_size, step_size, pre_filter_ratio=0.0, theta=0.0, pool="mean",
+                   smooth=True, batch_size=32):  # fmt: skip
+    """sess.py SESS.forward, written out from its source, one image at a time: torchvision's
+    resize (F.interpolate bilinear, antialias), sliding_window, get_scores (softmax, target,
+    clipped at 0), the pre-filter, paste_cam (cv2.resize INTER_LINEAR: F.interpolate without
+    antialias), _CAMFusion, cv2.GaussianBlur((11, 11), 5) with BORDER_REFLECT_101, and
+    scale_cam_image. scores_of(patches NCHW, target) -> softmax probabilities; base(patches
+    NCHW, targets) -> maps [B, w, w]."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    def window_starts(length):
+        starts = []
+        for start in range(0, length, step_size):
+            if start + window_size >= length:
+                starts.append(max(length - window_size, 0))
+                break
+            starts.append(start)
+        return starts
+
+    offsets = np.arange(11) - 5
+    kernel = np.exp(-(offsets**2) / (2 * 5.0**2))
+    kernel = kernel / kernel.sum()
+    cams = []
+    for image, target in zip(inputs_nchw, targets):
+        height, width = image.shape[1:]
+        patches, coordinates = [], []
+        for scale in scales:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = scale, int(scale * long / short)
+            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+            scaled = F.interpolate(torch.tensor(image)[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+            scaled = scaled.numpy()
+            for y1 in window_starts(new_h):
+                for x1 in window_starts(new_w):
+                    patches.append(scaled[:, :, y1 : y1 + window_size, x1 : x1 + window_size])
+                    coordinates.append((x1, y1, new_w, new_h))
+        scores = np.maximum(np.concatenate([scores_of(np.concatenate(patches[i : i + batch_size]), target)
+                                            for i in range(0, len(patches), batch_size)]), 0)  # fmt: skip
+        order = np.argsort(scores, kind="stable")[int(len(scores) * pre_filter_ratio) :]
+        max_score = scores[order[-1]]
+        weights = scores[order] / max_score if max_score > 0 else np.ones(len(order), np.float32)
+        total, counts = np.zeros((height, width), np.float32), np.zeros((height, width), np.float32)
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch_cams = base(np.concatenate([patches[i] for i in indices]), [target] * len(indices))
+            for cam, weight, index in zip(batch_cams, weights[start : start + batch_size], indices):
+                x1, y1, scaled_width, scaled_height = coordinates[index]
+                full_cam = np.zeros((scaled_height, scaled_width), np.float32)
+                full_cam[y1 : y1 + cam.shape[0], x1 : x1 + cam.shape[1]] = cam * weight
+                resized = F.interpolate(torch.from_numpy(full_cam)[None, None], size=(height, width), mode="bilinear", align_corners=False)
+                resized = resized[0, 0].numpy()
+                if pool == "max":
+                    np.maximum(total, resized, out=total)
+                else:
+                    mask = resized > theta
+                    total[mask] += resized[mask]
+                    counts += mask
+        cam = total if pool == "max" else np.divide(total, counts, out=np.zeros_like(total), where=counts > 0)
+        if smooth:
+            padded = np.pad(cam, 5, mode="reflect")  # BORDER_REFLECT_101
+            cam = sum(w * padded[:, i : i + width] for i, w in enumerate(kernel))
+            cam = sum(w * cam[i : i + height, :] for i, w in enumerate(kernel))
+        cams.append(cam)
+    return scale_cam_image(np.float32(cams))
+
+
+@pytest.mark.parametrize(
+    "crop, options",
+    [
+        ((32, 32), dict(num_scales=2)),  # the defaults: scales 32, 41; window 32, step 32 (1 + 4 patches)
+        ((32, 40), dict(scales=[32, 43], step_size=12, pre_filter_ratio=0.5, pool="max", smooth=False)),  # 43 x int(53.75)
+        ((40, 32), dict(scales=[38], window_size=24, theta=0.3, layer="layer2", method="layercam")),  # int(47.5) x 38
+    ],
+)
+def test_sess_matches_pytorch_grad_cam(model, variables, crop, options):
+    from jaxres.cam_meta import sess, sess_scales
+    from jaxres.data.shapes import make_shapes
+
+    images = make_shapes(num_train=1, num_test=2, image_size=40, seed=3).test.images[:, : crop[0], : crop[1]]  # crops: any aspect
+    targets = np.array([3, 7])  # classes whose random-network Grad-CAM maps are not all below 0
+    layer, method = options.get("layer", "layer3"), options.get("method", "gradcam")
+    apply = jax.jit(lambda x: jax.nn.softmax(model.apply(cam_methods.inference_variables(variables), x, train=False)))
+    post = dict(layer=layer, method=method, score="logit", eigen_smooth=False, relu=True, normalize=True, upsample_to_input=True)
+    window = options.get("window_size", min(crop))
+    maps = jax.jit(lambda x, t: cam_lib._post_processed_maps(model, variables, x, t, None, (window, window), **post))
+
+    def scores_of(patches, target):
+        return np.asarray(apply(jnp.asarray(patches.transpose(0, 2, 3, 1))))[:, target]
+
+    def base(patches, classes):
+        return np.asarray(maps(jnp.asarray(patches.transpose(0, 2, 3, 1)), jnp.asarray(classes)))
+
+    reference_options = {k: v for k, v in options.items() if k in ("pre_filter_ratio", "theta", "pool", "smooth")}
+    scales = options.get("scales") or sess_scales(window, options.get("num_scales", 12))
+    inputs = np.asarray(normalize(images)).transpose(0, 3, 1, 2)
+    expected = sess_reference(inputs, targets, scores_of, base, scales, window, options.get("step_size", window), **reference_options)
+    assert np.all(expected.max(axis=(1, 2)) > 0.99)
+    got = np.asarray(sess(model, variables, images, targets, **options))
+    # the same float32 maps and scores, fused in another order; the normalisations' 1e-7
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-6)
+
+
+def test_sess_windows_and_errors(model, variables, images):
+    """sess.py sliding_window's cases (tests/test_sess.py) and its ValueErrors, as JaxresError."""
+    from jaxres.cam_meta import sess, sess_plan, sess_scales, window_starts
+
+    assert [(x, y) for y in window_starts(288, 224, 224) for x in window_starts(288, 224, 224)] == [(0, 0), (64, 0), (0, 64), (64, 64)]
+    assert window_starts(448, 112, 224) == [0, 112, 224] and window_starts(224, 224, 224) == [0]
+    assert sess_scales(224, 3) == [224, 288, 352] and sess_scales(32, 3) == [32, 41, 50]
+    assert sess_plan(32, 40, scales=[41])[1][0][:2] == (41, 51)  # torchvision: the shorter side to 41, the longer int(41 * 40 / 32)
+    for kwargs, message in [(dict(pool="median"), "unknown pool"), (dict(pre_filter_ratio=1.0), "pre_filter_ratio"),
+                            (dict(num_scales=0), "num_scales"), (dict(scales=[16]), "at least the window")]:  # fmt: skip
+        with pytest.raises(JaxresError, match=message):
+            sess(model, variables, images, **kwargs)
