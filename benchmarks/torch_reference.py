@@ -1,11 +1,11 @@
 """PyTorch reference of the course library: the custom ResNet and hook-based Grad-CAM.
 
-# ---------------------------------------------------------------------------------
-# Model and Grad-CAM part (self-contained: torch only, no jaxres, no torchvision).
-# The module names mirror the Flax tree of `jaxres.models.CustomResNet`, so
-# `jaxres.convert` maps weights mechanically (see its docstring). Training code
-# (the recipe) is added further below by another part of this file.
-# ---------------------------------------------------------------------------------
+This file holds only the model (`CustomResNet`, its norms and blocks) and `torch_gradcam`,
+self-contained: torch and NumPy, no jaxres, no torchvision. The module names mirror the Flax
+tree of `jaxres.models.CustomResNet`, so `jaxres.convert` maps weights mechanically (see its
+docstring). The training recipe in PyTorch (optimizer, one-cycle schedule, augmentation,
+input pipelines, evaluation and TTA) is in `benchmarks/torch_train.py`, which builds this
+model; `benchmarks/worker_torch.py` runs both for the benchmarks.
 """
 
 from __future__ import annotations

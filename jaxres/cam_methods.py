@@ -42,7 +42,8 @@ EIGEN_SMOOTH_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layerca
 SCORES = ("logit", "softmax", "binary", "rest", "finer")
 
 # The denominators' epsilons, each as pytorch-grad-cam 1.5.7 spells it in that method's file
-# (they differ; sharing one constant put Grad-CAM++ 2e-2 away from it).
+# (they differ, and Grad-CAM++ is sensitive to its own: with XGrad-CAM's 1e-7 its normalised
+# maps move by about 2e-2, see `cam_from_activation`).
 GRADCAM_PLUS_PLUS_EPSILON = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py: eps = 0.000001, in alpha
 XGRADCAM_EPSILON = 1e-7  # pytorch_grad_cam/xgrad_cam.py: eps = 1e-7, in sum_ab A_kab + eps
 SCORECAM_EPSILON = 1e-8  # pytorch_grad_cam/score_cam.py: (upsampled - mins) / (maxs - mins + 1e-8)
@@ -324,6 +325,8 @@ def cam_from_activation(activation: jax.Array, gradient: jax.Array, method: str 
 
 
 def check_method(method: str, allowed=ALL_METHODS, eigen_smooth: bool = False) -> None:
+    """Raise JaxresError unless `method` is one of `allowed` and, with `eigen_smooth`, one of
+    EIGEN_SMOOTH_METHODS (where pytorch-grad-cam applies it); returns None."""
     if method not in allowed:
         raise JaxresError(f"unknown CAM method {method!r}; choose one of {', '.join(allowed)}")
     if eigen_smooth and method not in EIGEN_SMOOTH_METHODS:

@@ -399,14 +399,18 @@ class ROAD(NamedTuple):
 
     @property
     def most_relevant_first_average(self) -> jax.Array:
+        """float32[N]: most_relevant_first averaged over the percentiles."""
         return jnp.mean(self.most_relevant_first, axis=0)
 
     @property
     def least_relevant_first_average(self) -> jax.Array:
+        """float32[N]: least_relevant_first averaged over the percentiles."""
         return jnp.mean(self.least_relevant_first, axis=0)
 
     @property
     def combined(self) -> jax.Array:
+        """float32[N]: ROADCombined, (least_relevant_first_average - most_relevant_first_average) / 2;
+        higher is better."""
         return (self.least_relevant_first_average - self.most_relevant_first_average) / 2
 
 

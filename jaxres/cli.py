@@ -118,6 +118,8 @@ TRAIN_EXTRA_FLAGS = (
 
 
 def train_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m jaxres.train` (`train_main`): every TrainConfig field as a flag,
+    TRAIN_EXTRA_FLAGS, and the multi-host flags."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxres.train",
         description="Train the custom ResNet (ResNet-9) on CIFAR-10 with a one-cycle schedule, "
@@ -224,6 +226,8 @@ LR_FIND_FIELDS = (
 
 
 def lr_find_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m jaxres.lr_find` (`lr_find_main`): the config fields of
+    LR_FIND_FIELDS and the sweep's --steps, --min-lr, --max-lr (its last LR) and --out."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxres.lr_find",
         description="LR range test: train briefly with an exponentially growing LR and suggest the "
@@ -240,6 +244,8 @@ def lr_find_parser() -> argparse.ArgumentParser:
 
 @command_line
 def lr_find_main(argv: list[str] | None = None) -> int:
+    """`python -m jaxres.lr_find`: runs the LR range test, writes its plot to --out and prints
+    the suggested peak LR; 0, or 2 on an error."""
     args = lr_find_parser().parse_args(argv)
     out = figure_output_path(args.out)
     config = TrainConfig.from_dict(given_fields(args))
@@ -316,6 +322,8 @@ def gradcam_main(argv: list[str] | None = None) -> int:
 
 @command_line
 def evaluate_main(argv: list[str] | None = None) -> int:
+    """`python -m jaxres.evaluate`: prints a saved run's test loss and accuracy under each --tta
+    mode and its gain over no TTA; 0, or 2 on an error."""
     parser = argparse.ArgumentParser(prog="python -m jaxres.evaluate", description=evaluate.__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a run directory written by python -m jaxres.train")
     parser.add_argument("--data", help="dataset source (default: the run's own); it must have the run's classes and image size")

@@ -211,6 +211,7 @@ class TrainConfig:
         return self.epochs * 5 / 24 if self.peak_epoch is None else self.peak_epoch
 
     def to_json(self) -> str:
+        """Every field as a JSON object (indented, keys sorted): the contents of config.json."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     def recipe_differences(self, other: "TrainConfig") -> list[str]:
@@ -223,6 +224,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from field values (absent fields take their defaults); JaxresError names
+        any key that is not a field."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -231,6 +234,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
+        """The config saved in the JSON file `path` (as `to_json` writes it); JaxresError when
+        the file is missing, is not a JSON object or holds an unknown field."""
         path = Path(path)
         try:
             values = json.loads(path.read_text())
@@ -250,8 +255,8 @@ RUN_OPTIONS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.met
 
 
 def quick(**overrides) -> TrainConfig:
-    """A small model on 10,000 CIFAR-10 images for 4 epochs: about 2 minutes and ~60 % test
-    accuracy on a 2-core CPU (the README's quick start).
+    """A small model on 10,000 CIFAR-10 images for 4 epochs: ~60 % test accuracy in minutes
+    on a CPU (the README's quick start, where the times are measured).
 
         python -m jaxres.train --preset quick --data ../shared/data/cifar10-jpeg.tar.gz
     """

@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxres import cam_methods, evaluate, models, plots
 from jaxres.augment import normalize as normalize_images
-from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam's names before cam_methods)
+from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam is where users import the CAM names from)
     ALL_METHODS,
     GRADCAM_PLUS_PLUS_EPSILON,
     SCORES,
@@ -53,7 +53,7 @@ from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam's n
 )
 from jaxres.errors import JaxresError, figure_output_path
 
-# The five methods jaxres had first (benchmarks/localisation.py compares them); `gradcam` takes
+# The five methods benchmarks/localisation.py compares (and tests/test_gradcam.py sweeps); `gradcam` takes
 # every one of ALL_METHODS (the formulas and the passes are in jaxres.cam_methods).
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 AUGMENTATION_FACTORS = (0.9, 1.0, 1.1)  # base_cam.py: tta.Multiply(factors=[0.9, 1, 1.1]), with tta.HorizontalFlip()
@@ -423,7 +423,7 @@ def plot_cams(
         raise JaxresError("no images to plot")
     name = (lambda label: class_names[int(label)]) if class_names is not None else (lambda label: str(int(label)))
     # Constrained layout reserves the suptitle's own band above the first row's titles at
-    # any row count (tight_layout let it fall onto the first row of a 16-row figure).
+    # any row count (tight_layout does not: in a 16-row figure it lays the suptitle over the first row).
     figure = Figure(figsize=(6.6, 2.2 * count), layout="constrained")
     axes = np.asarray(figure.subplots(count, 3, squeeze=False))
     for row in range(count):

@@ -108,11 +108,12 @@ def row_means(x: jax.Array) -> jax.Array:
     """The mean over rows of x: float[M, C] -> float[C], as matrix-vector products.
 
     XLA:CPU rewrites a plain `jnp.mean` over M = N*H*W rows into a reduce-window over the
-    batch (its tree-reduction pass), a naive loop that took a seventh of the train step's
-    traced time; a product with a ones vector is one optimised call. One product over all M
-    rows would add them one after another, though (relative error 8e-6 on 131,072 rows, 100
-    times jnp.mean's), so the rows are summed in up to 32 contiguous blocks (a batched
-    product) whose sums are then added: 6e-7, and on several devices each block stays on one.
+    batch (its tree-reduction pass), a naive loop that takes a seventh of the train step's
+    traced time (benchmarks/README.md, "What each change gained"); a product with a ones
+    vector is one optimised call. One product over all M rows would add them one after
+    another, though (relative error 8e-6 on 131,072 rows, 100 times jnp.mean's), so the rows
+    are summed in up to 32 contiguous blocks (a batched product) whose sums are then added:
+    6e-7, and on several devices each block stays on one.
     """
     rows, channels = x.shape
     blocks = math.gcd(rows, 32)

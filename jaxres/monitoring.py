@@ -61,11 +61,14 @@ class EpochProgress:
         self.bar = tqdm(total=steps or self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, file=sys.stderr, unit="step")
 
     def update(self, step_index) -> None:
+        """Show `step_index + 1` steps done (`step_index`, counted from 0, is an int or the 0-d
+        array a `jax.debug.callback` passes); does nothing before `start` or after `close`."""
         if self.bar is not None:
             self.bar.n = int(step_index) + 1
             self.bar.refresh()
 
     def close(self) -> None:
+        """Remove the current bar, if any (the bars do not stay on screen: leave=False)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

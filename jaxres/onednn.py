@@ -18,9 +18,9 @@ input gradient, weight gradient); `Onednn.conv3x3` is a `jax.custom_vjp` over th
   kernels, all of them. bfloat16: only where oneDNN's bfloat16 kernels are native (AMX or
   AVX512-BF16, `native_bf16`), where they are several times faster than XLA's bfloat16
   convolutions, which do not use AMX; all of them there. Both rules are read off oneDNN's
-  kernel names (the ISA it dispatches to), and were measured on an AMD EPYC (AVX2) and an
-  Intel Xeon (AVX-512, AMX) only: another AVX-512 CPU (an AMD Zen 4 with AVX512-BF16, say)
-  takes the Xeon's paths unmeasured.
+  kernel names (the ISA it dispatches to). They rest on measurements on an AMD EPYC (AVX2)
+  and an Intel Xeon (AVX-512, AMX) only (benchmarks/README.md, "What each change gained"):
+  another AVX-512 CPU (an AMD Zen 4 with AVX512-BF16, say) takes the Xeon's paths unmeasured.
 * All three passes of a convolution it takes are oneDNN's, the weight gradient too: at 8x8
   and 4x4 pixels oneDNN's `jit:avx2` weight gradient alone is the slower, but with no XLA
   convolution left the CPU epoch runs as one `lax.scan`, which gains more than that loses
@@ -70,9 +70,9 @@ TARGETS = {
 }
 # The bfloat16 handlers: the same names with this suffix (all operands and results bfloat16).
 BF16_SUFFIX = "Bf16"
-# Where oneDNN's AVX2 kernels are the faster (measured on a 2-core AMD EPYC; benchmarks/README.md):
-# the convolutions with at most 128 x 128 channels in x out; XLA's above. With AVX-512 kernels
-# (measured on an Intel Xeon) oneDNN's are the faster for every convolution of the epoch: no limit.
+# Where oneDNN's AVX2 kernels are the faster: the convolutions with at most 128 x 128 channels
+# in x out; XLA's above. With AVX-512 kernels oneDNN's are the faster for every convolution of
+# the epoch: no limit (measured in benchmarks/README.md, "What each change gained").
 AVX2_MAX_CHANNEL_PRODUCT = 128 * 128
 # The shape whose weight-gradient kernel tells which ISA oneDNN dispatches to on this CPU: one
 # of the wide layers where AVX2's kernel loses (256 -> 512 channels at 8x8 pixels: the width-1

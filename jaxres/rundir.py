@@ -69,6 +69,7 @@ RUN_FILE_MODE = 0o644
 
 
 def checkpoint_path(workdir: str | Path) -> Path:
+    """The path of the run's checkpoint: WORKDIR/checkpoint.msgpack (it may not exist yet)."""
     return Path(workdir) / CHECKPOINT_NAME
 
 
@@ -198,6 +199,7 @@ def restore_checkpoint(workdir: str | Path, target):
 
 
 def load_config(workdir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in WORKDIR/config.json; JaxresError when there is none."""
     path = Path(workdir) / CONFIG_NAME
     if not path.is_file():
         raise JaxresError(f"no {CONFIG_NAME} in {workdir}: is it a jaxres run directory?")

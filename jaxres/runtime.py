@@ -2,20 +2,19 @@
 
 1. XLA:CPU's experimental YNNPACK fusions are switched off
    (``--xla_cpu_experimental_ynn_fusion_type=`` added to ``XLA_FLAGS``). With them this
-   model's train step runs 2-3x slower on the CPUs seen here (jitted train step, width
-   0.25, batch 128, 2-core AMD EPYC: 169 -> 421-480 img/s; width 1: 21.5 -> 46.5 img/s;
-   an Intel Xeon with AMX: 309 -> 530-600 img/s). Dropping only ``individual_convolution``
-   from the default list is as fast within the noise on both CPUs, but computes
-   differently from "all off"; the empty list is the simplest setting and the one measured
-   everywhere. The option only concerns the CPU backend; GPU/TPU ignore it.
+   model's train step runs at about half the speed, or less, on every CPU measured.
+   Dropping only ``individual_convolution`` from the default list is as fast within the
+   noise, but computes differently from "all off"; the empty list is the simplest setting
+   and the one measured everywhere. The option only concerns the CPU backend; GPU/TPU ignore it.
    XLA:CPU's newer MLIR fusion emitters are switched off as well
-   (``--xla_cpu_use_fusion_emitters=false``): the same train step then compiles in 16 % less
-   time (median of 7 alternating pairs on the 2-core AMD EPYC, 5.8 -> 5.0 s), runs as fast,
-   and computes the same bits (the loss after 48 steps is identical at widths 0.25 and 1).
+   (``--xla_cpu_use_fusion_emitters=false``): the same train step then compiles faster,
+   runs as fast, and computes the same bits (the loss after 48 steps is identical at widths
+   0.25 and 1). Both are measured in benchmarks/README.md, "What each change gained".
 2. JAX's persistent compilation cache is turned on, in a folder of the jaxres cache
    (``$JAXRES_CACHE``, else ``~/.cache/jaxres``) named after the jaxlib version and the
    CPU, so a second run of the same command loads its compiled programs instead of
-   compiling them again (the train step: ~8 s of compilation on a 2-core CPU).
+   compiling them again (the train step takes seconds to compile on a CPU: README.md's
+   Results, the compile table).
 
 A user's own setting always wins: an ``XLA_FLAGS`` that already names either option, or a
 ``JAX_COMPILATION_CACHE_DIR`` (or ``jax.config``'s ``jax_compilation_cache_dir``) already
@@ -47,8 +46,9 @@ YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 FUSION_EMITTERS_OPTION = "xla_cpu_use_fusion_emitters"
 # YNNPACK fusions off, the legacy fusion emitters (see the module docstring)
 CPU_XLA_FLAGS = (f"--{YNN_FUSION_OPTION}=", f"--{FUSION_EMITTERS_OPTION}=false")
-# Programs that compile faster than this are not worth a disk entry (JAX's default is 1 s;
-# the evaluation step compiles in about 1 s, Grad-CAM in 0.6 s on a 2-core CPU).
+# Programs that compile faster than this are not worth a disk entry. JAX's default, 1 s, would
+# leave out the evaluation step and Grad-CAM, which compile in about a second on a CPU
+# (measured in benchmarks/README.md, "What each change gained").
 MIN_COMPILE_SECONDS_TO_CACHE = "0.3"
 OFF = ("0", "false", "no", "off")
 
@@ -59,6 +59,8 @@ def cache_root(environ: MutableMapping[str, str] = os.environ) -> pathlib.Path:
 
 
 def defaults_enabled(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether jaxres applies its XLA defaults: False when $JAXRES_XLA_DEFAULTS is 0, false, no
+    or off (any case), True otherwise (also when unset)."""
     return environ.get(DEFAULTS_VARIABLE, "1").strip().lower() not in OFF
 
 
