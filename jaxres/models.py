@@ -72,13 +72,14 @@ class ConvNormReLU(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     pool: bool = False
+    activation: Callable = nn.relu  # the model's ReLU (`jaxres.guided` swaps in guided backprop's)
 
     @nn.compact
     def __call__(self, x):
         x = self.conv(self.features, (3, 3), padding=1, name="conv")(x)
         if self.pool:
             x = max_pool_2x2(x)
-        return nn.relu(self.norm(name="norm")(x))
+        return self.activation(self.norm(name="norm")(x))
 
 
 class ResidualStage(nn.Module):
@@ -89,10 +90,11 @@ class ResidualStage(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     pool: bool = True
+    activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x):
-        block = functools.partial(ConvNormReLU, self.features, conv=self.conv, norm=self.norm)
+        block = functools.partial(ConvNormReLU, self.features, conv=self.conv, norm=self.norm, activation=self.activation)
         x = block(pool=self.pool, name="conv_block")(x)
         if self.residual:
             y = block(name="res1")(x)
@@ -123,6 +125,7 @@ class CustomResNet(nn.Module):
     dtype: Any = jnp.float32
     logit_scale: float = 0.125
     conv: ModuleDef = nn.Conv
+    activation: Callable = nn.relu  # every ReLU of the model (guided backprop swaps it: `jaxres.guided`)
 
     STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3")
 
@@ -130,7 +133,9 @@ class CustomResNet(nn.Module):
     def __call__(self, images, train: bool = False):
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
         conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init)
-        stage = functools.partial(ResidualStage, conv=conv, norm=norm_factory(self.norm, self.dtype, train))
+        stage = functools.partial(
+            ResidualStage, conv=conv, norm=norm_factory(self.norm, self.dtype, train), activation=self.activation
+        )
         x = jnp.asarray(images, self.dtype)
         x = stage(channels(64), residual=False, pool=False, name="prep")(x)
         x = stage(channels(128), residual=True, name="layer1")(x)
@@ -173,20 +178,21 @@ class BasicBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     stride: int = 1
+    activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x):
         conv = functools.partial(self.conv, self.features)
         strides = (self.stride, self.stride)
         y = conv((3, 3), strides=strides, padding=1, name="conv1")(x)
-        y = nn.relu(self.norm(name="norm1")(y))
+        y = self.activation(self.norm(name="norm1")(y))
         y = conv((3, 3), padding=1, name="conv2")(y)
         y = self.norm(name="norm2")(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
             shortcut = conv((1, 1), strides=strides, padding=0, name="shortcut_conv")(x)
             shortcut = self.norm(name="shortcut_norm")(shortcut)
-        return nn.relu(y + shortcut)
+        return self.activation(y + shortcut)
 
 
 class ResNetStage(nn.Module):
@@ -200,12 +206,13 @@ class ResNetStage(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     stride: int = 1
+    activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x):
         for index in range(self.blocks):
             stride = self.stride if index == 0 else 1
-            x = BasicBlock(self.features, self.conv, self.norm, stride, name=f"block{index + 1}")(x)
+            x = BasicBlock(self.features, self.conv, self.norm, stride, self.activation, name=f"block{index + 1}")(x)
         return self.perturb("output", x)
 
 
@@ -233,6 +240,7 @@ class ResNet(nn.Module):
     stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
     logit_scale: float = 1.0
     conv: ModuleDef = nn.Conv
+    activation: Callable = nn.relu  # every ReLU of the model (guided backprop swaps it: `jaxres.guided`)
 
     STAGES: ClassVar[tuple[str, ...]] = ("prep", "layer1", "layer2", "layer3", "layer4")
 
@@ -243,10 +251,13 @@ class ResNet(nn.Module):
         norm = norm_factory(self.norm, self.dtype, train)
         x = jnp.asarray(images, self.dtype)
         # prep is ResNet-9's stem too: conv3x3 norm ReLU, output perturbed for Grad-CAM
-        x = ResidualStage(channels(64), residual=False, conv=conv, norm=norm, pool=False, name="prep")(x)
+        x = ResidualStage(
+            channels(64), residual=False, conv=conv, norm=norm, pool=False, activation=self.activation, name="prep"
+        )(x)
         for index, (blocks, features) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
             x = ResNetStage(
-                channels(features), blocks, conv, norm, stride=1 if index == 0 else 2, name=f"layer{index + 1}"
+                channels(features), blocks, conv, norm, stride=1 if index == 0 else 2, activation=self.activation,
+                name=f"layer{index + 1}",
             )(x)
         return classifier_head(self, x, pooling="avg")
 
