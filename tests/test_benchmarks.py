@@ -578,3 +578,15 @@ def test_end_to_end_smoke(tmp_path):
     assert row["task"] == "gradcam" and row["ratios"]["jax/torch"]["n"] == 2
     assert "other_cpu_cores" in row["workers"]["jax"]  # the contention probe ran
     assert (tmp_path / "README_results.md").read_text().startswith("## Results")
+
+
+def test_cam_gallery_figure_has_one_column_per_method_and_deprocess_stays_in_range():
+    """benchmarks/cam_gallery.py's figure and its guided-image display, on made-up maps."""
+    from benchmarks import cam_gallery
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    columns = {"gradcam": np.random.default_rng(1).random((2, 8, 8)), "Guided Grad-CAM": np.random.default_rng(2).normal(size=(2, 8, 8, 3))}
+    columns["Guided Grad-CAM"] = np.stack([cam_gallery.deprocess(image) for image in columns["Guided Grad-CAM"]])
+    assert columns["Guided Grad-CAM"].min() >= 0 and columns["Guided Grad-CAM"].max() <= 1
+    figure = cam_gallery.plot_gallery(images, columns, ["a", "b"], np.array([0, 1]), "title")
+    assert len(figure.axes) == 2 * 3
