@@ -217,14 +217,8 @@ def smoke_plan(plan: Plan) -> Plan:
         eval_batch=128,
         gradcam_images=64,
         gradcam_batch=32,
-        accuracy_width=0.0625,
-        accuracy_epochs=1,
-        accuracy_subset=1024,
-        accuracy_batch=128,
-        converged_width=0.0625,
-        converged_epochs=1,
-        converged_subset=1024,
-        converged_batch=128,
+        **{f"{row}_{name}": value for row in ("accuracy", "converged")  # both training rows: one tiny run
+           for name, value in dict(width=0.0625, epochs=1, subset=1024, batch=128).items()},
         converged_seeds=2,
         loader_workers=min(plan.loader_workers, 1),
     )

@@ -196,23 +196,21 @@ class BasicBlock(nn.Module):
 
 
 class ResNetStage(nn.Module):
-    """`blocks` BasicBlocks (`block1`, `block2`, ...); the first has `stride`.
+    """`blocks` of `block` (the model's BasicBlock factory, its conv, norm and activation bound),
+    named `block1`, `block2`, ...; the first has `stride`.
 
     The stage's output is marked `perturb("output", ...)` as in `ResidualStage`, for Grad-CAM.
     """
 
     features: int
     blocks: int
-    conv: ModuleDef
-    norm: ModuleDef
+    block: ModuleDef
     stride: int = 1
-    activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x):
         for index in range(self.blocks):
-            stride = self.stride if index == 0 else 1
-            x = BasicBlock(self.features, self.conv, self.norm, stride, self.activation, name=f"block{index + 1}")(x)
+            x = self.block(self.features, stride=self.stride if index == 0 else 1, name=f"block{index + 1}")(x)
         return self.perturb("output", x)
 
 
@@ -249,16 +247,14 @@ class ResNet(nn.Module):
         channels = lambda c: scaled_channels(c, self.width)  # noqa: E731
         conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init)
         norm = norm_factory(self.norm, self.dtype, train)
+        block = functools.partial(BasicBlock, conv=conv, norm=norm, activation=self.activation)
         x = jnp.asarray(images, self.dtype)
         # prep is ResNet-9's stem too: conv3x3 norm ReLU, output perturbed for Grad-CAM
         x = ResidualStage(
             channels(64), residual=False, conv=conv, norm=norm, pool=False, activation=self.activation, name="prep"
         )(x)
         for index, (blocks, features) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
-            x = ResNetStage(
-                channels(features), blocks, conv, norm, stride=1 if index == 0 else 2, activation=self.activation,
-                name=f"layer{index + 1}",
-            )(x)
+            x = ResNetStage(channels(features), blocks, block, stride=1 if index == 0 else 2, name=f"layer{index + 1}")(x)
         return classifier_head(self, x, pooling="avg")
 
 
