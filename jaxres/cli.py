@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
+import numpy as np
 
+from jaxres import cam_meta, data, evaluate, gradcam, lr_find, parallel, plots, rundir, train
 from jaxres import config as config_lib
-from jaxres import data, evaluate, gradcam, lr_find, parallel, plots, rundir, train
 from jaxres.config import TTA_MODES, TrainConfig
-from jaxres.errors import command_line, figure_output_path
+from jaxres.errors import JaxresError, command_line, figure_output_path
 
 AUTO = "auto"  # --peak-lr auto: run the LR range test first
 
@@ -303,17 +304,134 @@ def gradcam_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations instead of their sum")
     parser.add_argument("--aug-smooth", action="store_true", help="average the maps of flipped and 0.9/1.0/1.1-scaled inputs")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of randomcam's weights (default: 0)")
+    meta = parser.add_mutually_exclusive_group()
+    meta.add_argument(
+        "--refine-layers", nargs="+", default=None, metavar="L",
+        help="RefineCAM: the product of the --method maps at these stages, normalised again "
+        "(pytorch_grad_cam RefineCAM, whose own default base method is gradcam++); replaces --layer",
+    )  # fmt: skip
+    meta.add_argument(
+        "--sess", action="store_true",
+        help="SESS around --method at --layer: the maps of sliding windows over the image resized "
+        "to several scales, weighted by their softmax scores and fused (pytorch_grad_cam SESS)",
+    )  # fmt: skip
+    parser.add_argument("--sess-scales", type=int, default=None, metavar="S",
+                        help=f"with --sess: how many scales (default: {cam_meta.SESS_NUM_SCALES}, the library's)")  # fmt: skip
+    parser.add_argument("--sess-pool", choices=cam_meta.SESS_POOLS, default=None,
+                        help="with --sess: fuse the patch maps by their mean over the patches covering each pixel, or by their maximum (default: mean)")  # fmt: skip
     parser.add_argument("--target", choices=("predicted", "true"), default="predicted", help="class to explain: the predicted or the true one (default: predicted)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass when predicting and computing CAMs (default: 256)")
     parser.add_argument("--out", default="cams.png", help="the image to write; its suffix (.png, .pdf, .svg, ...) sets the format (default: cams.png)")
     return parser
 
 
+def gradcam_run(args: argparse.Namespace) -> str:
+    """`python -m jaxres.gradcam`'s work on parsed `args`; returns the path written. Raises
+    JaxresError on user mistakes."""
+    if args.batch_size < 1:
+        raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
+    wanted = 16 if args.misclassified is None else args.misclassified
+    if wanted < 1:
+        raise JaxresError(f"--misclassified must be positive, got {wanted}")
+    if wanted > gradcam.MAX_FIGURE_IMAGES:
+        raise JaxresError(
+            f"--misclassified {wanted}: one figure shows at most {gradcam.MAX_FIGURE_IMAGES} images (MAX_FIGURE_IMAGES); "
+            f"ask for {gradcam.MAX_FIGURE_IMAGES} or fewer, and page through more with --skip "
+            f"(--misclassified {gradcam.MAX_FIGURE_IMAGES} --skip {gradcam.MAX_FIGURE_IMAGES} shows the next {gradcam.MAX_FIGURE_IMAGES})"
+        )
+    skip = getattr(args, "skip", 0)
+    if skip < 0:
+        raise JaxresError(f"--skip must be 0 or more, got {skip}")
+    if args.indices is not None:
+        if skip:
+            raise JaxresError("--skip pages through --misclassified; with --indices, name the images wanted")
+        if len(args.indices) > gradcam.MAX_FIGURE_IMAGES:
+            raise JaxresError(
+                f"--indices names {len(args.indices)} images: one figure shows at most {gradcam.MAX_FIGURE_IMAGES} "
+                f"(MAX_FIGURE_IMAGES); split them over several commands of {gradcam.MAX_FIGURE_IMAGES} or fewer"
+            )
+    if args.layer is not None and not args.layer:
+        raise JaxresError("--layer is empty: name one of the model's stages (e.g. layer2), or omit it for the last")
+    # The meta-methods (jaxres.cam_meta): RefineCAM over several layers, SESS around the method.
+    refine_layers = getattr(args, "refine_layers", None)
+    use_sess = bool(getattr(args, "sess", False))
+    sess_scales, sess_pool = getattr(args, "sess_scales", None), getattr(args, "sess_pool", None)
+    if refine_layers is not None and use_sess:
+        raise JaxresError("--refine-layers and --sess are two meta-methods: choose one")
+    if refine_layers is not None and (not refine_layers or not all(refine_layers)):
+        raise JaxresError("--refine-layers needs stage names, e.g. --refine-layers layer2 layer3")
+    if refine_layers is not None and args.layer is not None:
+        raise JaxresError("--refine-layers names the layers RefineCAM multiplies: drop --layer")
+    if (sess_scales is not None or sess_pool is not None) and not use_sess:
+        raise JaxresError(f"{'--sess-scales' if sess_scales is not None else '--sess-pool'} is an option of --sess: add --sess")
+    if sess_scales is not None and sess_scales < 1:
+        raise JaxresError(f"--sess-scales must be positive, got {sess_scales}")
+    if args.aug_smooth and (refine_layers is not None or use_sess):
+        raise JaxresError(f"--aug-smooth is not an option of {'--sess' if use_sess else '--refine-layers'} "
+                          "(pytorch-grad-cam's RefineCAM and SESS take eigen_smooth only)")  # fmt: skip
+    out = figure_output_path(args.out)
+    model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
+    layer = tuple(model.STAGES)[-1] if args.layer is None else args.layer
+    gradcam._check_layer(model, layer)
+    for refined in refine_layers or ():
+        gradcam._check_layer(model, refined)
+    split = getattr(dataset, args.split)
+    images, labels = np.asarray(split.images), np.asarray(split.labels)
+    if args.indices is not None:
+        indices = np.asarray(args.indices)
+        bad = indices[(indices < 0) | (indices >= len(images))]
+        if bad.size:
+            raise JaxresError(f"--indices {int(bad[0])} out of range: the {args.split} split has {len(images)} images")
+        predictions = gradcam._predict(model, variables, images[indices], args.batch_size)
+    else:
+        all_predictions = gradcam._predict(model, variables, images, args.batch_size)
+        wrong = np.flatnonzero(all_predictions != labels)
+        indices = gradcam.round_robin_over_classes(wrong, labels[wrong], skip + wanted)[skip:]
+        if wrong.size == 0:
+            raise JaxresError(f"no misclassified images in the {args.split} split: use --indices instead")
+        if indices.size == 0:
+            raise JaxresError(
+                f"--skip {skip} skips every misclassified image: the {args.split} split has {wrong.size}"
+            )
+        predictions = all_predictions[indices]
+    chosen, truths = images[indices], labels[indices]
+    targets = predictions if args.target == "predicted" else truths
+    options = dict(method=args.method, score=args.score, eigen_smooth=args.eigen_smooth)
+    if args.method == "randomcam":
+        options["key"] = jax.random.key(args.seed)
+    if refine_layers is not None or use_sess:
+        if refine_layers is not None:
+            explain = functools.partial(cam_meta.refinecam, layers=tuple(refine_layers), **options)
+            explained = f"refinecam of {args.method} over {', '.join(refine_layers)}"
+        else:
+            sess_options = dict(pool=sess_pool or "mean", num_scales=cam_meta.SESS_NUM_SCALES if sess_scales is None else sess_scales)
+            explain = functools.partial(cam_meta.sess, layer=layer, **options, **sess_options)
+            explained = f"sess of {args.method} at {layer}"
+    else:
+        explain = functools.partial(gradcam.gradcam, layer=layer, aug_smooth=args.aug_smooth, **options)
+        explained = f"{args.method} at {layer}"
+    cams = np.concatenate(
+        [
+            np.asarray(explain(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size]))
+            for i in range(0, len(chosen), args.batch_size)
+        ]
+    )
+    figure = gradcam.plot_cams(
+        chosen,
+        cams,
+        true_labels=truths,
+        pred_labels=predictions,
+        class_names=list(dataset.class_names),
+        title=f"{explained} ({args.target} class), {args.split} images {', '.join(map(str, indices[:8]))}{' ...' if len(indices) > 8 else ''}",
+    )
+    return str(plots.save_figure(figure, out))
+
+
 @command_line
 def gradcam_main(argv: list[str] | None = None) -> int:
-    """`python -m jaxres.gradcam`: writes the figure of `gradcam.run`; 0, or 2 on an error."""
+    """`python -m jaxres.gradcam`: writes the figure of `gradcam_run`; 0, or 2 on an error."""
     args = gradcam_parser().parse_args(argv)
-    print(f"wrote {gradcam.run(args)}")
+    print(f"wrote {gradcam_run(args)}")
     return 0
 
 

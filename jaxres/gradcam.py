@@ -27,7 +27,6 @@ maps (pointing game, deletion / insertion, confidence change, ROAD, ARCC) are in
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import textwrap
@@ -38,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import cam_methods, evaluate, models, plots
+from jaxres import cam_methods, models
 from jaxres.augment import normalize as normalize_images
 from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam is where users import the CAM names from)
     ALL_METHODS,
@@ -51,7 +50,7 @@ from jaxres.cam_methods import (  # noqa: F401  (re-exported: jaxres.gradcam is 
     stage_activation_and_gradient,
     upsample,
 )
-from jaxres.errors import JaxresError, figure_output_path
+from jaxres.errors import JaxresError
 
 # The five methods benchmarks/localisation.py compares (and tests/test_gradcam.py sweeps); `gradcam` takes
 # every one of ALL_METHODS (the formulas and the passes are in jaxres.cam_methods).
@@ -474,77 +473,6 @@ def round_robin_over_classes(indices, labels, count: int) -> np.ndarray:
     turn = np.empty(len(indices), np.int64)  # how many of its class come before it
     turn[by_class] = np.arange(len(indices)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     return indices[np.lexsort((class_rank, turn))[:count]]
-
-
-def run(args: argparse.Namespace) -> str:
-    """The CLI's work; returns the path written. Raises JaxresError on user mistakes."""
-    if args.batch_size < 1:
-        raise JaxresError(f"--batch-size must be positive, got {args.batch_size}")
-    wanted = 16 if args.misclassified is None else args.misclassified
-    if wanted < 1:
-        raise JaxresError(f"--misclassified must be positive, got {wanted}")
-    if wanted > MAX_FIGURE_IMAGES:
-        raise JaxresError(
-            f"--misclassified {wanted}: one figure shows at most {MAX_FIGURE_IMAGES} images (MAX_FIGURE_IMAGES); "
-            f"ask for {MAX_FIGURE_IMAGES} or fewer, and page through more with --skip "
-            f"(--misclassified {MAX_FIGURE_IMAGES} --skip {MAX_FIGURE_IMAGES} shows the next {MAX_FIGURE_IMAGES})"
-        )
-    skip = getattr(args, "skip", 0)
-    if skip < 0:
-        raise JaxresError(f"--skip must be 0 or more, got {skip}")
-    if args.indices is not None:
-        if skip:
-            raise JaxresError("--skip pages through --misclassified; with --indices, name the images wanted")
-        if len(args.indices) > MAX_FIGURE_IMAGES:
-            raise JaxresError(
-                f"--indices names {len(args.indices)} images: one figure shows at most {MAX_FIGURE_IMAGES} "
-                f"(MAX_FIGURE_IMAGES); split them over several commands of {MAX_FIGURE_IMAGES} or fewer"
-            )
-    if args.layer is not None and not args.layer:
-        raise JaxresError("--layer is empty: name one of the model's stages (e.g. layer2), or omit it for the last")
-    out = figure_output_path(args.out)
-    model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
-    layer = tuple(model.STAGES)[-1] if args.layer is None else args.layer
-    _check_layer(model, layer)
-    split = getattr(dataset, args.split)
-    images, labels = np.asarray(split.images), np.asarray(split.labels)
-    if args.indices is not None:
-        indices = np.asarray(args.indices)
-        bad = indices[(indices < 0) | (indices >= len(images))]
-        if bad.size:
-            raise JaxresError(f"--indices {int(bad[0])} out of range: the {args.split} split has {len(images)} images")
-        predictions = _predict(model, variables, images[indices], args.batch_size)
-    else:
-        all_predictions = _predict(model, variables, images, args.batch_size)
-        wrong = np.flatnonzero(all_predictions != labels)
-        indices = round_robin_over_classes(wrong, labels[wrong], skip + wanted)[skip:]
-        if wrong.size == 0:
-            raise JaxresError(f"no misclassified images in the {args.split} split: use --indices instead")
-        if indices.size == 0:
-            raise JaxresError(
-                f"--skip {skip} skips every misclassified image: the {args.split} split has {wrong.size}"
-            )
-        predictions = all_predictions[indices]
-    chosen, truths = images[indices], labels[indices]
-    targets = predictions if args.target == "predicted" else truths
-    options = dict(method=args.method, score=args.score, eigen_smooth=args.eigen_smooth, aug_smooth=args.aug_smooth)
-    if args.method == "randomcam":
-        options["key"] = jax.random.key(args.seed)
-    cams = np.concatenate(
-        [
-            np.asarray(gradcam(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size], layer=layer, **options))
-            for i in range(0, len(chosen), args.batch_size)
-        ]
-    )
-    figure = plot_cams(
-        chosen,
-        cams,
-        true_labels=truths,
-        pred_labels=predictions,
-        class_names=list(dataset.class_names),
-        title=f"{args.method} at {layer} ({args.target} class), {args.split} images {', '.join(map(str, indices[:8]))}{' ...' if len(indices) > 8 else ''}",
-    )
-    return str(plots.save_figure(figure, out))
 
 
 if __name__ == "__main__":  # `python -m jaxres.gradcam`: the command line lives in jaxres.cli

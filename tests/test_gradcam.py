@@ -599,7 +599,7 @@ def test_cli_skip_pages_through_the_misclassified_images(tmp_path, fake_run, mon
         assert cli.gradcam_main(["--workdir", "RUN", "--misclassified", "2", "--skip", str(skip), "--out", str(tmp_path / f"{page}.png")]) == 0
         np.testing.assert_array_equal(shown[page], np.asarray(images)[order[skip : skip + 2]])
     with pytest.raises(JaxresError, match=f"--skip 6 skips every misclassified image: the test split has {len(wrong)}"):
-        cam_lib.run(cli.gradcam_parser().parse_args(["--workdir", "RUN", "--skip", "6", "--out", str(tmp_path / "x.png")]))
+        cli.gradcam_run(cli.gradcam_parser().parse_args(["--workdir", "RUN", "--skip", "6", "--out", str(tmp_path / "x.png")]))
 
 
 def test_cli_takes_the_methods_options_and_scores_of_cam_methods(tmp_path, fake_run, capsys):
@@ -632,3 +632,70 @@ def test_api_edges_are_named_errors(model, variables, images):
         gradcam(model, {"params": variables["params"]}, images)
     with pytest.raises(JaxresError, match="variables have no 'params' collection"):
         gradcam(model, {"batch_stats": variables["batch_stats"]}, images)
+
+
+# --------------------------------------------------------------------------- issue 24: the meta-methods on the command line
+
+
+def test_cli_runs_refinecam_and_sess_as_cam_meta_does(tmp_path, fake_run, monkeypatch, model, variables, images):
+    """--refine-layers (RefineCAM of --method over those stages) and --sess (SESS around --method
+    at --layer): the figure shows jaxres.cam_meta's maps of the chosen images, and its title says
+    which meta-method made them."""
+    from jaxres import cam_meta
+
+    shown = []
+    real_plot = cam_lib.plot_cams
+
+    def plot_cams(chosen, cams, **kwargs):
+        shown.append((np.asarray(cams), kwargs["title"]))
+        return real_plot(chosen, cams, **kwargs)
+
+    monkeypatch.setattr(cam_lib, "plot_cams", plot_cams)
+    out = str(tmp_path / "cams.png")
+    chosen = np.asarray(images)[[0, 1]]
+    targets = cam_lib._predict(model, variables, chosen, 256)
+    base = ["--workdir", "RUN", "--indices", "0", "1", "--out", out]
+    assert cli.gradcam_main([*base, "--refine-layers", "layer2", "layer3", "--method", "gradcam++"]) == 0
+    expected = cam_meta.refinecam(model, variables, chosen, targets, layers=("layer2", "layer3"), method="gradcam++")
+    np.testing.assert_allclose(shown[-1][0], np.asarray(expected), atol=1e-6)
+    assert shown[-1][1].startswith("refinecam of gradcam++ over layer2, layer3 (predicted class)")
+    assert cli.gradcam_main([*base, "--sess", "--sess-scales", "2", "--sess-pool", "max", "--layer", "layer2"]) == 0
+    expected = cam_meta.sess(model, variables, chosen, targets, layer="layer2", num_scales=2, pool="max")
+    np.testing.assert_allclose(shown[-1][0], np.asarray(expected), atol=1e-6)
+    assert shown[-1][1].startswith("sess of gradcam at layer2 (predicted class)")
+    assert shown[-1][0].shape == (2, 32, 32) and float(shown[-1][0].max()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--refine-layers", "layer2", "--layer", "layer3"], "error: --refine-layers names the layers RefineCAM multiplies: drop --layer"),
+        (["--sess-scales", "2"], "error: --sess-scales is an option of --sess: add --sess"),
+        (["--sess-pool", "max"], "error: --sess-pool is an option of --sess: add --sess"),
+        (["--sess", "--sess-scales", "0"], "error: --sess-scales must be positive, got 0"),
+        (["--sess", "--aug-smooth"], "error: --aug-smooth is not an option of --sess (pytorch-grad-cam's RefineCAM and SESS"),
+        (["--refine-layers", "layer3", "--aug-smooth"], "error: --aug-smooth is not an option of --refine-layers"),
+    ],
+)
+def test_cli_meta_method_mistakes_are_named_before_loading(fake_run, capsys, argv, message):
+    assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert fake_run == {}
+
+
+def test_cli_meta_method_flags_parse_and_refuse_each_other(fake_run, capsys):
+    parser = cli.gradcam_parser()
+    args = parser.parse_args(["--workdir", "RUN"])
+    assert (args.refine_layers, args.sess, args.sess_scales, args.sess_pool) == (None, False, None, None)
+    args = parser.parse_args(["--workdir", "RUN", "--refine-layers", "prep", "layer3"])
+    assert args.refine_layers == ["prep", "layer3"]
+    with pytest.raises(SystemExit) as exit_info:  # two meta-methods at once: argparse's usage error
+        parser.parse_args(["--workdir", "RUN", "--sess", "--refine-layers", "layer3"])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+    help_text = " ".join(parser.format_help().split())
+    assert "--refine-layers L [L ...]" in help_text and "--sess-scales S" in help_text
+    assert "(default: 12, the library's)" in help_text
+    assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", "--refine-layers", "layer3", "layer7"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown layer 'layer7' for CustomResNet")
