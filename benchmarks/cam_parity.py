@@ -104,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="folder of the results JSON")
+    parser.add_argument("--summarize", default=None, metavar="JSON", help="only print the README's tables of a results JSON")
     return parser.parse_args(argv)
 
 
@@ -778,6 +779,52 @@ def speed_table(rows) -> str:
     return "\n".join(lines)
 
 
+def summary_tables(record) -> str:
+    """The README's tables of a results JSON: parity per method and option (the worst over
+    stages and targets, per model), then speed per method (both models side by side)."""
+    fmt = lambda v: "–" if v is None else f"{v:.1e}"  # noqa: E731
+    names = list(record["models"])
+    groups = {}
+    for row in record["parity"]:
+        groups.setdefault((row["method"], row["library"], row["option"]), {}).setdefault(row["model"], []).append(row)
+    head = " | ".join(f"{name}: layer / input" for name in names)
+    lines = [f"| method (pytorch-grad-cam) | option | {head} | <= 1e-5 | why not, where not (stages) |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]  # fmt: skip
+    for (method, library, option), by_model in groups.items():
+        cells, notes, ok = [], {}, True
+        for name in names:
+            rows = by_model.get(name, [])
+            # the library's map rescaled exactly where that is what its row compares (its 1e-7 epsilon)
+            best = lambda r, key: min(v for v in (r[key], r[f"{key}_rescaled"]) if v is not None)  # noqa: E731
+            layer = max((best(r, "layer") for r in rows if r["layer"] is not None), default=None)
+            inputs = max((best(r, "input") for r in rows if r["input"] is not None), default=None)
+            cells.append(f"{fmt(layer)} / {fmt(inputs)}")
+            for r in rows:
+                ok &= r["ok"]
+                raw_ok = all(v is None or v <= TOLERANCE for v in (r["layer"], r["input"]))
+                if r["note"] and not (raw_ok and r["note"].startswith("principal component's sign")):
+                    notes.setdefault(r["note"].split(":")[0], []).append(f"{name} {r['stage']}" + ("" if r["target"] in ("-", "logit") else f" {r['target']}"))
+        why = "; ".join(f"{note} ({', '.join(where)})" for note, where in notes.items())
+        lines.append(f"| {method} ({library}) | {option} | {' | '.join(cells)} | {'yes' if ok else '**no**'} | {why} |")
+    road = record.get("road_parity", [])
+    if road:
+        lines.append(f"| ROAD (ROADCombined, ROAD*Average; noise 0) | 10..90 | "
+                     + " | ".join(next((f"{max(r['combined'], r['most_relevant_first_average'], r['least_relevant_first_average']):.1e}"
+                                        for r in road if r["model"] == name), "–") for name in names)
+                     + f" | {'yes' if all(r['ok'] for r in road) else '**no**'} | |")  # fmt: skip
+    speed = {}
+    for row in record["speed"]:
+        speed.setdefault((row["method"], row["library"], row["option"]), {})[row["model"]] = row
+    head = " | ".join(f"{name}: jaxres / library img/s, ratio" for name in names)
+    lines += ["", f"| method (pytorch-grad-cam) | option | {head} | jaxres compile s |", "|---|---|" + "---|" * len(names) + "---|"]
+    for (method, library, option), by_model in speed.items():
+        cells = [f"{r['jaxres_images_per_s']:.1f} / {r['library_images_per_s']:.1f}, **{r['ratio_median']:.1f}x**" if (r := by_model.get(name)) else "–"
+                 for name in names]  # fmt: skip
+        compile_s = " / ".join(f"{by_model[name]['jaxres_compile_s']:.1f}" for name in names if name in by_model)
+        lines.append(f"| {method} ({library}) | {option} | {' | '.join(cells)} | {compile_s} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -801,6 +848,9 @@ def load_models(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        print(summary_tables(json.loads(Path(args.summarize).read_text())))
+        return 0
     cores = set_threads(args.threads)
     import torch
 
@@ -838,6 +888,13 @@ def main(argv=None) -> int:
         "road_parity": [],
         "speed": [],
     }
+    out = Path(args.out) / f"cam-parity-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every model too, so that an interrupted run keeps what it measured
+        record["wall_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
     log(f"{record['machine']['cpu_model']}, {len(cores)} cores pinned, torch threads {torch.get_num_threads()}, {len(images)} images")
     for name, model, variables in built:
         twin = torch_twin(name, model, variables)
@@ -864,11 +921,9 @@ def main(argv=None) -> int:
                 record["road_parity"].append(road_parity(name, model, variables, twin, images, classes, inputs, cams, log))
         if not args.skip_speed:
             record["speed"].extend(run_speed(name, model, variables, twin, images, classes, inputs, args.repeats, methods, log))
+        save()
     record["machine"]["load_average_at_end"] = list(os.getloadavg())
-    record["wall_s"] = time.perf_counter() - started
-    out = Path(args.out) / f"cam-parity-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    save()
     print()
     if record["parity"]:
         print(parity_table(record["parity"]))
