@@ -1,7 +1,8 @@
 """jaxres's CAM methods against pytorch-grad-cam 1.5.7: parity of every method, and speed.
 
-    PYTHONPATH=. /work/camref-venv/bin/python -m benchmarks.cam_parity            # ~15 min on 2 loaded cores
-    PYTHONPATH=. /work/camref-venv/bin/python -m benchmarks.cam_parity --option-stages all --repeats 5
+    PYTHONPATH=. /work/camref-venv/bin/python -m benchmarks.cam_parity            # ~23 min on 2 shared cores
+    PYTHONPATH=. /work/camref-venv/bin/python -m benchmarks.cam_parity --workdir RUN1 RUN2 --option-stages all --repeats 5
+    PYTHONPATH=. /work/camref-venv/bin/python -m benchmarks.cam_parity --summarize benchmarks/results/cam-parity-TIME.json
 
 Runs in its own venv (benchmarks/README.md, "Grad-CAM against pytorch-grad-cam", says how to
 build it): pytorch-grad-cam needs torchvision, which the project's venv does not have, and the
@@ -21,8 +22,7 @@ trivial), or a trained run (--workdir), converted to the PyTorch twin with `jaxr
   method; jaxres's `gradcam(..., upsample=False)`) and at the input size (the library's result
   against `gradcam(...)`), for ClassifierOutputTarget (score "logit") and
   ClassifierOutputSoftmaxTarget ("softmax"), and with eigen_smooth and aug_smooth where the
-  library has them (at the first and last stage of each model; every stage with
-  --option-stages all). Then RefineCAM, SESS, and ROAD (ROADCombined and both averages, the
+  library has them (at the last stage of each model; --option-stages ends or all for more). Then RefineCAM, SESS, and ROAD (ROADCombined and both averages, the
   imputer's noise 0 on both sides). Where the two cannot agree the row says why and compares
   what is defined:
   * the sign of a principal component (eigencam, eigengradcam, kpca_cam, any eigen_smooth): the
@@ -802,8 +802,10 @@ def summary_tables(record) -> str:
             for r in rows:
                 ok &= r["ok"]
                 raw_ok = all(v is None or v <= TOLERANCE for v in (r["layer"], r["input"]))
-                if r["note"] and not (raw_ok and r["note"].startswith("principal component's sign")):
-                    notes.setdefault(r["note"].split(":")[0], []).append(f"{name} {r['stage']}" + ("" if r["target"] in ("-", "logit") else f" {r['target']}"))
+                for clause in filter(None, r["note"].split("; ")):
+                    if not (raw_ok and clause.startswith("principal component's sign")):  # sign-matched and within 1e-5: nothing to say
+                        where = f"{name} {r['stage']}" + ("" if r["target"] in ("-", "logit") else f" {r['target']}")
+                        notes.setdefault(clause.split(":")[0].split(" on ")[0], []).append(where)
         why = "; ".join(f"{note} ({', '.join(where)})" for note, where in notes.items())
         lines.append(f"| {method} ({library}) | {option} | {' | '.join(cells)} | {'yes' if ok else '**no**'} | {why} |")
     road = record.get("road_parity", [])
