@@ -138,31 +138,6 @@ def import_torchvision():
     return torchvision
 
 
-def random_variables(model, seed: int) -> dict:
-    """Random weights, BatchNorm affines and running statistics (as tests/helpers.py draws them)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from jaxres.models import init_variables
-
-    rng = np.random.default_rng(seed)
-    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    out = {}
-    for collection, tree in template.items():
-        new = {}
-        for path, leaf in traverse_util.flatten_dict(tree).items():
-            if path[-1] == "kernel":
-                array = rng.uniform(-1, 1, leaf.shape) / np.sqrt(int(np.prod(leaf.shape[:-1])))
-            elif path[-1] in ("var", "scale"):
-                array = rng.uniform(0.5, 1.5, leaf.shape)
-            else:  # mean, bias
-                array = rng.normal(0.0, 0.2, leaf.shape)
-            new[path] = jnp.asarray(array, jnp.float32)
-        out[collection] = traverse_util.unflatten_dict(new)
-    return out
-
-
 def torch_resnet(width: float, stage_sizes=(2, 2, 2, 2), num_classes: int = 10):
     """The PyTorch twin of `jaxres.models.ResNet` (ResNet-18 by default), named as its Flax tree
     (prep.conv_block.conv, layer2.block1.conv1 / norm1 / conv2 / norm2 / shortcut_conv /
@@ -844,7 +819,7 @@ def load_models(args):
     built = []
     for offset, name in enumerate(args.models):
         model = models.create_model(name, width=args.width, num_classes=len(dataset.class_names))
-        built.append((name, model, random_variables(model, args.seed + offset)))
+        built.append((name, model, common.random_variables(model, args.seed + offset)))
     return built, images
 
 

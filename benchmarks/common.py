@@ -223,3 +223,35 @@ def machine_record() -> dict:
         "python": platform.python_version(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def random_variables(model, seed: int) -> dict:
+    """Random weights, BatchNorm affines and running statistics for a jaxres `model`, drawn
+    with NumPy (the tests' and cam_parity's weights; cheaper than `init_variables`, whose
+    PRNG programs take long to compile on CPU). Kernels are U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) as PyTorch's default; variances and scales U(0.5, 1.5); means and
+    biases N(0, 0.2): nothing is trivial. jax is imported here, not at the top, so the
+    PyTorch workers that import this module never load it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from jaxres.models import init_variables
+
+    rng = np.random.default_rng(seed)
+    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    out = {}
+    for collection, tree in template.items():
+        new = {}
+        for path, leaf in traverse_util.flatten_dict(tree).items():
+            shape, name = leaf.shape, path[-1]
+            if name == "kernel":
+                array = rng.uniform(-1, 1, shape) / np.sqrt(int(np.prod(shape[:-1])))
+            elif name in ("var", "scale"):
+                array = rng.uniform(0.5, 1.5, shape)
+            else:  # mean, bias
+                array = rng.normal(0.0, 0.2, shape)
+            new[path] = jnp.asarray(array, jnp.float32)
+        out[collection] = traverse_util.unflatten_dict(new)
+    return out

@@ -160,9 +160,11 @@ def evaluate_run(workdir, data_source: str | None = None, tta_modes=TTA_MODES, c
     images = parallel.replicate(mesh, dataset.test.images)
     labels = parallel.replicate(mesh, dataset.test.labels)
     variables = parallel.replicate_tree(mesh, variables)
+    # decided once for every mode (auto traces the model to look for XLA convolutions)
+    loop = loops.choose_loop(config.epoch_loop, model, tuple(dataset.test.images.shape[1:]))
     results = {}
     for mode in tta_modes:
-        evaluation = jax.device_get(make_evaluate(model, config, mesh, tta=mode)(variables, images, labels))
+        evaluation = jax.device_get(make_evaluate(model, config, mesh, tta=mode, loop=loop)(variables, images, labels))
         results[mode] = {"loss": float(evaluation["loss"]), "accuracy": float(evaluation["accuracy"])}
     return results
 

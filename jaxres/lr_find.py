@@ -209,12 +209,11 @@ def lr_range_test(
         return images[indices], labels[indices], jnp.float32(lrs[i])
 
     watch = _DivergenceWatch(smoothing, divergence_factor, steps, progress, lrs)
-    _, losses = loops.host_loop(step, state, steps, batch_of, stop=watch)
-    recorded = [float(loss) for loss in losses[: watch.recorded]]
-    if not recorded:
+    loops.host_loop(step, state, steps, batch_of, stop=watch)
+    if not watch.losses:
         raise JaxresError(f"the loss was not finite at the first step (LR {min_lr:g}); lower --min-lr")
-    losses = np.asarray(recorded, np.float64)
-    smoothed_losses = smooth_losses(losses, smoothing)
+    losses = np.asarray(watch.losses, np.float64)
+    smoothed_losses = np.asarray(watch.smoothed, np.float64)  # smooth_losses(losses, smoothing), kept as it ran
     taken = lrs[: len(losses)]
     return LRFindResult(
         lrs=taken,
@@ -227,22 +226,26 @@ def lr_range_test(
 
 
 class _DivergenceWatch:
-    """The host's watch over the sweep (`loops.host_loop`'s `stop`): records each step's loss,
-    stops at a non-finite loss (not recorded) or once the bias-corrected EMA exceeds
+    """The host's watch over the sweep (`loops.host_loop`'s `stop`): records each step's loss
+    in `losses` and its bias-corrected EMA (`smooth_losses`, computed once, online) in
+    `smoothed`; stops at a non-finite loss (not recorded) or once the EMA exceeds
     `divergence_factor` x its minimum (recorded)."""
 
     def __init__(self, smoothing, divergence_factor, steps, progress, lrs):
         self.smoothing, self.divergence_factor, self.steps, self.progress, self.lrs = smoothing, divergence_factor, steps, progress, lrs
-        self.average, self.best, self.recorded, self.stopped_early = 0.0, math.inf, 0, False
+        self.average, self.best, self.stopped_early = 0.0, math.inf, False
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
 
     def __call__(self, i: int, loss) -> bool:
         loss = float(loss)
         if not math.isfinite(loss):
             self.stopped_early = True
             return True
-        self.recorded += 1
         self.average = self.smoothing * self.average + (1 - self.smoothing) * loss
         smoothed = self.average / (1 - self.smoothing ** (i + 1))
+        self.losses.append(loss)
+        self.smoothed.append(smoothed)
         if self.progress is not None:
             self.progress(i, float(self.lrs[i]), loss)
         if smoothed > self.divergence_factor * self.best:

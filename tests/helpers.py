@@ -16,16 +16,13 @@ import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from benchmarks.common import random_variables  # noqa: F401  (the tests import it from here)
 from jaxres import data
 from jaxres.config import TrainConfig
 from jaxres.data import Dataset, Split, readers
 from jaxres.errors import JaxresError
-from jaxres.models import init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,34 +138,6 @@ def quiet(_):
 def stop_after_first_epoch(row: dict) -> bool:
     """An `on_epoch` for `train_and_evaluate` that ends the run after epoch 1 (an interruption)."""
     return row["epoch"] == 1
-
-
-# --------------------------------------------------------------------------- model variables
-
-
-def random_variables(model, seed: int) -> dict:
-    """Random weights, BatchNorm affines and running statistics for `model`, drawn with NumPy.
-
-    (Cheaper than `init_variables`, whose PRNG programs take long to compile on CPU.)
-    Kernels are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's default; nothing is trivial.
-    """
-    rng = np.random.default_rng(seed)
-    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    out = {}
-    for collection, tree in template.items():
-        new = {}
-        for path, leaf in traverse_util.flatten_dict(tree).items():
-            shape, name = leaf.shape, path[-1]
-            if name == "kernel":
-                fan_in = int(np.prod(shape[:-1]))
-                array = rng.uniform(-1, 1, shape) / np.sqrt(fan_in)
-            elif name in ("var", "scale"):
-                array = rng.uniform(0.5, 1.5, shape)
-            else:  # mean, bias
-                array = rng.normal(0.0, 0.2, shape)
-            new[path] = jnp.asarray(array, jnp.float32)
-        out[collection] = traverse_util.unflatten_dict(new)
-    return out
 
 
 # --------------------------------------------------------------------------- decoding in a fresh Python

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres import backends, cli, evaluate, models, optim, rundir, train
+from jaxres import backends, cli, evaluate, loops, models, optim, rundir, train
 from jaxres import gradcam as cam_lib
 from jaxres.config import TrainConfig
 from jaxres.data import CIFAR10_CLASSES
@@ -123,6 +123,28 @@ def test_evaluate_on_data_of_the_runs_kind(cifar_run, cifar_like_tree, capsys, t
     assert status == 0, err
     # the all-zero model predicts class 0: right on the 3 airplanes of 30 test images
     assert "10.00%" in out.splitlines()[1]
+
+
+def test_evaluate_decides_its_loop_once_for_every_tta_mode(cifar_run, cifar_like_tree, monkeypatch, tmp_path):
+    """`auto` traces the model to look for XLA convolutions: evaluate_run does that once and
+    hands the one decision to each mode's make_evaluate (it used to trace once per mode)."""
+    decisions, handed = [], []
+    real_choose, real_make = loops.choose_loop, evaluate.make_evaluate
+
+    def choose(*args, **kwargs):
+        decisions.append(real_choose(*args, **kwargs))
+        return decisions[-1]
+
+    def make(*args, **kwargs):
+        handed.append(kwargs.get("loop"))
+        return real_make(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "choose_loop", choose)
+    monkeypatch.setattr(evaluate, "make_evaluate", make)
+    results = evaluate.evaluate_run(cifar_run, str(cifar_like_tree), ("none", "flip"), cache_dir=str(tmp_path / "cache"))
+    assert len(decisions) == 1 and decisions[0] in ("scan", "steps")
+    assert handed == [decisions[0], decisions[0]]
+    assert results["none"]["accuracy"] == pytest.approx(0.1) and results["flip"]["accuracy"] == pytest.approx(0.1)
 
 
 # --------------------------------------------------------------------------- --misclassified spreads over classes
