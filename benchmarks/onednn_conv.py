@@ -110,7 +110,6 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
     alternating calls; img/s medians and the pairwise speedups over XLA's host loop."""
     import jax
 
-    from benchmarks.profile_jax import random_variables
     from jaxres import backends, optim, parallel, train
     from jaxres.config import TrainConfig
 
@@ -124,7 +123,7 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
     for backend, loop in STEP_VARIANTS:
         run_config = dataclasses.replace(config, conv_backend=backend, epoch_loop=loop)
         model = backends.model_from_config(run_config, num_classes=10)
-        state = train.init_train_state(run_config, optimizer, random_variables(model))
+        state = train.init_train_state(run_config, optimizer, common.random_variables(model, 0))
         epoch = train.make_train_epoch(model, optimizer, run_config, mesh, steps)
         start = time.perf_counter()
         state, metrics = epoch(parallel.replicate_tree(mesh, state), images, labels, jax.random.PRNGKey(0))

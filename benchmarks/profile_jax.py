@@ -44,31 +44,6 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def random_variables(model, seed: int = 0) -> dict:
-    """Random weights shaped like `model`'s (PyTorch's default init scale), without the slow init."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from jaxres.models import init_variables
-
-    rng = np.random.default_rng(seed)
-    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    out = {}
-    for collection, tree in template.items():
-        flat = {}
-        for path, leaf in traverse_util.flatten_dict(tree).items():
-            if path[-1] == "kernel":
-                array = rng.uniform(-1, 1, leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-            elif path[-1] in ("var", "scale"):
-                array = np.ones(leaf.shape)
-            else:
-                array = np.zeros(leaf.shape)
-            flat[path] = jnp.asarray(array, jnp.float32)
-        out[collection] = traverse_util.unflatten_dict(flat)
-    return out
-
-
 def load_trace_events(trace_dir: Path) -> list[dict]:
     paths = sorted(trace_dir.rglob("*.trace.json.gz"))
     if not paths:
@@ -161,7 +136,7 @@ def profile_jax(args) -> dict:
     model = backends.model_from_config(config, num_classes=10)
     optimizer, _ = optim.make_optimizer(config, args.steps)
     mesh = parallel.make_mesh()
-    state = parallel.replicate_tree(mesh, train.init_train_state(config, optimizer, random_variables(model)))
+    state = parallel.replicate_tree(mesh, train.init_train_state(config, optimizer, common.random_variables(model, 0)))
     rng = np.random.default_rng(0)
     images = parallel.replicate(mesh, rng.integers(0, 256, (max(4096, args.steps * args.batch), 32, 32, 3), dtype=np.uint8))
     labels = parallel.replicate(mesh, rng.integers(0, 10, (images.shape[0],), dtype=np.int32))
