@@ -175,11 +175,16 @@ def _batch_norm_variables(module: nn.Module, channels: int) -> tuple:
     return scale, bias, running_mean, running_var
 
 
-def _update_running_averages(module: nn.Module, running_mean, running_var, mean, var) -> None:
-    """new = momentum * old + (1 - momentum) * batch value (flax's convention), after init."""
+def _update_running_averages(module: nn.Module, running_mean, running_var, mean, var, count: int) -> None:
+    """new = momentum * old + (1 - momentum) * batch value (flax's convention), after init.
+
+    `var` is the biased variance of `count` values per channel (the one that normalised
+    them); the running variance takes the unbiased one, var * count / (count - 1), as
+    PyTorch's BatchNorm does (flax.linen.BatchNorm keeps the biased one)."""
     if not module.is_initializing():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
         running_mean.value = module.momentum * running_mean.value + (1 - module.momentum) * mean
-        running_var.value = module.momentum * running_var.value + (1 - module.momentum) * var
+        running_var.value = module.momentum * running_var.value + (1 - module.momentum) * unbiased
 
 
 class BatchNorm(nn.Module):
@@ -187,7 +192,8 @@ class BatchNorm(nn.Module):
     1e-5) and flax.linen.BatchNorm's variables (params scale, bias; batch_stats mean, var:
     float32[C]), so checkpoints and `jaxres.convert` see no difference. Training statistics
     come from `batch_norm_rows` over (N, H, W), in float32 (or float64 for float64 inputs)
-    whatever `dtype` computes; the output has `dtype`. x: float[N, H, W, C]."""
+    whatever `dtype` computes; the running variance moves towards the unbiased batch variance,
+    as PyTorch's does. The output has `dtype`. x: float[N, H, W, C]."""
 
     use_running_average: bool
     momentum: float = 0.9
@@ -204,7 +210,7 @@ class BatchNorm(nn.Module):
             multiplier = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
             return ((wide - running_mean.value) * multiplier + bias).astype(self.dtype)
         y, mean, var = batch_norm_rows(wide.reshape(-1, channels), scale, bias, self.epsilon)
-        _update_running_averages(self, running_mean, running_var, mean, var)
+        _update_running_averages(self, running_mean, running_var, mean, var, count=math.prod(x.shape[:-1]))
         return y.reshape(x.shape).astype(self.dtype)
 
 
@@ -227,7 +233,7 @@ class GhostBatchNorm(BatchNorm):
     x: float[N, H, W, C] is split in order into N / ghost_size consecutive groups of
     `ghost_size` images (N <= ghost_size: one group, i.e. plain BatchNorm); each group is
     normalised with its own mean and (biased) variance over (images, H, W). The running
-    averages move towards the mean over groups of those means and variances (momentum
+    averages move towards the mean over groups of those means and of the unbiased variances (momentum
     as flax: new = momentum * old + (1 - momentum) * batch value; 0.9 is PyTorch's 0.1).
     In inference, the running averages normalise, exactly as BatchNorm. The variables
     are BatchNorm's (params scale, bias; batch_stats mean, var: float32[C]), so
@@ -259,7 +265,9 @@ class GhostBatchNorm(BatchNorm):
             normalized = (grouped - group_mean) * jax.lax.rsqrt(group_var + self.epsilon)
             batch_mean = group_mean.reshape(groups, channels).mean(axis=0)
             batch_var = group_var.reshape(groups, channels).mean(axis=0)
-            _update_running_averages(self, running_mean, running_var, batch_mean, batch_var)
+            _update_running_averages(
+                self, running_mean, running_var, batch_mean, batch_var, count=math.prod(grouped.shape[1:-1])
+            )  # fmt: skip
             return (normalized.reshape(x.shape) * scale + bias).astype(self.dtype)
         normalized = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         return (normalized * scale + bias).astype(self.dtype)

@@ -118,9 +118,10 @@ def test_config_names_an_unknown_model_or_norm_before_anything_runs():
 
 def test_batch_norm_equals_flax_batch_norm_in_float64():
     """jaxres's BatchNorm (sums as matrix-vector products, a hand-written backward) against
-    flax.linen.BatchNorm with the same settings, in float64: outputs, running statistics,
-    and the gradients of a loss with respect to the input and both parameters, in training
-    and in inference mode. Agreement to 1e-12 leaves room only for summation order."""
+    flax.linen.BatchNorm with the same settings, in float64: outputs, the running mean (the
+    running variance against NumPy: PyTorch's unbiased one, where flax keeps the biased), and
+    the gradients of a loss with respect to the input and both parameters, in training and in
+    inference mode. Agreement to 1e-12 leaves room only for summation order."""
     import flax.linen as nn
 
     with jax.enable_x64(True):
@@ -150,7 +151,17 @@ def test_batch_norm_equals_flax_batch_norm_in_float64():
             (ref_grads, (ref_y, ref_stats)) = gradient(reference_mode, variables["params"], x)
             chex.assert_trees_all_close(ours_y, ref_y, rtol=0, atol=1e-12)
             chex.assert_trees_all_close(ours_grads, ref_grads, rtol=1e-12, atol=1e-12)
-            chex.assert_trees_all_close(ours_stats, ref_stats, rtol=0, atol=1e-12)
+            if not train:
+                assert ours_stats == ref_stats == {}
+                continue
+            ours_stats, ref_stats = ours_stats["batch_stats"], ref_stats["batch_stats"]
+            chex.assert_trees_all_close(ours_stats["mean"], ref_stats["mean"], rtol=0, atol=1e-12)
+            # flax keeps the biased batch variance; jaxres, as PyTorch, the unbiased one
+            old = variables["batch_stats"]["var"]
+            n = x.size // x.shape[-1]
+            chex.assert_trees_all_close(ref_stats["var"], 0.9 * old + 0.1 * np.var(np.asarray(x), axis=(0, 1, 2)), atol=1e-12)
+            chex.assert_trees_all_close(ours_stats["var"], 0.9 * old + 0.1 * np.var(np.asarray(x), axis=(0, 1, 2), ddof=1), atol=1e-12)
+            assert n == 200
 
 
 @pytest.mark.parametrize("height, width", [(6, 8), (7, 9), (5, 5), (6, 3), (28, 28), (3, 2)])
