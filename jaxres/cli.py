@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from jaxres import cam_meta, data, evaluate, gradcam, lr_find, parallel, plots, rundir, train
+from jaxres import cam_meta, data, evaluate, gradcam, guided, lr_find, parallel, plots, rundir, train
 from jaxres import config as config_lib
 from jaxres.config import TTA_MODES, TrainConfig
 from jaxres.errors import JaxresError, command_line, figure_output_path
@@ -304,6 +304,11 @@ def gradcam_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eigen-smooth", action="store_true", help="first principal component of the weighted activations instead of their sum")
     parser.add_argument("--aug-smooth", action="store_true", help="average the maps of flipped and 0.9/1.0/1.1-scaled inputs")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of randomcam's weights (default: 0)")
+    parser.add_argument(
+        "--guided", action="store_true",
+        help="add a column of Guided Grad-CAM: guided backpropagation (every ReLU guided) times the map, "
+        "shown as pytorch_grad_cam's deprocess_image does (models with ReLUs only)",
+    )  # fmt: skip
     meta = parser.add_mutually_exclusive_group()
     meta.add_argument(
         "--refine-layers", nargs="+", default=None, metavar="L",
@@ -373,6 +378,8 @@ def gradcam_run(args: argparse.Namespace) -> str:
     model, variables, _, dataset = evaluate.load_run_and_data(args.workdir, args.data, args.cache_dir)
     layer = tuple(model.STAGES)[-1] if args.layer is None else args.layer
     gradcam._check_layer(model, layer)
+    if getattr(args, "guided", False):
+        guided.guided_model(model)  # a model without ReLUs to guide is refused before any work
     for refined in refine_layers or ():
         gradcam._check_layer(model, refined)
     split = getattr(dataset, args.split)
@@ -416,9 +423,21 @@ def gradcam_run(args: argparse.Namespace) -> str:
             for i in range(0, len(chosen), args.batch_size)
         ]
     )
+    guided_maps = None
+    if getattr(args, "guided", False):
+        saliency = np.concatenate(
+            [
+                np.asarray(guided.guided_backprop(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size],
+                                                  score="logit" if args.method == "finercam" else args.score))
+                for i in range(0, len(chosen), args.batch_size)
+            ]
+        )  # fmt: skip
+        guided_maps = guided.deprocess(saliency * cams[..., None])
+        explained = f"{explained}, guided"
     figure = gradcam.plot_cams(
         chosen,
         cams,
+        guided=guided_maps,
         true_labels=truths,
         pred_labels=predictions,
         class_names=list(dataset.class_names),

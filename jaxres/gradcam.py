@@ -403,12 +403,15 @@ def plot_cams(
     colormap: str = "jet",
     alpha: float = 0.5,
     title: str | None = None,
+    guided=None,
 ):
-    """One row per image: the image, its heatmap and the overlay (the course library's view).
+    """One row per image: the image, its heatmap and the overlay (the course library's view),
+    and with `guided` a fourth column, Guided Grad-CAM.
 
     images: uint8[N, H, W, 3]; cams: float[N, H, W] in [0, 1]; labels: ints[N] or None,
     shown as names when `class_names` is given; title: a suptitle above the first row,
-    wrapped to the figure's width. Returns a matplotlib Figure (built without pyplot,
+    wrapped to the figure's width; guided: uint8[N, H, W, 3] (`jaxres.guided.deprocess` of
+    guided backprop x the maps) or None. Returns a matplotlib Figure (built without pyplot,
     so nothing is shown; constrained layout; save it with `figure.savefig(path)`).
     """
     from matplotlib.figure import Figure
@@ -420,11 +423,14 @@ def plot_cams(
     count = len(images)
     if count == 0:
         raise JaxresError("no images to plot")
+    if guided is not None and np.shape(guided) != images.shape:
+        raise JaxresError(f"guided maps must have the images' shape {images.shape}, got {np.shape(guided)}")
+    columns = 3 if guided is None else 4
     name = (lambda label: class_names[int(label)]) if class_names is not None else (lambda label: str(int(label)))
     # Constrained layout reserves the suptitle's own band above the first row's titles at
     # any row count (tight_layout does not: in a 16-row figure it lays the suptitle over the first row).
-    figure = Figure(figsize=(6.6, 2.2 * count), layout="constrained")
-    axes = np.asarray(figure.subplots(count, 3, squeeze=False))
+    figure = Figure(figsize=(2.2 * columns, 2.2 * count), layout="constrained")
+    axes = np.asarray(figure.subplots(count, columns, squeeze=False))
     for row in range(count):
         image = images[row] if images.dtype == np.uint8 else np.clip(images[row], 0, 255).astype(np.uint8)
         parts = []
@@ -439,7 +445,10 @@ def plot_cams(
         axes[row, 1].set_title("heatmap", fontsize=8)
         axes[row, 2].imshow(overlay(image, cams[row], colormap, alpha), interpolation="nearest")
         axes[row, 2].set_title("overlay", fontsize=8)
-        for column in range(3):
+        if guided is not None:
+            axes[row, 3].imshow(np.asarray(guided[row]), interpolation="nearest")
+            axes[row, 3].set_title("guided", fontsize=8)
+        for column in range(columns):
             axes[row, column].axis("off")
     if title:
         figure.suptitle(textwrap.fill(title, width=_TITLE_CHARACTERS_PER_LINE))

@@ -23,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxres import cam_methods, gradcam as gradcam_lib
 from jaxres.augment import normalize as normalize_images
@@ -89,3 +90,17 @@ def guided_gradcam(model, variables, images, targets=None, *, layer: str, score=
     saliency = guided_backprop(model, variables, images, targets, score=score)
     cams = gradcam_lib.gradcam(model, variables, images, targets, layer=layer, method=method, score=score)
     return saliency * cams[..., None]
+
+
+def deprocess(saliency) -> np.ndarray:
+    """Guided saliency for display: float[N, H, W, 3] -> uint8[N, H, W, 3], each image as
+    pytorch-grad-cam 1.5.7's `utils/image.py` `deprocess_image` (after jacobgil's
+    keras-grad-cam): centred on its mean, divided by (its std + 1e-5), times 0.1, plus 0.5,
+    clipped to [0, 1], times 255 and truncated to uint8. On the host (NumPy, float64)."""
+    x = np.asarray(saliency, np.float64)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise JaxresError(f"saliency must be [N, H, W, 3], got shape {x.shape}")
+    axes = (1, 2, 3)
+    x = x - x.mean(axis=axes, keepdims=True)
+    x = x / (x.std(axis=axes, keepdims=True) + 1e-5)
+    return np.uint8(np.clip(x * 0.1 + 0.5, 0, 1) * 255)

@@ -547,6 +547,37 @@ def test_cli_argument_parsing():
     assert "--misclassified K" in parser.format_help()
 
 
+def test_cli_guided_adds_guided_gradcam_of_the_shown_maps(tmp_path, fake_run, monkeypatch, model, variables, images):
+    from jaxres import guided
+
+    seen = {}
+    real_plot = cam_lib.plot_cams
+
+    def plot_cams(chosen, cams, **kwargs):
+        seen.update(chosen=np.asarray(chosen), cams=np.asarray(cams), **kwargs)
+        return real_plot(chosen, cams, **kwargs)
+
+    monkeypatch.setattr(cam_lib, "plot_cams", plot_cams)
+    out = tmp_path / "guided.png"
+    argv = ["--workdir", "RUN", "--indices", "0", "3", "--method", "layercam", "--target", "true", "--guided", "--out", str(out)]
+    assert cli.gradcam_main(argv) == 0 and out.is_file()
+    truths = np.array([0, 3])
+    saliency = np.asarray(guided.guided_backprop(model, variables, seen["chosen"], truths))
+    np.testing.assert_array_equal(seen["guided"], guided.deprocess(saliency * seen["cams"][..., None]))
+    assert seen["title"].startswith("layercam at layer3, guided (true class)")
+
+
+def test_cli_guided_refuses_a_model_without_relus_before_any_work(tmp_path, fake_run, monkeypatch, capsys):
+    from jaxres import evaluate, models
+
+    airbench = models.create_model("airbench94", width=0.125)
+    calls = []
+    monkeypatch.setattr(evaluate, "load_run_and_data", lambda *a: (calls.append(a), (airbench, {}, None, None))[1])
+    assert cli.gradcam_main(["--workdir", "RUN", "--indices", "0", "--guided", "--out", str(tmp_path / "x.png")]) == 2
+    assert "guided backpropagation swaps a model's ReLUs; Airbench94 has no `activation` field" in capsys.readouterr().err
+    assert len(calls) == 1 and not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_on_a_trained_run(tmp_path):
     """Train a tiny model for one epoch with `python -m jaxres.train`, then explain it."""

@@ -119,3 +119,31 @@ def test_resnet18_relus_are_swapped_too():
 def test_a_model_without_relus_is_refused():
     with pytest.raises(JaxresError, match="Airbench94 has no `activation` field"):
         guided.guided_model(models.Airbench94(width=0.125))
+
+
+def test_deprocess_is_the_librarys_deprocess_image_per_image():
+    rng = np.random.default_rng(7)
+    saliency = rng.normal(size=(3, 5, 6, 3)) * np.array([1e-3, 1.0, 50.0])[:, None, None, None]
+    out = guided.deprocess(saliency)
+    assert out.dtype == np.uint8 and out.shape == saliency.shape
+    for image, shown in zip(saliency, out):  # utils/image.py deprocess_image, one image at a time
+        img = image - np.mean(image)
+        img = img / (np.std(img) + 1e-5)
+        img = np.clip(img * 0.1 + 0.5, 0, 1)
+        np.testing.assert_array_equal(shown, np.uint8(img * 255))
+    with pytest.raises(JaxresError, match=r"saliency must be \[N, H, W, 3\]"):
+        guided.deprocess(saliency[..., 0])
+
+
+def test_plot_cams_adds_the_guided_column(images):
+    from jaxres.gradcam import plot_cams
+
+    cams = np.random.default_rng(0).uniform(size=images.shape[:3])
+    shown = guided.deprocess(np.random.default_rng(1).normal(size=images.shape))
+    figure = plot_cams(images, cams, guided=shown)
+    axes = figure.get_axes()
+    assert len(axes) == 4 * len(images) and axes[3].get_title() == "guided"
+    np.testing.assert_array_equal(axes[3].get_images()[0].get_array(), shown[0])
+    assert len(plot_cams(images, cams).get_axes()) == 3 * len(images)
+    with pytest.raises(JaxresError, match="guided maps must have the images' shape"):
+        plot_cams(images, cams, guided=shown[:, :-1])
