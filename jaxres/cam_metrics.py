@@ -380,6 +380,44 @@ def noisy_linear_impute(inputs, keep, key=None, noise: float = ROAD_NOISE) -> ja
     return imputed
 
 
+def otsu_threshold(levels) -> jax.Array:
+    """Otsu's threshold of each map of grey levels, as OpenCV's cv2.threshold(...,
+    THRESH_BINARY + THRESH_OTSU) finds it (imgproc/thresh.cpp getThreshVal_Otsu_8u): the
+    first level t in 0..255 that maximises the between-class variance q1 q2 (mu1 - mu2)^2 of
+    the pixels <= t and > t, over the t that leave pixels in both classes; 0 for a map of
+    one level. levels: int[N, H, W] in [0, 255] -> int32[N].
+
+    The histogram and its running sums are integers (exact); the variances are float32 where
+    OpenCV's are double, so two levels whose variances agree to float32 rounding (a relative
+    1e-7) may be chosen differently; levels in a run of empty bins tie exactly, and both
+    take the first."""
+    levels = jnp.asarray(levels, jnp.int32)
+    count = levels.shape[1] * levels.shape[2]
+    grey = jnp.arange(256, dtype=jnp.int32)
+    histogram = jax.vmap(lambda image: jnp.bincount(image.reshape(-1), length=256))(levels)
+    below = jnp.cumsum(histogram, axis=1)  # pixels <= t
+    below_sum = jnp.cumsum(histogram * grey, axis=1)
+    above, above_sum = count - below, below_sum[:, -1:] - below_sum
+    valid = (below > 0) & (above > 0)
+    f32 = jnp.float32
+    mean_below = below_sum.astype(f32) / jnp.maximum(below, 1).astype(f32)
+    mean_above = above_sum.astype(f32) / jnp.maximum(above, 1).astype(f32)
+    weights = (below.astype(f32) / count) * (above.astype(f32) / count)
+    variance = jnp.where(valid, weights * jnp.square(mean_below - mean_above), -1.0)
+    return jnp.where(valid.any(axis=1), jnp.argmax(variance, axis=1), 0).astype(jnp.int32)
+
+
+def otsu_keep(maps) -> jax.Array:
+    """The pixels pytorch-grad-cam 1.5.7's ROAD keeps at percentile 'auto'
+    (perturbation_confidence.py RemoveMostRelevantFirst): Otsu's threshold (`otsu_threshold`)
+    of np.uint8(mask * 255), and the pixels above it kept (THRESH_BINARY's 255; the imputer
+    imputes the zeros). That keeps the most relevant pixels and removes the rest, the other
+    way round from a numeric percentile, which keeps mask < its percentile: the library's
+    rule, followed as it is. maps: float[N, H, W] in [0, 1] -> bool[N, H, W]."""
+    levels = jnp.clip(jnp.asarray(maps, jnp.float32) * 255.0, 0.0, 255.0).astype(jnp.int32)  # np.uint8 truncates
+    return levels > otsu_threshold(levels)[:, None, None]
+
+
 class ROAD(NamedTuple):
     """ROAD's scores (Rong et al. 2022, "A Consistent and Efficient Evaluation Strategy for
     Attribution Methods"; pytorch-grad-cam 1.5.7 metrics/road.py and perturbation_confidence.py).
@@ -389,8 +427,10 @@ class ROAD(NamedTuple):
     ROADMostRelevantFirst(p) imputes the pixels whose map is >= the map's p-th percentile
     (keeps those below it: the library's mask < np.percentile(mask, p), so p = 80 removes the
     20 % most relevant), ROADLeastRelevantFirst(p) the same on 1 - map (removes the 100 - p %
-    least relevant). The properties are the library's averages (AveragerAcrossThresholds: the
-    mean over the percentiles) and ROADCombined, (least - most) / 2: higher is better.
+    least relevant). A percentile NaN is the library's 'auto' (`otsu_keep`: Otsu's threshold
+    instead of a percentile). The properties are the library's averages
+    (AveragerAcrossThresholds: the mean over the percentiles) and ROADCombined, (least -
+    most) / 2: higher is better.
     """
 
     percentiles: jax.Array
@@ -425,7 +465,10 @@ def _road(model, variables, images, cams, targets, key, percentiles, *, score, n
 
     def at_percentile(arguments):
         percentile, step_key = arguments
-        keeps = [maps < jnp.percentile(maps, percentile, axis=(1, 2))[:, None, None] for maps in (cams, 1.0 - cams)]
+        keeps = [
+            jnp.where(jnp.isnan(percentile), otsu_keep(maps), maps < jnp.percentile(maps, percentile, axis=(1, 2))[:, None, None])
+            for maps in (cams, 1.0 - cams)
+        ]  # fmt: skip
         keys = (None, None) if step_key is None else jax.random.split(step_key)
         imputed = jnp.concatenate([noisy_linear_impute(inputs, keep, k, noise) for keep, k in zip(keeps, keys)])
         after = _class_scores(model, variables, imputed, jnp.concatenate([targets, targets]), score)
@@ -454,7 +497,8 @@ def road(model, variables, images, cams, targets=None, percentiles=ROAD_PERCENTI
       cams: float[N, H, W] maps at the images' resolution (e.g. `gradcam`'s, in [0, 1]).
       targets: None (the predicted class of the image), an int or ints[N].
       percentiles: the percentiles p, numbers in [0, 100] (default ROAD_PERCENTILES, 10..90,
-        as ROADCombined).
+        as ROADCombined), or "auto" (alone or among them): the library's percentile 'auto',
+        Otsu's threshold of the map (`otsu_keep`), recorded as NaN in `ROAD.percentiles`.
       key: a PRNG key for the imputer's noise (each percentile and order its own); needed
         unless noise is 0 (the library draws torch.randn, so results agree with it in
         distribution only; with noise 0 they agree exactly, up to float32).
@@ -470,14 +514,28 @@ def road(model, variables, images, cams, targets=None, percentiles=ROAD_PERCENTI
         missing key when noise is not 0.
     """
     _check_faithfulness_inputs(model, images, cams, score)
-    percentiles = np.asarray(percentiles, np.float32).reshape(-1)
-    if percentiles.size == 0 or np.any((percentiles < 0) | (percentiles > 100)):
-        raise JaxresError(f"percentiles must be numbers in [0, 100], got {percentiles.tolist()}")
+    percentiles = _road_percentiles(percentiles)
     if noise and key is None:
         raise JaxresError("ROAD's imputer adds noise: pass key=jax.random.key(seed), or noise=0")
     targets = prepare_targets(targets, np.shape(images)[0], model.num_classes)
     return _road(model, variables, images, cams, targets, None if not noise else key, jnp.asarray(percentiles),
                  score=score, noise=float(noise))  # fmt: skip
+
+
+def _road_percentiles(percentiles) -> np.ndarray:
+    """`road`'s percentiles as float32[P], "auto" as NaN; a JaxresError for anything else."""
+    given = [percentiles] if isinstance(percentiles, str) else list(np.asarray(percentiles, object).reshape(-1))
+    values = []
+    for p in given:
+        if isinstance(p, str) and p == "auto":
+            values.append(np.nan)
+        elif not isinstance(p, str) and isinstance(p, (int, float, np.integer, np.floating)) and 0 <= p <= 100:
+            values.append(float(p))
+        else:
+            raise JaxresError(f"percentiles must be numbers in [0, 100] or 'auto', got {given}")
+    if not values:
+        raise JaxresError("percentiles must be numbers in [0, 100] or 'auto', got none")
+    return np.asarray(values, np.float32)
 
 
 def road_combined(model, variables, images, cams, targets=None, percentiles=ROAD_PERCENTILES, *, key=None,

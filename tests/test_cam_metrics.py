@@ -146,16 +146,74 @@ def road_reference(inputs, cams, targets, scores_of, percentiles, most_relevant_
         perturbed = []
         for img, cam in zip(inputs, cams):
             mask = cam if most_relevant_first else 1 - cam
-            binary_mask = np.float32(mask < np.percentile(mask, percentile))
+            if percentile == "auto":  # cv2.threshold(np.uint8(mask * 255), 0, 255, THRESH_BINARY + THRESH_OTSU)
+                levels = np.uint8(mask * 255)
+                binary_mask = np.float32(np.where(levels > otsu_reference(levels)[0], 255, 0))
+            else:
+                binary_mask = np.float32(mask < np.percentile(mask, percentile))
             perturbed.append(noisy_linear_imputer(img, binary_mask))
         rows.append(np.float32(scores_of(np.stack(perturbed), targets)) - scores)
     return np.array(rows)
 
 
+def otsu_reference(levels):
+    """OpenCV's Otsu threshold (imgproc/thresh.cpp getThreshVal_Otsu_8u), its loop in float64:
+    (threshold, the margin of the best between-class variance over the second best, relative)."""
+    histogram = np.bincount(np.asarray(levels).reshape(-1), minlength=256).astype(np.float64) / np.size(levels)
+    mu = float(np.sum(np.arange(256) * histogram))
+    mu1 = q1 = 0.0
+    max_sigma, max_val, sigmas = 0.0, 0, []
+    eps = float(np.finfo(np.float32).eps)  # FLT_EPSILON
+    for i in range(256):
+        p_i = histogram[i]
+        mu1 *= q1
+        q1 += p_i
+        q2 = 1.0 - q1
+        if min(q1, q2) < eps or max(q1, q2) > 1.0 - eps:
+            continue
+        mu1 = (mu1 + i * p_i) / q1
+        mu2 = (mu - q1 * mu1) / q2
+        sigma = q1 * q2 * (mu1 - mu2) ** 2
+        sigmas.append(sigma)
+        if sigma > max_sigma:
+            max_sigma, max_val = sigma, i
+    distinct = sorted(set(sigmas), reverse=True)
+    margin = 1.0 if len(distinct) < 2 else (distinct[0] - distinct[1]) / distinct[0]
+    return max_val, margin
+
+
+def test_otsu_threshold_is_opencvs():
+    """Against OpenCV's loop (`otsu_reference`) on maps of every kind ROAD meets: smooth CAMs,
+    noise, a few levels with empty bins between them, two levels, one level. Where the two best
+    levels' variances lie within float32 rounding of each other either may win; nowhere else."""
+    from jaxres.cam_metrics import otsu_keep, otsu_threshold
+
+    rng = np.random.default_rng(3)
+    smooth = np.asarray(gaussian_blur(jnp.asarray(rng.random((24, 32, 32, 1)), jnp.float32), 9, 3.0))[..., 0]
+    smooth = (smooth - smooth.min((1, 2), keepdims=True)) / np.ptp(smooth, (1, 2), keepdims=True)
+    maps = np.concatenate([
+        np.uint8(smooth * 255),
+        rng.integers(0, 256, (8, 32, 32)),
+        rng.choice([3, 40, 41, 200], (4, 32, 32)),  # empty runs of bins: exact ties, the first wins
+        np.where(rng.random((2, 32, 32)) < 0.3, 10, 250),
+        np.full((2, 32, 32), 77),
+    ]).astype(np.int32)  # fmt: skip
+    got = np.asarray(otsu_threshold(maps))
+    references = [otsu_reference(m) for m in maps]
+    decided = [i for i, (_, margin) in enumerate(references) if margin > 1e-6]  # float32: <= ~5e-7 relative
+    assert len(decided) >= len(maps) - 2
+    np.testing.assert_array_equal(got[decided], [references[i][0] for i in decided])
+    assert got[-1] == 0 and 10 <= got[-3] < 250
+    keep = np.asarray(otsu_keep(smooth.astype(np.float32)))
+    levels = np.uint8(smooth.astype(np.float32) * 255)
+    np.testing.assert_array_equal(keep, levels > got[:24, None, None])
+    assert 0 < keep.mean() < 1
+
+
 @pytest.fixture(scope="module")
 def small():
-    """A CustomResNet of width 0.0625 with random weights, four shapes images, smooth maps
-    without ties (Gaussian-blurred noise, so every percentile splits the pixels cleanly), and
+    """A CustomResNet of width 0.0625 with random weights, three shapes images, smooth maps
+    without ties (Gaussian-blurred noise, ranked, so every percentile splits the pixels cleanly), and
     the model as a black box: scores_of(normalised float32[B, 3, H, W], targets) -> probabilities.
     The classifier's kernel is scaled by 30: a random network's logits hardly depend on the
     image (they move by ~1e-2 from an image to the mean colour), so its probabilities would
@@ -172,8 +230,12 @@ def small():
     variables = {**variables, "params": {**variables["params"], "classifier": classifier}}
     images = make_shapes(num_train=1, num_test=3, seed=0).test.images
     rng = np.random.default_rng(0)
-    cams = np.asarray(gaussian_blur(jnp.asarray(rng.random((3, 32, 32, 1)), jnp.float32), 9, 3.0))[..., 0]
-    cams = (cams - cams.min((1, 2), keepdims=True)) / np.ptp(cams, (1, 2), keepdims=True)
+    blurred = np.asarray(gaussian_blur(jnp.asarray(rng.random((3, 32, 32, 1)), jnp.float32), 9, 3.0))[..., 0]
+    # each map's pixels ranked, their values k / 1023: as smooth, and evenly spaced, so that every
+    # percentile used here (rank p / 100 * 1023, fractional part >= 0.1) lies >= 1e-4 from any
+    # pixel and the masks cannot depend on how a percentile's interpolation rounds
+    ranks = np.argsort(np.argsort(blurred.reshape(3, -1), axis=1), axis=1).reshape(blurred.shape)
+    cams = ranks / np.float32(ranks[0].size - 1)
     apply = jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x, train=False)))
 
     def scores_of(inputs, targets):
@@ -235,6 +297,32 @@ def test_road_matches_pytorch_grad_cam(small):
         road(model, variables, images, cams, targets)
     with pytest.raises(JaxresError, match="percentiles must be"):
         road(model, variables, images, cams, targets, percentiles=[120], noise=0.0)
+    for bad in ("otsu", [50, "Auto"], [], [float("nan")]):
+        with pytest.raises(JaxresError, match="percentiles must be numbers in \\[0, 100\\] or 'auto'"):
+            road(model, variables, images, cams, targets, percentiles=bad, noise=0.0)
+
+
+def test_road_percentile_auto_is_the_librarys_otsu_rule(small):
+    """percentile 'auto' (perturbation_confidence.py): Otsu's threshold of np.uint8(mask * 255),
+    the pixels above it kept; alone and among numeric percentiles."""
+    from jaxres.cam_metrics import road
+
+    model, variables, images, cams, scores_of = small
+    # squared: the ranked maps' histograms are symmetric, where Otsu's best two levels tie exactly
+    # (OpenCV's double rounding then picks one, float32 the other); these have a clear best level
+    cams = np.float32(cams**2)
+    for maps in (cams, 1 - cams):
+        assert min(otsu_reference(np.uint8(m * 255))[1] for m in maps) > 1e-6
+    targets = np.array([0, 8, 2])
+    inputs = np.asarray(normalize(images)).transpose(0, 3, 1, 2)
+    result = road(model, variables, images, cams, targets, percentiles=["auto", 30], noise=0.0)
+    assert np.isnan(result.percentiles[0]) and result.percentiles[1] == 30
+    for got, order in ((result.most_relevant_first, True), (result.least_relevant_first, False)):
+        expected = road_reference(inputs, cams, targets, scores_of, ["auto", 30], order)
+        assert np.abs(expected[0]).max() > 2e-4  # ten times the tolerance below
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-5)
+    alone = road(model, variables, images, cams, targets, percentiles="auto", noise=0.0)
+    np.testing.assert_array_equal(np.asarray(alone.most_relevant_first), np.asarray(result.most_relevant_first[:1]))
 
 
 def test_road_without_a_kept_pixel_imputes_the_mean_colour(small):
