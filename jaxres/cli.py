@@ -167,6 +167,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         chosen, defaults = config_lib.preset(args.preset), TrainConfig()
         preset = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(TrainConfig)
                   if getattr(chosen, f.name) != getattr(defaults, f.name)}  # fmt: skip
+        for mine, other in (("peak_epoch", "peak_fraction"), ("peak_fraction", "peak_epoch")):
+            if mine in given:  # the peak given one way replaces the preset's given the other
+                preset.pop(other, None)
     workdir = given.get("workdir", preset.get("workdir", TrainConfig.workdir))
     saved_path = Path(workdir) / rundir.CONFIG_NAME
     if args.resume and saved_path.is_file():

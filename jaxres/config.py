@@ -103,6 +103,10 @@ class TrainConfig:
     peak_epoch: float | None = knob(
         None, "epoch (fractional) at which the LR peaks", shown="5/24 of the run (epoch 5 of 24)"
     )
+    peak_fraction: float | None = knob(
+        None, "instead of `--peak-epoch`: the LR peaks at step int(fraction * total steps), as airbench "
+        "counts its warmup (airbench94: 0.23)", shown="unset",
+    )  # fmt: skip
     lr_start_factor: float = knob(0.0, "the learning rate at step 0, as a fraction of the peak (the schedule rises linearly from it)")
     lr_end_factor: float = knob(0.0, "the learning rate at the last step, as a fraction of the peak (it falls linearly to it)")
     momentum: float = knob(0.9, "SGD momentum")
@@ -207,8 +211,19 @@ class TrainConfig:
 
     @property
     def resolved_peak_epoch(self) -> float:
-        """Epoch (fractional) where the one-cycle LR peaks."""
+        """Epoch (fractional) where the one-cycle LR peaks (`peak_step` / steps per epoch when
+        `peak_fraction` is set)."""
+        if self.peak_fraction is not None:
+            return self.peak_fraction * self.epochs
         return self.epochs * 5 / 24 if self.peak_epoch is None else self.peak_epoch
+
+    def peak_step(self, steps_per_epoch: int) -> int:
+        """The optimizer step at which the LR peaks: int(peak_fraction * total_steps) (airbench's
+        int(total_train_steps * 0.23)) when `peak_fraction` is set, else the nearest step to
+        `resolved_peak_epoch`."""
+        if self.peak_fraction is not None:
+            return int(self.peak_fraction * self.total_steps(steps_per_epoch))
+        return int(round(self.resolved_peak_epoch * steps_per_epoch))
 
     def to_json(self) -> str:
         """Every field as a JSON object (indented, keys sorted): the contents of config.json."""
@@ -298,13 +313,13 @@ def airbench94(**overrides) -> TrainConfig:
     values = dict(
         model="airbench94", epochs=9.9, batch_size=1024, peak_lr=11.5, weight_decay=0.0153,
         decoupled_hyperparameters=True, momentum=0.85, nesterov=True, norm_bias_lr_scale=64.0,
-        peak_epoch=0.23 * 9.9, lr_start_factor=0.2, lr_end_factor=0.07, lookahead_every=5,
+        peak_fraction=0.23, lr_start_factor=0.2, lr_end_factor=0.07, lookahead_every=5,
         lookahead_decay=0.95, whiten_bias_epochs=3, label_smoothing=0.2, crop_padding=2,
         crop_padding_mode="reflect", flip=True, alternating_flip=True, cutout_size=0,
         tta="none", final_tta="flip_translate_reflect", eval_batch_size=2000, workdir="runs/airbench94",
     )  # fmt: skip
-    if "epochs" in overrides and "peak_epoch" not in overrides:
-        values["peak_epoch"] = 0.23 * overrides["epochs"]
+    if overrides.get("peak_epoch") is not None:  # a peak given in epochs replaces the fraction
+        values["peak_fraction"] = None
     return TrainConfig(**{**values, **overrides})
 
 
@@ -381,6 +396,13 @@ def validate(config: TrainConfig) -> None:
         ("crop_padding_mode", config.crop_padding_mode, CROP_PADDING_MODES),
     ):
         check_choice(what, value, choices)
+    if config.peak_fraction is not None:
+        if config.peak_epoch is not None:
+            raise JaxresError(
+                f"peak_epoch ({config.peak_epoch}) and peak_fraction ({config.peak_fraction}) both place the LR peak: give one"
+            )
+        if not 0 <= config.peak_fraction <= 1:
+            raise JaxresError(f"peak_fraction must lie in [0, 1], got {config.peak_fraction}")
     if config.peak_epoch is not None and not 0 <= config.peak_epoch <= config.epochs:
         raise JaxresError(
             f"peak_epoch must lie in [0, epochs={config.epochs}], got {config.peak_epoch}"

@@ -107,7 +107,7 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
 
     `sgd` with the config's momentum, Nesterov and weight decay (converted by
     `decoupled_sgd` when `decoupled_hyperparameters`), over `config.total_steps` steps: the
-    LR rises from `lr_start_factor` of its peak to the peak at `config.resolved_peak_epoch`,
+    LR rises from `lr_start_factor` of its peak to the peak at `config.peak_step`,
     then falls to `lr_end_factor` of it (`one_cycle_lr`). When parameters are grouped
     (`param_group`: airbench94, or `norm_bias_lr_scale` other than 1) each group gets its
     own SGD: BatchNorm biases the LR times `norm_bias_lr_scale` and the weight decay divided
@@ -115,7 +115,7 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
     The schedule returned is the default group's.
     """
     total_steps = config.total_steps(steps_per_epoch)
-    peak_step = int(round(config.resolved_peak_epoch * steps_per_epoch))
+    peak_step = config.peak_step(steps_per_epoch)
     lr, weight_decay = config.peak_lr, config.weight_decay
     if config.decoupled_hyperparameters:
         converted = decoupled_sgd(lr, weight_decay, config.momentum, config.batch_size)

@@ -165,6 +165,30 @@ def test_schedule_equals_the_published_get_lr():
     np.testing.assert_allclose(ours, peak * np.array([get_lr(step) for step in range(total)]), rtol=2e-6)
 
 
+def test_the_lr_peaks_where_airbench_ends_its_warmup_at_any_step_count():
+    for steps_per_epoch in (1, 2, 3, 7, 48, 97):
+        config = small_airbench()
+        total = math.ceil(9.9 * steps_per_epoch)
+        assert config.peak_step(steps_per_epoch) == int(total * 0.23)  # legacy/airbench94.py get_lr's warmup_steps
+        _, schedule = optim.make_optimizer(config, steps_per_epoch)
+        peak = optim.decoupled_sgd(11.5, 0.0153, 0.85, config.batch_size)["lr"]
+        assert float(schedule(int(total * 0.23))) == pytest.approx(peak, rel=1e-6)
+    # round(0.23 * 9.9 * 2) = 5, where airbench's int(0.23 * 20) = 4: the fraction, not the epoch, decides
+    assert small_airbench().peak_step(2) == 4
+    # a peak given in epochs replaces the preset's fraction; both at once are refused
+    assert small_airbench(peak_epoch=1.0).peak_step(10) == 10
+    with pytest.raises(JaxresError, match="peak_epoch .* and peak_fraction .* both place the LR peak"):
+        TrainConfig(peak_epoch=1.0, peak_fraction=0.2)
+    with pytest.raises(JaxresError, match="peak_fraction must lie in"):
+        TrainConfig(peak_fraction=1.5)
+    from jaxres import cli
+
+    parser = cli.train_parser()
+    given = cli.config_from_args(parser.parse_args(["--preset", "airbench94", "--peak-epoch", "2"]))[0]
+    assert (given.peak_epoch, given.peak_fraction) == (2.0, None)
+    assert cli.config_from_args(parser.parse_args(["--preset", "airbench94"]))[0].peak_fraction == 0.23
+
+
 def test_fractional_epochs_count_steps_as_airbench():
     config = small_airbench()
     assert config.epoch_count == 10
@@ -378,9 +402,7 @@ def test_a_whole_short_run_equals_a_pytorch_twin_with_the_published_loop():
     config = small_airbench(whiten_bias_epochs=1, batch_size=16)
     batch, steps_per_epoch = config.batch_size, 4
     total = config.total_steps(steps_per_epoch)
-    # the LR peaks at step round(0.23 * 9.9 * 4) = 9 = int(0.23 * 40), airbench's warmup (as at 48
-    # steps per epoch: 109; at some counts, e.g. 2 per epoch, the two roundings differ by a step)
-    assert total == 40
+    assert total == 40 and config.peak_step(steps_per_epoch) == int(40 * 0.23) == 9
     model = backends.model_from_config(config, 10)
     variables = models.init_variables(model, jax.random.PRNGKey(0))
     rng = np.random.default_rng(9)
