@@ -158,16 +158,18 @@ def stage_activation_and_gradient(model, variables, inputs: jax.Array, targets: 
 def stage_hessian_vector_product(model, variables, inputs, targets: jax.Array, layer: str, score="logit"):
     """H A, the Hessian of sum_n S_n with respect to stage `layer`'s output A, times A:
     float32[N, h, w, K] (shapley_cam.py's hvp, torch.autograd.grad(grads, activations,
-    grad_outputs=activations)): a jvp, in direction A, of the vjp that gives dS/dA. Zero
-    where the model after the stage is piecewise linear in A (ReLU, max-pool, dense) and S
-    is a logit; not zero for a softmax score."""
+    grad_outputs=activations)): as the library, reverse over reverse, the gradient of
+    <dS/dA, A> (H is symmetric), not a jvp of the gradient, which a model whose convolutions
+    are a custom_vjp (oneDNN's, `jaxres.onednn`) could not take. Zero where the model after
+    the stage is piecewise linear in A (ReLU, max-pool, dense) and S is a logit; not zero for
+    a softmax score."""
     forward, zero = stage_forward(model, variables, inputs, layer)
     activation = forward(zero)[1]
 
     def gradient(perturbation):
         return jax.grad(lambda p: jnp.sum(target_scores(forward(p)[0], targets, score)))(perturbation)
 
-    return jax.jvp(gradient, (zero,), (activation,))[1].astype(jnp.float32)
+    return jax.grad(lambda p: jnp.vdot(gradient(p), activation))(zero).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- maps from A (and G)
@@ -558,7 +560,7 @@ def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: 
 
     inputs float32[N, H, W, 3] (normalised); classes int32[N] or None (the predicted ones);
     key: a PRNG key (randomcam only). Gradient-based methods take one forward and one
-    backward pass (shapleycam a jvp of it too), gradient-free ones one forward pass
+    backward pass (shapleycam a gradient of it too), gradient-free ones one forward pass
     (scorecam and ablationcam N K more, batched on the device)."""
     check_method(method, ALL_METHODS, eigen_smooth)
     if method in GRADIENT_FREE_METHODS:

@@ -6,7 +6,8 @@ convolutions without that, faster on the CPUs measured (the oneDNN rows of
 benchmarks/README.md, "What each change gained"; `python -m benchmarks.onednn_conv`).
 `onednn_conv.cc` (next to this file) wraps oneDNN's 3x3 / stride 1 / padding 1 float32 and
 bfloat16 convolution, NHWC activations and HWIO weights, as three FFI handlers (forward,
-input gradient, weight gradient); `Onednn.conv3x3` is a `jax.custom_vjp` over them.
+input gradient, weight gradient); `Onednn.conv3x3` is a `jax.custom_vjp` over them, its
+backward passes custom_vjps too, so that it differentiates in reverse mode to any order.
 
 * Which runs use it is decided once, before any model is built, by `jaxres.backends.resolve`
   ("auto": oneDNN's on a CPU with one device in one process when the library builds). The FFI
@@ -329,19 +330,33 @@ class Onednn:
     @functools.cached_property
     def conv3x3(self) -> Callable:
         """The function float32 or bfloat16 x[N,H,W,Ci] (*) w[3,3,Ci,Co], stride 1, padding 1 ->
-        [N,H,W,Co], by oneDNN, differentiable once in reverse mode: a `jax.custom_vjp` over
-        oneDNN's input and weight gradients (one per object, so every call traces the same one)."""
+        [N,H,W,Co], by oneDNN, differentiable in reverse mode to any order (one per object, so
+        every call traces the same one).
 
-        def forward_with_residuals(x, w):
-            return self.forward(x, w), (x, w)
-
-        def backward(residuals, g):
-            x, w = residuals
-            return self.input_gradient(g, w), self.weight_gradient(x, g)
-
-        function = jax.custom_vjp(self.forward)
-        function.defvjp(forward_with_residuals, backward)
-        return function
+        The three passes F(x, w) = y, I(g, w) = dx, W(x, g) = dw are each a `jax.custom_vjp`
+        whose backward pass is the other two: all three are bilinear, and I(., w) and W(x, .)
+        are the adjoints of F(., w) and F(x, .), so <c, F(x, w)> has gradients (I(c, w),
+        W(x, c)), <c, I(g, w)> = <F(c, w), g> has (F(c, w), W(c, g)), and <c, W(x, g)> =
+        <F(x, c), g> has (I(g, c), F(x, c)). A gradient of a gradient (a Hessian-vector
+        product, a CAM inside a loss) is then oneDNN's too: each forward rule calls its own
+        custom_vjp (not the FFI call), so that an outer differentiation of it takes the rule
+        again. Forward mode (jax.jvp) it has not: JAX has none for a custom_vjp."""
+        forward, input_gradient, weight_gradient = (
+            jax.custom_vjp(function) for function in (self.forward, self.input_gradient, self.weight_gradient)
+        )
+        forward.defvjp(
+            lambda x, w: (forward(x, w), (x, w)),
+            lambda residuals, c: (input_gradient(c, residuals[1]), weight_gradient(residuals[0], c)),
+        )
+        input_gradient.defvjp(
+            lambda g, w: (input_gradient(g, w), (g, w)),
+            lambda residuals, c: (forward(c, residuals[1]), weight_gradient(c, residuals[0])),
+        )
+        weight_gradient.defvjp(
+            lambda x, g: (weight_gradient(x, g), (x, g)),
+            lambda residuals, c: (input_gradient(residuals[1], c), forward(residuals[0], c)),
+        )
+        return forward
 
 
 @functools.cache  # the documented cache: one library load and one set of probes per process

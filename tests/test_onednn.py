@@ -117,6 +117,72 @@ def test_forward_and_both_gradients_are_within_the_float32_summation_bound(size)
     assert not np.all(np.abs(np.asarray(y, np.float64) - wrong) <= gamma(9 * ci) * forward_scale)
 
 
+@pytest.mark.parametrize("size", [4, 8])
+def test_gradients_of_gradients_are_onednns_and_follow_the_bilinear_identities(size):
+    """Reverse over reverse: the gradient of <c1, dx> + <c2, dw>, (dx, dw) the convolution's
+    VJP of g, is (I(g, c2), W(c1, g), F(c1, w) + F(x, c2)) with F, I, W the forward, input-
+    and weight-gradient passes; each within the float32 summation bound of its float64 value,
+    and no XLA convolution anywhere in the program (a gradient of a gradient, e.g.
+    shapleycam's Hessian-vector product, stays oneDNN's)."""
+    library = library_or_skip()
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    n, h, width, ci, co = 2, size, size, 5, 7
+    x, c1 = (rng.standard_normal((n, h, width, ci)).astype(np.float32) for _ in range(2))
+    w, c2 = (rng.standard_normal((3, 3, ci, co)).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal((n, h, width, co)).astype(np.float32)
+
+    def loss(x, w, g):
+        _, vjp = jax.vjp(library.conv3x3, x, w)
+        dx, dw = vjp(g)
+        return jnp.sum(c1 * dx) + jnp.sum(c2 * dw)
+
+    program = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, w, g)
+    assert "conv_general_dilated" not in str(program)
+    gx, gw, gg = (np.asarray(a, np.float64) for a in jax.grad(loss, argnums=(0, 1, 2))(x, w, g))
+    x64, w64, g64, c164, c264 = (a.astype(np.float64) for a in (x, w, g, c1, c2))
+    (_, (input_of_g, input_scale, k_input), _) = references(x64, c264, g64)  # I(g, c2)
+    (forward_c1, forward_c1_scale, k_forward), _, (weight_of_c1, weight_scale, k_weight) = references(c164, w64, g64)
+    (forward_c2, forward_c2_scale, k_forward2), _, _ = references(x64, c264, g64)
+    assert np.all(np.abs(gx - input_of_g) <= gamma(k_input) * input_scale)
+    assert np.all(np.abs(gw - weight_of_c1) <= gamma(k_weight) * weight_scale)
+    exact = forward_c1 + forward_c2
+    bound = gamma(k_forward) * forward_c1_scale + gamma(k_forward2) * forward_c2_scale + U * (np.abs(exact) + 1e-30)
+    assert np.all(np.abs(gg - exact) <= 2 * bound)  # two sums, then their sum rounded once
+    # and the identities can fail: the other pairing is far outside
+    assert not np.all(np.abs(gg - (forward_c1 - forward_c2)) <= 2 * bound)
+
+
+def test_shapleycam_and_a_gradient_through_a_cam_run_on_a_onednn_model_as_on_xla():
+    """python -m jaxres.gradcam loads its model with the run's conv backend (oneDNN's on a CPU):
+    shapleycam below the last stage (a Hessian-vector product through convolutions) and a
+    gradient of a map with respect to the images run there, equal to XLA's model's."""
+    library = library_or_skip()
+    import jax
+    import jax.numpy as jnp
+
+    from jaxres import backends, models
+    from jaxres.gradcam import gradcam
+    from tests.helpers import random_variables
+
+    xla_model = models.create_model("custom_resnet", width=0.125)
+    onednn_model = models.create_model("custom_resnet", width=0.125, conv=backends.ConvBackend("onednn", library.conv_general_dilated).conv)
+    variables = random_variables(xla_model, seed=4)
+    images = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    for method in ("shapleycam", "gradcam"):
+        maps = [np.asarray(gradcam(m, variables, images, [1, 2, 3], "layer2", method)) for m in (xla_model, onednn_model)]
+        # normalised maps from float32 sums in two orders: a few float32 roundings of their range 1
+        np.testing.assert_allclose(maps[1], maps[0], rtol=0, atol=1e-4)
+    grads = [
+        np.asarray(jax.grad(lambda x, m=m: jnp.sum(gradcam(m, variables, x, [1, 2, 3], "layer2", upsample=False) ** 2))(jnp.asarray(images)))
+        for m in (xla_model, onednn_model)
+    ]  # fmt: skip
+    assert np.abs(grads[0]).max() > 0
+    np.testing.assert_allclose(grads[1], grads[0], rtol=0, atol=1e-4 * np.abs(grads[0]).max())
+
+
 @pytest.mark.parametrize("size", [4, 16])
 def test_bfloat16_forward_and_both_gradients_are_float32_sums_rounded_once_to_bfloat16(size):
     """The bfloat16 handlers (used where `native_bf16`): bfloat16 operands, products exact in
