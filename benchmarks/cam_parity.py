@@ -101,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-denormals", action="store_true",
                         help="leave PyTorch's subnormal floats on (its default; XLA flushes them to zero, and on this "
                         "CPU they made the library's forward passes ~40x slower on a trained run)")  # fmt: skip
+    parser.add_argument("--conv-backend", choices=("auto", "xla", "onednn"), default="auto",
+                        help="jaxres's convolutions, whatever the runs trained with (default auto: oneDNN's on a CPU, "
+                        "as python -m jaxres.gradcam has them)")  # fmt: skip
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", default=str(common.RESULTS_DIR), help="folder of the results JSON")
@@ -793,7 +796,8 @@ def summary_tables(record) -> str:
     for row in record["speed"]:
         speed.setdefault((row["method"], row["library"], row["option"]), {})[row["model"]] = row
     head = " | ".join(f"{name}: jaxres / library img/s, ratio" for name in names)
-    lines += ["", f"| method (pytorch-grad-cam) | option | {head} | jaxres compile s |", "|---|---|" + "---|" * len(names) + "---|"]
+    backend = record.get("args", {}).get("conv_backend", "xla")  # the runs before the flag: the runs' own, xla
+    lines += ["", f"jaxres's convolutions: `{backend}`", "", f"| method (pytorch-grad-cam) | option | {head} | jaxres compile s |", "|---|---|" + "---|" * len(names) + "---|"]
     for (method, library, option), by_model in speed.items():
         cells = [f"{r['jaxres_images_per_s']:.1f} / {r['library_images_per_s']:.1f}, **{r['ratio_median']:.1f}x**" if (r := by_model.get(name)) else "–"
                  for name in names]  # fmt: skip
@@ -805,6 +809,13 @@ def summary_tables(record) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def with_backend(model, choice: str):
+    """`model` computing its convolutions with the backend `choice` (`jaxres.backends.resolve`)."""
+    from jaxres import backends
+
+    return model.clone(conv=backends.resolve(choice).conv)
+
+
 def load_models(args):
     """[(name, model, variables)] and the images uint8[N, H, W, 3] they explain."""
     from jaxres import data, evaluate, models
@@ -813,12 +824,13 @@ def load_models(args):
         runs = [evaluate.load_for_inference(workdir) for workdir in args.workdir]
         config = runs[0][2]
         dataset = data.load_dataset(args.data or config.data, cache_dir=args.cache_dir or config.cache_dir, progress=False)
-        return [(run_config.model, model, variables) for model, variables, run_config in runs], np.asarray(dataset.test.images[: args.images])
+        built = [(run_config.model, with_backend(model, args.conv_backend), variables) for model, variables, run_config in runs]
+        return built, np.asarray(dataset.test.images[: args.images])
     dataset = data.load_dataset(args.data or "shapes", cache_dir=args.cache_dir, progress=False)
     images = np.asarray(dataset.test.images[: args.images])
     built = []
     for offset, name in enumerate(args.models):
-        model = models.create_model(name, width=args.width, num_classes=len(dataset.class_names))
+        model = with_backend(models.create_model(name, width=args.width, num_classes=len(dataset.class_names)), args.conv_backend)
         built.append((name, model, common.random_variables(model, args.seed + offset)))
     return built, images
 
