@@ -56,6 +56,7 @@ class Recipe:
     batch_size: int = RECIPE.batch_size
     peak_lr: float = RECIPE.peak_lr
     peak_epoch: float | None = RECIPE.peak_epoch  # None: 5/24 of the run
+    peak_fraction: float | None = RECIPE.peak_fraction  # None: the peak is peak_epoch's
     momentum: float = RECIPE.momentum
     nesterov: bool = RECIPE.nesterov
     weight_decay: float = RECIPE.weight_decay
@@ -68,7 +69,9 @@ class Recipe:
     compile: bool = False  # torch.compile the model
     eval_batch_size: int = RECIPE.eval_batch_size
 
-    resolved_peak_epoch = TrainConfig.resolved_peak_epoch  # the same rule: 5/24 of the run by default
+    resolved_peak_epoch = TrainConfig.resolved_peak_epoch  # the same rules: 5/24 of the run by default
+    total_steps = TrainConfig.total_steps
+    peak_step = TrainConfig.peak_step
 
 
 # --------------------------------------------------------------------------- schedule, optimizer
@@ -87,7 +90,7 @@ def one_cycle_lr(step: int, peak_lr: float, total_steps: int, peak_step: int) ->
 
 def make_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
     total_steps = recipe.epochs * steps_per_epoch
-    peak_step = int(round(recipe.resolved_peak_epoch * steps_per_epoch))
+    peak_step = recipe.peak_step(steps_per_epoch)
     return lambda step: one_cycle_lr(step, recipe.peak_lr, total_steps, peak_step)
 
 
