@@ -89,7 +89,7 @@ def one_cycle_lr(step: int, peak_lr: float, total_steps: int, peak_step: int) ->
 
 
 def make_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
-    total_steps = recipe.epochs * steps_per_epoch
+    total_steps = recipe.total_steps(steps_per_epoch)
     peak_step = recipe.peak_step(steps_per_epoch)
     return lambda step: one_cycle_lr(step, recipe.peak_lr, total_steps, peak_step)
 

@@ -463,11 +463,14 @@ def _road(model, variables, images, cams, targets, key, percentiles, *, score, n
     cams = jnp.asarray(cams, jnp.float32)
     before = _class_scores(model, variables, inputs, targets, score)
 
+    orders = (cams, 1.0 - cams)
+    otsu_keeps = [otsu_keep(maps) for maps in orders]  # percentile 'auto': the same at every step, computed once
+
     def at_percentile(arguments):
         percentile, step_key = arguments
         keeps = [
-            jnp.where(jnp.isnan(percentile), otsu_keep(maps), maps < jnp.percentile(maps, percentile, axis=(1, 2))[:, None, None])
-            for maps in (cams, 1.0 - cams)
+            jnp.where(jnp.isnan(percentile), auto, maps < jnp.percentile(maps, percentile, axis=(1, 2))[:, None, None])
+            for maps, auto in zip(orders, otsu_keeps)
         ]  # fmt: skip
         keys = (None, None) if step_key is None else jax.random.split(step_key)
         imputed = jnp.concatenate([noisy_linear_impute(inputs, keep, k, noise) for keep, k in zip(keeps, keys)])

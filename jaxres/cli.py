@@ -420,21 +420,18 @@ def gradcam_run(args: argparse.Namespace) -> str:
     else:
         explain = functools.partial(gradcam.gradcam, layer=layer, aug_smooth=args.aug_smooth, **options)
         explained = f"{args.method} at {layer}"
-    cams = np.concatenate(
-        [
-            np.asarray(explain(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size]))
+
+    def in_batches(function) -> np.ndarray:  # function(model, variables, images, targets), --batch-size images a call
+        return np.concatenate([
+            np.asarray(function(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size]))
             for i in range(0, len(chosen), args.batch_size)
-        ]
-    )
+        ])  # fmt: skip
+
+    cams = in_batches(explain)
     guided_maps = None
     if getattr(args, "guided", False):
-        saliency = np.concatenate(
-            [
-                np.asarray(guided.guided_backprop(model, variables, chosen[i : i + args.batch_size], targets[i : i + args.batch_size],
-                                                  score="logit" if args.method == "finercam" else args.score))
-                for i in range(0, len(chosen), args.batch_size)
-            ]
-        )  # fmt: skip
+        score = "logit" if args.method == "finercam" else args.score
+        saliency = in_batches(functools.partial(guided.guided_backprop, score=score))
         guided_maps = guided.deprocess(saliency * cams[..., None])
         explained = f"{explained}, guided"
     figure = gradcam.plot_cams(
