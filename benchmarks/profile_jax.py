@@ -131,7 +131,7 @@ def profile_jax(args) -> dict:
 
     from jaxres import config as config_lib
 
-    sizes = {"width": args.width, "batch_size": args.batch}
+    sizes = {"width": args.width, "batch_size": args.batch, "precision": args.precision}
     config = config_lib.preset(args.preset, **sizes) if args.preset else TrainConfig(**sizes)
     model = backends.model_from_config(config, num_classes=10)
     optimizer, _ = optim.make_optimizer(config, args.steps)
@@ -185,6 +185,7 @@ def profile_jax(args) -> dict:
         "framework": "jax",
         "width": args.width,
         "batch": args.batch,
+        "precision": args.precision,
         "steps": args.steps,
         "wall_seconds": wall,
         "images_per_second": args.steps * args.batch / wall,
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="the step's precision")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--threads", type=int, default=common.available_cores())
     parser.add_argument("--torch", action="store_true", help="also profile the PyTorch step (torch.profiler)")
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
         results["torch"] = profile_torch(args)
         print()
         print(markdown(results["torch"]))
-    path = Path(args.out) / f"profile-w{args.width:g}-b{args.batch}.json"
+    path = Path(args.out) / f"profile-w{args.width:g}-b{args.batch}-{args.precision}.json"
     path.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {path}")
     return 0

@@ -98,6 +98,28 @@ def param_groups(params) -> Any:
     )
 
 
+def still_groups(config, epoch: int) -> frozenset[str]:
+    """The parameter groups (`param_group`) that no update moves in epoch `epoch` (from 0):
+    with grouped parameters (`make_optimizer`), "frozen" always and "whiten_bias" from
+    `config.whiten_bias_epochs` on; else none. The train step takes no gradient for them
+    (`stop_gradients`), so XLA drops the backward work that only they need: the whitening
+    kernel's patch product at every step, and once its bias is frozen too, the first block's
+    input gradient and the whitening layer's backward pass."""
+    if not _uses_groups(config):
+        return frozenset()
+    return frozenset({"frozen"} | ({"whiten_bias"} if epoch >= config.whiten_bias_epochs else set()))
+
+
+def stop_gradients(params, groups: frozenset[str]):
+    """`params` with `jax.lax.stop_gradient` on every leaf whose `param_group` is in `groups`:
+    the same values, zero gradients (their optimizer groups ignore them: `still_groups`)."""
+    if not groups:
+        return params
+    return jax.tree_util.tree_map(
+        lambda group, leaf: jax.lax.stop_gradient(leaf) if group in groups else leaf, param_groups(params), params
+    )
+
+
 def _uses_groups(config) -> bool:
     return config.model == "airbench94" or config.norm_bias_lr_scale != 1.0
 

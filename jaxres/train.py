@@ -133,6 +133,7 @@ def train_step(
     batch_sharding=None,
     indices: jax.Array | None = None,
     steps_per_epoch: int | None = None,
+    still: frozenset[str] | None = None,
 ) -> tuple[TrainState, dict]:
     """One step of `optimizer` on a batch of raw images: the trainer's and the LR range
     test's (`jaxres.lr_find`, its LR injected into the optimizer state).
@@ -143,6 +144,8 @@ def train_step(
     and BatchNorm statistics as they were, and backs the loss scale off.
     `alternating_flip` needs the images' training-set `indices` (int[B]) and, like
     `lookahead_every`, the run's `steps_per_epoch` (the epoch and the total step count).
+    `still`: the parameter groups that take no gradient (`optim.still_groups`; default
+    those of epoch 0, i.e. the frozen whitening kernel); the updates are the same either way.
     """
     flips = None
     if config.flip and config.alternating_flip:
@@ -163,7 +166,10 @@ def train_step(
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
     scale = state.loss_scale.scale
 
+    still = optim.still_groups(config, 0) if still is None else still
+
     def scaled_loss(params):
+        params = optim.stop_gradients(params, still)
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, inputs, train=True, mutable=["batch_stats"]
         )
@@ -211,6 +217,7 @@ def make_train_epoch(
     progress: Callable[[Any], None] | None = None,
     steps: int | None = None,
     loop: str | None = None,
+    still: frozenset[str] | None = None,
 ) -> loops.EpochProgram:
     """`train_epoch(state, images, labels, key) -> (state, metrics)`, compiled.
 
@@ -223,12 +230,14 @@ def make_train_epoch(
     step (a `jax.debug.callback`). The state buffers are donated.
 
     `loop`: "scan" or "steps" (`jaxres.loops`), default `loops.choose_loop(config.epoch_loop,
-    model)`; the program's `.loop` says which it is.
+    model)`; the program's `.loop` says which it is. `still`: see `train_step` (`train_epochs`
+    passes each epoch's `optim.still_groups`, so the epochs after the whitening bias's freeze
+    are a program without its backward pass).
     """
     batch_sharding = parallel.batch_sharding(mesh)
     step = functools.partial(
         train_step, model=model, optimizer=optimizer, config=config, batch_sharding=batch_sharding,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps_per_epoch, still=still,
     )  # fmt: skip
     steps = steps_per_epoch if steps is None else steps
 
@@ -346,19 +355,22 @@ def train_epochs(
     """Train epochs start_epoch+1 .. stop_epoch from `state` (replicated on the mesh), each
     followed by an evaluation on the test split; yields each epoch's `EpochResult`.
     The state passed in is donated (its buffers reused)."""
-    programs = {}  # steps -> train_epoch: a fractional last epoch is a shorter program
+    # (steps, still groups) -> train_epoch: a fractional last epoch is a shorter program, and
+    # the epochs after the whitening bias's freeze one without its gradient
+    programs = {}
     for epoch in range(start_epoch, stop_epoch):
         steps = setup.config.steps_in_epoch(epoch, setup.steps_per_epoch)
-        if steps not in programs:
-            programs[steps] = make_train_epoch(
+        still = optim.still_groups(setup.config, epoch)
+        if (steps, still) not in programs:
+            programs[steps, still] = make_train_epoch(
                 setup.model, setup.optimizer, setup.config, setup.mesh, setup.steps_per_epoch,
-                progress=progress.update if progress else None, steps=steps, loop=setup.loop,
+                progress=progress.update if progress else None, steps=steps, loop=setup.loop, still=still,
             )  # fmt: skip
         if progress is not None:
             progress.start(epoch + 1, steps)
         started = time.perf_counter()
         with CompileClock() as compile_clock:
-            state, metrics = programs[steps](
+            state, metrics = programs[steps, still](
                 state, setup.train_images, setup.train_labels, epoch_key(setup.keys.data, epoch)
             )
             metrics = jax.device_get(metrics)

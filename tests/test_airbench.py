@@ -238,6 +238,53 @@ def test_default_recipe_keeps_the_plain_sgd_chain():
     assert not any("MultiTransform" in type(s).__name__ for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: hasattr(x, "_fields")))
 
 
+def test_still_groups_take_no_gradient_and_the_updates_stay_the_same():
+    """`optim.still_groups`: the frozen kernel always, the whitening bias from its freeze on.
+    A run whose steps stop those gradients makes the same parameters as one that does not,
+    and its traced step has no backward pass for them: the kernel's patch product goes, and
+    after the freeze block1.conv1's input gradient too (XLA convolutions, so the counts are
+    the jaxpr's on every CPU)."""
+    import functools
+
+    config = small_airbench(whiten_bias_epochs=1, conv_backend="xla")
+    assert optim.still_groups(TrainConfig(), 5) == frozenset()
+    assert optim.still_groups(config, 0) == {"frozen"}
+    assert optim.still_groups(config, 1) == optim.still_groups(config, 7) == {"frozen", "whiten_bias"}
+    model = backends.model_from_config(config, 10)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (4, 32, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (4, 32)).astype(np.int32)
+    variables = airbench.init_whitening(models.init_variables(model, jax.random.PRNGKey(0)), images[0])
+    optimizer, _ = optim.make_optimizer(config, 2)  # 2 steps per epoch: the bias freezes after step 2
+
+    def step(still):
+        return functools.partial(
+            train.train_step, model=model, optimizer=optimizer, config=config, steps_per_epoch=2, still=still
+        )
+
+    start = train.init_train_state(config, optimizer, variables)
+    counts = {}
+    for name, still in (("none", frozenset()), ("kernel", optim.still_groups(config, 0)), ("both", optim.still_groups(config, 1))):
+        text = str(jax.make_jaxpr(step(still))(start, images[0], labels[0], jax.random.PRNGKey(0)))
+        counts[name] = (text.count("conv_general_dilated["), text.count("dot_general["))
+    assert counts["none"][0] == counts["kernel"][0] == counts["both"][0] + 1 == 3 * 6  # block1.conv1's input gradient
+    assert counts["none"][1] == counts["kernel"][1] + 1  # the whitening kernel's gradient
+    assert train.train_step.__kwdefaults__["still"] is None  # default: epoch 0's groups
+
+    def run(still_of_epoch):
+        state, compiled = start, {}
+        for i in range(4):
+            still = still_of_epoch(i // 2)
+            compiled.setdefault(still, jax.jit(step(still)))
+            state, _ = compiled[still](state, images[i], labels[i], jax.random.PRNGKey(i))
+        return jax.device_get(state.params)
+
+    plain, stopped = run(lambda epoch: frozenset()), run(lambda epoch: optim.still_groups(config, epoch))
+    for ours, theirs in zip(jax.tree_util.tree_leaves(stopped), jax.tree_util.tree_leaves(plain)):
+        # the same operations on the gradients that remain: equal up to XLA's fusion choices
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 * max(np.abs(theirs).max(), 1e-3))
+
+
 # --------------------------------------------------------------------------- lookahead
 
 

@@ -399,8 +399,8 @@ def test_an_epoch_with_every_step_skipped_stops_the_run_and_keeps_the_checkpoint
     before = (workdir / "checkpoint.msgpack").read_bytes()
     real_make_train_epoch = train.make_train_epoch
 
-    def make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=None, steps=None, loop=None):
-        train_epoch = real_make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress, steps, loop)
+    def make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress=None, steps=None, loop=None, still=None):
+        train_epoch = real_make_train_epoch(model, optimizer, config, mesh, steps_per_epoch, progress, steps, loop, still)
 
         def all_skipped(*inputs):
             state, metrics = train_epoch(*inputs)
