@@ -167,9 +167,9 @@ def _sess(model, variables, images, targets, key, *, layer, method, score, eigen
     options = dict(layer=layer, method=method, score=score, eigen_smooth=eigen_smooth, relu=True, normalize=True, upsample_to_input=True)
 
     def patch_maps_and_scores(patch):  # float32[N, window, window, 3] -> ([N, window, window], [N])
-        logits = model.apply(inference_variables(variables), patch, train=False)
+        # the scores from the logits of the map's own forward pass: one forward pass a patch, not two
+        maps, logits = cam_lib._post_processed_maps_and_logits(model, variables, patch, targets, key, (window, window), **options)
         scores = target_scores(jax.nn.softmax(logits, axis=-1) if use_softmax_scores else logits, targets, score)
-        maps = cam_lib._post_processed_maps(model, variables, patch, targets, key, (window, window), **options)
         return maps, jnp.maximum(scores.astype(jnp.float32), 0.0)  # sess.py: negative scores can't be weights
 
     maps, scores = jax.lax.map(patch_maps_and_scores, patches, batch_size=batch_size)  # [P, N, w, w], [P, N]

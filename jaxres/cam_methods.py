@@ -517,10 +517,11 @@ def _resize_channels(maps: jax.Array, size) -> jax.Array:
     return jax.image.resize(maps, (maps.shape[0], *size, maps.shape[-1]), method="bilinear", antialias=False)
 
 
-def fullgrad_map(model, variables, inputs, classes, score="logit", eigen_smooth: bool = False) -> jax.Array:
+def fullgrad_map(model, variables, inputs, classes, score="logit", eigen_smooth: bool = False) -> tuple[jax.Array, jax.Array]:
     """FullGrad (Srinivas & Fleuret 2019; pytorch-grad-cam 1.5.7 fullgrad_cam.py), which ignores
     the target layer: the map of all the model's biases and of the input.
-    inputs float32[N, H, W, 3] (normalised); classes int32[N] or None -> float32[N, H, W].
+    inputs float32[N, H, W, 3] (normalised); classes int32[N] or None -> (map float32[N, H, W],
+    the logits of its forward pass float[N, classes]).
 
     One forward and one backward pass (`bias_forward`) give the input gradient g_x = dS/dx and,
     for every convolution bias and BatchNorm bias b_l, the gradient g_l of S with respect to
@@ -548,10 +549,10 @@ def fullgrad_map(model, variables, inputs, classes, score="logit", eigen_smooth:
         maps.append(_resize_channels(layer, size))
     maps = jnp.concatenate(maps, axis=-1)  # [N, H, W, 3 + L]
     if not eigen_smooth:
-        return jnp.sum(maps, axis=-1)
+        return jnp.sum(maps, axis=-1), logits
     small = tuple(side // FULLGRAD_EIGEN_SMOOTH_FACTOR for side in size)
     projection = principal_component_projection(_resize_channels(_scale_maps(maps), small))
-    return _resize_channels(_scale_maps(projection[..., None]), size)[..., 0]
+    return _resize_channels(_scale_maps(projection[..., None]), size)[..., 0], logits
 
 
 def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: str, score="logit", eigen_smooth: bool = False):
@@ -562,6 +563,13 @@ def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: 
     key: a PRNG key (randomcam only). Gradient-based methods take one forward and one
     backward pass (shapleycam a gradient of it too), gradient-free ones one forward pass
     (scorecam and ablationcam N K more, batched on the device)."""
+    return raw_map_and_logits(model, variables, inputs, classes, key, layer=layer, method=method, score=score, eigen_smooth=eigen_smooth)[0]
+
+
+def raw_map_and_logits(model, variables, inputs, classes, key=None, *, layer: str, method: str, score="logit", eigen_smooth: bool = False):
+    """`raw_map` and the logits of the model's forward pass on `inputs` that the map took:
+    (float32[N, h, w], float[N, classes]), so that a caller that needs both (SESS's patch
+    scores) runs the model once, not once more for the logits."""
     check_method(method, ALL_METHODS, eigen_smooth)
     if method in GRADIENT_FREE_METHODS:
         forward, zero = stage_forward(model, variables, inputs, layer)
@@ -570,21 +578,21 @@ def raw_map(model, variables, inputs, classes, key=None, *, layer: str, method: 
         if classes is None:
             classes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if method in ("eigencam", "kpca_cam", "fem"):
-            return cam_from_activation(activation, activation, method)
+            return cam_from_activation(activation, activation, method), logits
         if method == "randomcam":  # random_cam.py: np.random.uniform(-1, 1, size=(N, K))
             weights = jax.random.uniform(key, activation.shape[:1] + activation.shape[-1:], jnp.float32, -1.0, 1.0)
         elif method == "scorecam":
             weights = scorecam_weights(model, variables, inputs, activation, classes, score)
         else:
             weights = ablationcam_weights(forward, activation, logits, classes, score)
-        return cam_from_weights(activation, weights, eigen_smooth)
+        return cam_from_weights(activation, weights, eigen_smooth), logits
     if method == "fullgrad":
         return fullgrad_map(model, variables, inputs, classes, score, eigen_smooth)
     if method == "finercam":  # finer_cam.py: FinerCAM = its base method, GradCAM, with FinerWeightedTarget
         method, score = "gradcam", "finer"
-    _, classes, activation, gradient = stage_activation_and_gradient(model, variables, inputs, classes, layer, score)
+    logits, classes, activation, gradient = stage_activation_and_gradient(model, variables, inputs, classes, layer, score)
     if method != "shapleycam":
-        return cam_from_activation(activation, gradient, method, eigen_smooth)
+        return cam_from_activation(activation, gradient, method, eigen_smooth), logits
     hessian_product = stage_hessian_vector_product(model, variables, inputs, classes, layer, score)
     weights = jnp.mean(gradient - SHAPLEY_HESSIAN_FACTOR * hessian_product, axis=(1, 2))
-    return cam_from_weights(activation, weights, eigen_smooth)
+    return cam_from_weights(activation, weights, eigen_smooth), logits

@@ -171,14 +171,22 @@ def check_variables(model, variables) -> None:
 
 
 def _post_processed_maps(model, variables, inputs, classes, key, size, *, layer, method, score, eigen_smooth, relu, normalize, upsample_to_input):
-    cam = cam_methods.raw_map(model, variables, inputs, classes, key, layer=layer, method=method, score=score, eigen_smooth=eigen_smooth)
+    return _post_processed_maps_and_logits(model, variables, inputs, classes, key, size, layer=layer, method=method, score=score,
+                                           eigen_smooth=eigen_smooth, relu=relu, normalize=normalize, upsample_to_input=upsample_to_input)[0]  # fmt: skip
+
+
+def _post_processed_maps_and_logits(model, variables, inputs, classes, key, size, *, layer, method, score, eigen_smooth, relu, normalize,
+                                    upsample_to_input):  # fmt: skip
+    """The post-processed maps and the logits of the forward pass they took (`cam_methods.raw_map_and_logits`)."""
+    cam, logits = cam_methods.raw_map_and_logits(model, variables, inputs, classes, key, layer=layer, method=method, score=score,
+                                                 eigen_smooth=eigen_smooth)  # fmt: skip
     if relu:
         cam = jax.nn.relu(cam)
     if upsample_to_input:
         cam = upsample(cam, size)
     if normalize:
         cam = min_max_normalize(cam)
-    return cam
+    return cam, logits
 
 
 def augmentation_smoothed(maps_of_inputs, inputs: jax.Array, classes) -> jax.Array:
