@@ -2,7 +2,7 @@
 one process: `python -m benchmarks.onednn_conv`.
 
 1. times forward, input gradient and weight gradient of every convolution shape of the
-   custom ResNet (`--width`, `--batch`), XLA against oneDNN (medians; oneDNN's own kernels,
+   custom ResNet or airbench94 (`--model`, `--width`, `--batch`), XLA against oneDNN (medians; oneDNN's own kernels,
    also for the wide layers jaxres leaves to XLA), with their relative
    difference and oneDNN's kernel names;
 2. times the jitted train epoch (`jaxres.train.make_train_epoch`) in the `STEP_VARIANTS`
@@ -35,12 +35,17 @@ from jaxres import onednn
 STEP_VARIANTS = (("xla", "steps"), ("onednn", "steps"), ("onednn", "auto"))
 
 
-def model_shapes(width: float, batch: int) -> list[tuple[int, int, int, int, int]]:
-    """(batch, size, size, in, out) of each distinct 3x3 convolution of the custom ResNet, with
-    how many times it occurs."""
+def model_shapes(width: float, batch: int, model: str = "custom_resnet") -> list[tuple[tuple[int, int, int, int, int], int]]:
+    """(batch, size, size, in, out) of each distinct 3x3 convolution of `model` ("custom_resnet"
+    or "airbench94", at 32x32 inputs), with how many times it occurs."""
     from jaxres.models import scaled_channels
 
     c = lambda n: scaled_channels(n, width)  # noqa: E731
+    if model == "airbench94":  # 31x31 after the whitening layer; each block pools between its two convolutions
+        return [
+            ((batch, 31, 31, 24, c(64)), 1), ((batch, 15, 15, c(64), c(64)), 1), ((batch, 15, 15, c(64), c(256)), 1),
+            ((batch, 7, 7, c(256), c(256)), 2), ((batch, 3, 3, c(256), c(256)), 1),
+        ]
     return [
         ((batch, 32, 32, 3, c(64)), 1), ((batch, 32, 32, c(64), c(128)), 1), ((batch, 16, 16, c(128), c(128)), 2),
         ((batch, 16, 16, c(128), c(256)), 1), ((batch, 8, 8, c(256), c(512)), 1), ((batch, 4, 4, c(512), c(512)), 2),
@@ -65,13 +70,13 @@ def xla_conv3x3(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def measure_layers(width: float, batch: int, repeats: int) -> list[dict]:
+def measure_layers(width: float, batch: int, repeats: int, model: str = "custom_resnet") -> list[dict]:
     import jax
     import jax.numpy as jnp
 
     library = onednn.default()
     rows = []
-    for (n, h, w, ci, co), count in model_shapes(width, batch):
+    for (n, h, w, ci, co), count in model_shapes(width, batch, model):
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((n, h, w, ci), dtype=np.float32))
         k = jnp.asarray(rng.standard_normal((3, 3, ci, co), dtype=np.float32) / np.sqrt(9 * ci))
@@ -148,7 +153,7 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"oneDNN vs XLA convolutions, width {result['width']:g}, batch {result['batch']}, {result['machine']['cpu_model']}, "
+        f"oneDNN vs XLA convolutions, {result.get('model', 'custom_resnet')}, width {result['width']:g}, batch {result['batch']}, {result['machine']['cpu_model']}, "
         f"{result['threads']} threads",
         "",
         "| shape (N,H,W,in,out) | x | XLA fwd / in-grad / w-grad ms | oneDNN fwd / in-grad / w-grad ms | rel. difference | oneDNN kernels |",
@@ -179,6 +184,8 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.onednn_conv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("custom_resnet", "airbench94"), default="custom_resnet",
+                        help="whose convolution shapes are timed (the train-step comparison is the custom ResNet's)")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per convolution (after 2 warm-up calls)")
@@ -190,16 +197,17 @@ def main(argv=None) -> int:
     os.environ.update(common.thread_environment(args.threads))  # before JAX starts
     common.pin_to_cores(args.threads)
 
-    result = {"width": args.width, "batch": args.batch, "threads": args.threads, "machine": common.machine_record(),
+    result = {"model": args.model, "width": args.width, "batch": args.batch, "threads": args.threads, "machine": common.machine_record(),
               "packages": common.package_versions(), "git": common.git_commit()}
     result["max_channel_product"] = onednn.default().max_channel_product  # the rule `conv_backend` onednn follows here
     result["native_bf16"] = onednn.default().native_bf16  # and whether it takes bf16 convolutions
-    result["layers"] = measure_layers(args.width, args.batch, args.repeats)
+    result["layers"] = measure_layers(args.width, args.batch, args.repeats, args.model)
     if args.calls:
         result["step"] = measure_step(args.width, args.batch, args.steps, args.calls)
     print(markdown(result))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = pathlib.Path(args.out) / f"onednn-w{args.width:g}-b{args.batch}-{stamp}.json"
+    prefix = "onednn" if args.model == "custom_resnet" else f"onednn-{args.model}"
+    path = pathlib.Path(args.out) / f"{prefix}-w{args.width:g}-b{args.batch}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}")
