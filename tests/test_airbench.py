@@ -354,6 +354,65 @@ def test_alternating_flip_in_the_train_step_follows_the_epoch():
     np.testing.assert_array_equal(seen["flips"], augment.alternating_flips(flip_key, jnp.arange(4), jnp.asarray(2)))
 
 
+def test_an_airbench_epoch_sees_each_image_once_translated_uniformly_and_flipped_by_its_coin(monkeypatch):
+    """The data path of the compiled epoch itself (`make_train_epoch`, shuffle, gather, the
+    augmentation inside `train_step`), two epochs of the preset's augmentation: each image once
+    an epoch, each a reflect-padded window shifted by -2..2 pixels both ways (all 25 shifts,
+    none favoured), mirrored exactly when its coin says in even epochs and when it does not
+    in odd ones (legacy/airbench94.py: a random half pre-flipped, all flipped every other epoch)."""
+    from jaxres import parallel
+    from tests.helpers import random_dataset
+
+    seen = {"out": [], "flips": []}
+    real_augment, real_flips = augment.augment_batch, augment.alternating_flips
+
+    def capture_augment(key, images, *args):
+        out = real_augment(key, images, *args)
+        jax.debug.callback(lambda o: seen["out"].append(np.asarray(o)), out)
+        return out
+
+    def capture_flips(key, indices, epoch):
+        flips = real_flips(key, indices, epoch)
+        jax.debug.callback(lambda i, e, f: seen["flips"].append((np.asarray(i), int(e), np.asarray(f))), indices, epoch, flips)
+        return flips
+
+    monkeypatch.setattr(augment, "augment_batch", capture_augment)
+    monkeypatch.setattr(augment, "alternating_flips", capture_flips)
+    config = config_lib.airbench94(width=0.0625, batch_size=32, workdir="unused", lookahead_every=0)
+    dataset = random_dataset(num_train=256 + 16)  # 8 full batches; 16 images left out of each epoch
+    mesh = parallel.make_mesh()
+    model = backends.model_from_config(config, 4)
+    optimizer, _ = optim.make_optimizer(config, steps_per_epoch=8)
+    state = parallel.replicate_tree(mesh, train.init_train_state(config, optimizer, models.init_variables(model, jax.random.PRNGKey(0))))
+    train_epoch = train.make_train_epoch(model, optimizer, config, mesh, 8)
+    images, labels = parallel.replicate(mesh, dataset.train.images), parallel.replicate(mesh, dataset.train.labels)
+    for epoch in range(2):
+        state, _ = train_epoch(state, images, labels, train.epoch_key(jax.random.PRNGKey(3), epoch))
+    jax.effects_barrier()
+    assert len(seen["out"]) == len(seen["flips"]) == 16
+
+    source = dataset.train.images
+    padded = np.pad(source, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")  # torch's 'reflect'
+    coin_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), train.ALTERNATING_FLIP_STREAM)
+    coins = np.asarray(real_flips(coin_key, jnp.arange(len(source)), jnp.asarray(0)))
+    shifts = np.zeros((5, 5), int)
+    for step, (out, (indices, epoch, flips)) in enumerate(zip(seen["out"], seen["flips"])):
+        assert epoch == step // 8
+        np.testing.assert_array_equal(flips, coins[indices] ^ (epoch % 2 == 1))
+        for image, index, flipped in zip(out, indices, flips):
+            view = image[:, ::-1] if flipped else image
+            found = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(view, padded[index, dy : dy + 32, dx : dx + 32])]
+            assert len(found) == 1, f"image {index} in epoch {epoch} is no (mirrored) window of its padded source"
+            shifts[found[0]] += 1
+    for epoch in range(2):
+        indices = np.concatenate([i for i, e, _ in seen["flips"] if e == epoch])
+        assert len(set(indices.tolist())) == 256  # no image twice in an epoch
+    assert shifts.min() > 0 and shifts.sum() == 512
+    # uniform over the 25 shifts: Pearson's chi-square, 24 degrees of freedom, p > 1e-4 (deterministic seeds)
+    chi_square = ((shifts - 512 / 25) ** 2 / (512 / 25)).sum()
+    assert chi_square < 61.1, shifts
+
+
 def test_reflect_crop_pads_with_mirrored_edges():
     images = jnp.asarray(np.random.default_rng(7).integers(0, 256, (64, 5, 6, 2)), jnp.uint8)
     out = np.asarray(augment.random_crop(jax.random.PRNGKey(0), images, 2, "reflect"))
