@@ -354,6 +354,13 @@ def test_alternating_flip_in_the_train_step_follows_the_epoch():
     np.testing.assert_array_equal(seen["flips"], augment.alternating_flips(flip_key, jnp.arange(4), jnp.asarray(2)))
 
 
+def _windows_equal_to(view, padded_image, padding: int = 2) -> list[tuple[int, int]]:
+    """The offsets (dy, dx) in [0, 2 * padding] at which `padded_image` holds `view`: [H, W, C]."""
+    height, width = view.shape[:2]
+    offsets = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+    return [(dy, dx) for dy, dx in offsets if np.array_equal(view, padded_image[dy : dy + height, dx : dx + width])]
+
+
 def test_an_airbench_epoch_sees_each_image_once_translated_uniformly_and_flipped_by_its_coin(monkeypatch):
     """The data path of the compiled epoch itself (`make_train_epoch`, shuffle, gather, the
     augmentation inside `train_step`), two epochs of the preset's augmentation: each image once
@@ -401,7 +408,7 @@ def test_an_airbench_epoch_sees_each_image_once_translated_uniformly_and_flipped
         np.testing.assert_array_equal(flips, coins[indices] ^ (epoch % 2 == 1))
         for image, index, flipped in zip(out, indices, flips):
             view = image[:, ::-1] if flipped else image
-            found = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(view, padded[index, dy : dy + 32, dx : dx + 32])]
+            found = _windows_equal_to(view, padded[index])
             assert len(found) == 1, f"image {index} in epoch {epoch} is no (mirrored) window of its padded source"
             shifts[found[0]] += 1
     for epoch in range(2):
@@ -417,10 +424,9 @@ def test_reflect_crop_pads_with_mirrored_edges():
     images = jnp.asarray(np.random.default_rng(7).integers(0, 256, (64, 5, 6, 2)), jnp.uint8)
     out = np.asarray(augment.random_crop(jax.random.PRNGKey(0), images, 2, "reflect"))
     padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")  # torch's 'reflect'
-    windows = {(dy, dx) for dy in range(5) for dx in range(5)}
     found = set()
     for n in range(64):
-        matches = [(dy, dx) for dy, dx in windows if np.array_equal(out[n], padded[n, dy : dy + 5, dx : dx + 6])]
+        matches = _windows_equal_to(out[n], padded[n])
         assert matches, f"image {n} is no window of the reflect-padded image"
         found.update(matches)
     assert len(found) > 15  # offsets spread over the 25 windows
