@@ -30,55 +30,57 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     (JAX's own rule for `max` splits it between tied maxima, and needs a reduction to count
     them); cheaper on CPU than reduce_window's select-and-scatter too.
     """
-    height, width = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    if (height, width) != tuple(x.shape[1:3]):
-        x = x[:, :height, :width]
-    return _max_pool_even(x)
-
-
-@jax.custom_vjp
-def _max_pool_even(x: jax.Array) -> jax.Array:
-    """`max_pool_2x2` of even H and W, as a reshape and a max."""
-    return _pool_windows(x).max(axis=(2, 4))
-
-
-def _pool_windows(x):
-    n, height, width, channels = x.shape
-    return x.reshape(n, height // 2, 2, width // 2, 2, channels)
-
-
-def _max_pool_2x2_forward(x):
-    pooled = _pool_windows(x).max(axis=(2, 4))
-    return pooled, (x, pooled)
-
-
-def _max_pool_2x2_backward(residuals, g):
-    x, pooled = residuals
-    hits = _pool_windows(x) == pooled[:, :, None, :, None, :]
-    taken = jnp.zeros_like(hits[:, :, 0, :, 0])
-    first = []
-    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):  # the window in row-major order
-        hit = hits[:, :, dy, :, dx] & ~taken
-        first.append(hit)
-        taken = taken | hit
-    mask = jnp.stack(first, axis=-2).reshape(*pooled.shape[:3], 2, 2, pooled.shape[3])  # [N, H/2, W/2, dy, dx, C]
-    gradient = jnp.where(mask, g[:, :, :, None, None, :], jnp.zeros((), g.dtype))
-    return (gradient.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
-
-
-_max_pool_even.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
+    return max_pool_floor(x, 2)
 
 
 def max_pool_floor(x: jax.Array, size: int) -> jax.Array:
     """size x size max-pool with stride `size`, dropping the rows and columns that do not fill a
-    window (PyTorch's nn.MaxPool2d(size) on sizes that are not multiples).
-    T[N, H, W, C] -> T[N, H // size, W // size, C]."""
+    window (PyTorch's nn.MaxPool2d(size) on sizes that are not multiples), the gradient sent
+    to the first maximum of each window in row-major order, as PyTorch's (`max_pool_2x2`).
+    T[N, H, W, C] -> T[N, H // size, W // size, C].
+
+    Tied maxima are common in real images (flat regions, and exact zeros where GELU or ReLU
+    saturates); splitting the gradient between them, JAX's rule for `max`, gives different
+    convolution gradients from PyTorch's on the same weights and batch (benchmarks/README.md,
+    "Where the two differ")."""
+    height, width = x.shape[1] // size * size, x.shape[2] // size * size
+    if (height, width) != tuple(x.shape[1:3]):
+        x = x[:, :height, :width]
+    return _max_pool_first(x, size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_first(x: jax.Array, size: int) -> jax.Array:
+    """`max_pool_floor` of H and W that are multiples of `size`, as a reshape and a max."""
+    return _pool_windows(x, size).max(axis=(2, 4))
+
+
+def _pool_windows(x, size):
     n, height, width, channels = x.shape
-    x = x[:, : height // size * size, : width // size * size]
-    if size == 2:
-        return max_pool_2x2(x)
-    windows = x.reshape(n, height // size, size, width // size, size, channels)
-    return windows.max(axis=(2, 4))
+    return x.reshape(n, height // size, size, width // size, size, channels)
+
+
+def _max_pool_first_forward(x, size):
+    pooled = _pool_windows(x, size).max(axis=(2, 4))
+    return pooled, (x, pooled)
+
+
+def _max_pool_first_backward(size, residuals, g):
+    x, pooled = residuals
+    hits = _pool_windows(x, size) == pooled[:, :, None, :, None, :]
+    taken = jnp.zeros_like(hits[:, :, 0, :, 0])
+    first = []
+    for dy in range(size):  # the window in row-major order
+        for dx in range(size):
+            hit = hits[:, :, dy, :, dx] & ~taken
+            first.append(hit)
+            taken = taken | hit
+    mask = jnp.stack(first, axis=-2).reshape(*pooled.shape[:3], size, size, pooled.shape[3])  # [N, H/s, W/s, dy, dx, C]
+    gradient = jnp.where(mask, g[:, :, :, None, None, :], jnp.zeros((), g.dtype))
+    return (gradient.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
+
+
+_max_pool_first.defvjp(_max_pool_first_forward, _max_pool_first_backward)
 
 
 def norm_factory(norm: str, dtype: Any, train: bool) -> ModuleDef:

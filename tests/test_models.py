@@ -1,5 +1,6 @@
 """The custom ResNet: structure, parameter count, dtypes, norms, named stages."""
 
+import functools
 import json
 
 import chex
@@ -164,24 +165,31 @@ def test_batch_norm_equals_flax_batch_norm_in_float64():
             assert n == 200
 
 
-@pytest.mark.parametrize("height, width", [(6, 8), (7, 9), (5, 5), (6, 3), (28, 28), (3, 2)])
-def test_max_pool_sends_the_gradient_to_the_first_maximum_as_pytorch(height, width):
-    """Pooled values and gradients equal torch.nn.functional.max_pool2d's on inputs full of
-    ties (small integers), where a tie-splitting rule would differ; odd sizes floor as
-    PyTorch's (the last row or column dropped, its gradient zero)."""
+@pytest.mark.parametrize(
+    "size, height, width",
+    [(2, 6, 8), (2, 7, 9), (2, 5, 5), (2, 6, 3), (2, 28, 28), (2, 3, 2), (3, 3, 3), (3, 7, 8), (3, 9, 6), (3, 4, 5)],
+)
+def test_max_pool_sends_the_gradient_to_the_first_maximum_as_pytorch(size, height, width):
+    """Pooled values and gradients of max_pool_floor (size 2: the ResNets' and airbench's
+    blocks, as max_pool_2x2; size 3: airbench's head) equal torch.nn.functional.max_pool2d's
+    on inputs full of ties (small integers), where a tie-splitting rule would differ; sizes
+    that are not multiples floor as PyTorch's (the last rows or columns dropped, their
+    gradient zero)."""
     import torch
 
-    rng = np.random.default_rng(height * 31 + width)
+    rng = np.random.default_rng(size * 1000 + height * 31 + width)
     x = rng.integers(0, 3, (2, height, width, 3)).astype(np.float32)
-    g = rng.normal(size=(2, height // 2, width // 2, 3)).astype(np.float32)
-    pooled, pullback = jax.vjp(models.max_pool_2x2, jnp.asarray(x))
-    (gradient,) = pullback(jnp.asarray(g))
+    g = rng.normal(size=(2, height // size, width // size, 3)).astype(np.float32)
+    pools = [functools.partial(models.max_pool_floor, size=size)] + ([models.max_pool_2x2] if size == 2 else [])
     x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    pooled_torch = torch.nn.functional.max_pool2d(x_torch, 2)
+    pooled_torch = torch.nn.functional.max_pool2d(x_torch, size)
     pooled_torch.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
-    np.testing.assert_array_equal(np.asarray(pooled), pooled_torch.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(np.asarray(gradient), x_torch.grad.numpy().transpose(0, 2, 3, 1))
-    assert np.count_nonzero(np.asarray(gradient)) == g.size  # one position per window
+    for pool in pools:
+        pooled, pullback = jax.vjp(pool, jnp.asarray(x))
+        (gradient,) = pullback(jnp.asarray(g))
+        np.testing.assert_array_equal(np.asarray(pooled), pooled_torch.detach().numpy().transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(np.asarray(gradient), x_torch.grad.numpy().transpose(0, 2, 3, 1))
+        assert np.count_nonzero(np.asarray(gradient)) == g.size  # one position per window
 
 
 def test_batch_norm_statistics_are_accurate_in_float32():
