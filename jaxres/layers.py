@@ -39,8 +39,8 @@ def max_pool_floor(x: jax.Array, size: int) -> jax.Array:
     to the first maximum of each window in row-major order, as PyTorch's (`max_pool_2x2`).
     T[N, H, W, C] -> T[N, H // size, W // size, C].
 
-    Tied maxima are common in real images (flat regions, and exact zeros where GELU or ReLU
-    saturates); splitting the gradient between them, JAX's rule for `max`, gives different
+    Tied maxima are common in real images (flat regions, and exact zeros where ReLU, or PyTorch's
+    GELU, saturates); splitting the gradient between them, JAX's rule for `max`, gives different
     convolution gradients from PyTorch's on the same weights and batch (benchmarks/README.md,
     "Where the two differ")."""
     height, width = x.shape[1] // size * size, x.shape[2] // size * size
