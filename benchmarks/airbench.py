@@ -15,7 +15,7 @@ training images; jaxres's preset takes the same 5,000, `jaxres.airbench.whitenin
 the test split as stored.
 
 Runs alternate between the two sides, seed by seed, one process at a time with the same
-thread count. Each finished run is written to the results file at once; `--resume FILE`
+thread count. The results file is written before the first run and after each one; `--resume FILE`
 skips the runs it holds and continues an interrupted jaxres run from its checkpoint, so a
 comparison longer than a session goes on in the next. Reported per side: final accuracy
 with and without TTA (level 2), the time airbench itself counts (whitening, the training
@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     reference_seeds = args.reference_seeds if args.reference else []
     if reference_seeds and not npz.is_file():
         results["reference_data"] = write_reference_data(args.data, npz)
+    write(results, path)  # before the first run: a run interrupted in it resumes with --resume too
+    print(f"results: {path} (if interrupted, go on with --resume {path})", flush=True)
     for side, seed in plan_runs(args.seeds, reference_seeds):
         if any(r["seed"] == seed for r in results["runs"][side]):
             continue

@@ -7,6 +7,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks import airbench as compare
@@ -73,3 +74,29 @@ def test_runs_alternate_and_a_resumed_comparison_skips_what_it_has(tmp_path, mon
     np.testing.assert_allclose(comparison["reference"]["tta_accuracy_mean"], 0.915)
     np.testing.assert_allclose(comparison["tta_accuracy_mean_difference_points"], 100 * (0.93 - 0.915))
     np.testing.assert_allclose(comparison["timed_seconds_ratio_jaxres_over_reference"], 50.0 / 100.5)
+
+
+def test_a_comparison_interrupted_in_its_first_run_resumes_in_the_same_workdir(tmp_path, monkeypatch):
+    """The results file exists before the first run ends, so `--resume` finds it and the
+    interrupted jaxres run goes on in the scratch folder it started in (its checkpoints)."""
+    seen = []
+
+    def interrupted(args, seed, out_dir):
+        seen.append(out_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "run_jaxres", interrupted)
+    common = ["--seeds", "0", "--out", str(tmp_path / "out")]
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(common)
+    (path,) = (tmp_path / "out").glob("airbench94-cpu-*.json")
+    assert json.loads(path.read_text())["runs"] == {"jaxres": [], "reference": []}
+
+    def finished(args, seed, out_dir):
+        seen.append(out_dir)
+        return {"seed": seed, "accuracy": 0.92, "tta_accuracy": 0.93, "timed_seconds": 50.0, "wall_seconds_this_process": 60.0}
+
+    monkeypatch.setattr(compare, "run_jaxres", finished)
+    assert compare.main([*common, "--resume", str(path)]) == 0
+    assert seen[0] == seen[1] == tmp_path / "out" / "tmp" / path.stem
+    assert [r["seed"] for r in json.loads(path.read_text())["runs"]["jaxres"]] == [0]
