@@ -17,7 +17,9 @@ the test split as stored.
 Runs alternate between the two sides, seed by seed, one process at a time with the same
 thread count. The results file is written before the first run and after each one; `--resume FILE`
 skips the runs it holds and continues an interrupted jaxres run from its checkpoint, so a
-comparison longer than a session goes on in the next. Reported per side: final accuracy
+comparison longer than a session goes on in the next. On a machine of few cores, the seeds can
+also run side by side, one per core (`taskset -c K python -m benchmarks.airbench --seeds S
+--threads 1`), and `--combine FILE ...` makes one comparison of the files. Reported per side: final accuracy
 with and without TTA (level 2), the time airbench itself counts (whitening, the training
 epochs and the final TTA evaluation; jaxres: its epochs' training and compilation seconds
 and the final TTA evaluation), and the whole process's wall time.
@@ -128,6 +130,7 @@ def summary(runs: list[dict]) -> dict:
         "seeds": pick("seed"),
         "tta_accuracy_mean": statistics.fmean(pick("tta_accuracy")),
         "tta_accuracy_median": statistics.median(pick("tta_accuracy")),
+        "tta_accuracy_sd": statistics.stdev(pick("tta_accuracy")) if len(runs) > 1 else None,
         "accuracy_mean": statistics.fmean(pick("accuracy")),
         "timed_seconds_median": statistics.median(pick("timed_seconds")),
         "wall_seconds_median": statistics.median(pick("wall_seconds_this_process")),
@@ -139,9 +142,44 @@ def compare(results: dict) -> dict:
     comparison = {"jaxres": ours, "reference": theirs}
     if ours and theirs:
         comparison["tta_accuracy_mean_difference_points"] = 100 * (ours["tta_accuracy_mean"] - theirs["tta_accuracy_mean"])
+        settings = {(r.get("threads", results.get("threads")), r.get("cpu_model")) for side in results["runs"].values() for r in side}
+        if len(settings) > 1:  # a combined file: seconds on other thread counts or CPUs are no ratio
+            comparison["times_not_compared"] = f"the runs differ in (threads, CPU): {sorted(settings, key=str)}"
+            return comparison
         comparison["timed_seconds_ratio_jaxres_over_reference"] = ours["timed_seconds_median"] / theirs["timed_seconds_median"]
         comparison["wall_seconds_ratio_jaxres_over_reference"] = ours["wall_seconds_median"] / theirs["wall_seconds_median"]
     return comparison
+
+
+def combine(paths: list[Path], out_dir: Path) -> Path:
+    """One results file from several of this script's: seeds measured in other sessions, or
+    side by side on separate cores (`taskset -c K python -m benchmarks.airbench --seeds S
+    --threads 1`, one per core). Each run keeps its file, thread count, CPU and commit; the
+    accuracies are compared over all of them, the times only where every run had the same
+    threads on the same CPU. A side's seed in two files is an error (which one counts?)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    runs: dict[str, list[dict]] = {"jaxres": [], "reference": []}
+    sources, seen = [], {}
+    for path in paths:
+        found = json.loads(Path(path).read_text())
+        if found.get("combined_from"):
+            raise ValueError(f"{path} is itself a combined file: combine the files it names instead")
+        cpu, commit = found["machine"]["cpu_model"], found["git"]["commit"]
+        for side in ("jaxres", "reference"):
+            for run in found["runs"][side]:
+                if (side, run["seed"]) in seen:
+                    raise ValueError(f"{side} seed {run['seed']} is in both {seen[side, run['seed']]} and {path}")
+                seen[side, run["seed"]] = path
+                runs[side].append({**run, "source": str(path), "threads": found["threads"], "cpu_model": cpu, "commit": commit})
+        sources.append({"file": str(path), "threads": found["threads"], "machine": found["machine"], "git": found["git"],
+                        "runs": {side: [r["seed"] for r in found["runs"][side]] for side in ("jaxres", "reference")}})  # fmt: skip
+    for side in runs:
+        runs[side].sort(key=lambda r: r["seed"])
+    path = Path(out_dir) / f"airbench94-cpu-combined-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    results = {"name": path.stem, "created": now.isoformat(timespec="seconds"), "combined_from": sources, "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(results, path)
+    return path
 
 
 def write(results: dict, path: Path) -> None:
@@ -174,11 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jaxres-flag", action="append", default=[], help="an extra jaxres.train flag (repeatable)")
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--resume", help="a results file of an earlier run of this script: keep its runs, do the rest")
+    p.add_argument("--combine", nargs="+", metavar="FILE",
+                   help="run nothing: write one results file (in --out) from these results files, e.g. one per core")  # fmt: skip
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.combine:
+        path = combine([Path(f) for f in args.combine], Path(args.out))
+        print(json.dumps(json.loads(path.read_text())["comparison"], indent=1))
+        print(f"wrote {path}")
+        return 0
     if args.resume:
         path = Path(args.resume)
         results = json.loads(path.read_text())

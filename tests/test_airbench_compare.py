@@ -25,6 +25,20 @@ def image_folder(root, per_class=6):
     return root
 
 
+def finished_run(seed, tta_accuracy=0.93, timed_seconds=50.0):
+    """What `run_jaxres` returns for a finished run (the keys the comparison reads)."""
+    return {"seed": seed, "accuracy": tta_accuracy - 0.01, "tta_accuracy": tta_accuracy, "timed_seconds": timed_seconds,
+            "wall_seconds_this_process": timed_seconds + 10}  # fmt: skip
+
+
+FAKE_REFERENCE = (
+    "import json, sys\n"
+    "seed, path = int(sys.argv[1]), sys.argv[2]\n"
+    "json.dump({'val_acc': 0.9 + seed / 100, 'tta_val_acc': 0.91 + seed / 100, 'total_time_seconds': 100.0 + seed,"
+    " 'epoch_times': [1.0], 'val_accs': [0.9]}, open(path, 'w'))\n"
+)
+
+
 def test_reference_data_is_the_training_split_shuffled_once(tmp_path):
     from jaxres.data import load_dataset
 
@@ -47,17 +61,12 @@ def test_runs_alternate_and_a_resumed_comparison_skips_what_it_has(tmp_path, mon
         ("reference", 0), ("jaxres", 0), ("reference", 1), ("jaxres", 1), ("jaxres", 2)
     ]  # fmt: skip
     fake = tmp_path / "fake_reference.py"
-    fake.write_text(
-        "import json, sys\n"
-        "seed, path = int(sys.argv[1]), sys.argv[2]\n"
-        "json.dump({'val_acc': 0.9 + seed / 100, 'tta_val_acc': 0.91 + seed / 100, 'total_time_seconds': 100.0 + seed,"
-        " 'epoch_times': [1.0], 'val_accs': [0.9]}, open(path, 'w'))\n"
-    )
+    fake.write_text(FAKE_REFERENCE)
     ran = []
 
     def fake_jaxres(args, seed, out_dir):
         ran.append(seed)
-        return {"seed": seed, "accuracy": 0.92, "tta_accuracy": 0.93, "timed_seconds": 50.0, "wall_seconds_this_process": 60.0}
+        return finished_run(seed)
 
     monkeypatch.setattr(compare, "run_jaxres", fake_jaxres)
     (tmp_path / "data.npz").write_bytes(b"")  # present: not rewritten
@@ -94,9 +103,51 @@ def test_a_comparison_interrupted_in_its_first_run_resumes_in_the_same_workdir(t
 
     def finished(args, seed, out_dir):
         seen.append(out_dir)
-        return {"seed": seed, "accuracy": 0.92, "tta_accuracy": 0.93, "timed_seconds": 50.0, "wall_seconds_this_process": 60.0}
+        return finished_run(seed)
 
     monkeypatch.setattr(compare, "run_jaxres", finished)
     assert compare.main([*common, "--resume", str(path)]) == 0
     assert seen[0] == seen[1] == tmp_path / "out" / "tmp" / path.stem
     assert [r["seed"] for r in json.loads(path.read_text())["runs"]["jaxres"]] == [0]
+
+
+def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monkeypatch):
+    """Seeds run one per core (`--threads 1`) and a 2-thread comparison with the reference
+    become one file: accuracies over all runs, times only where threads and CPU agree."""
+    tta = {0: 0.905, 1: 0.909, 5: 0.907}
+    monkeypatch.setattr(compare, "run_jaxres", lambda args, seed, out_dir: finished_run(seed, tta[seed], 40.0 + seed))
+    fake = tmp_path / "fake_reference.py"
+    fake.write_text(FAKE_REFERENCE)
+    reference = ["--reference", f"{sys.executable} {fake} {{seed}} {{json}}", "--npz", str(tmp_path / "data.npz")]
+    (tmp_path / "data.npz").write_bytes(b"")
+
+    def measure(name, *argv):
+        out = tmp_path / name
+        assert compare.main([*argv, "--out", str(out)]) == 0
+        (path,) = out.glob("airbench94-cpu-*.json")
+        return path
+
+    core0 = measure("core0", "--seeds", "0", "--threads", "1")
+    core1 = measure("core1", "--seeds", "1", "--threads", "1")
+    earlier = measure("earlier", "--seeds", "5", "--reference-seeds", "0", "1", "--threads", "2", *reference)
+    assert compare.main(["--combine", str(core0), str(core1), str(earlier), "--out", str(tmp_path / "all")]) == 0
+    (path,) = (tmp_path / "all").glob("airbench94-cpu-combined-*.json")
+    combined = json.loads(path.read_text())
+    assert [r["seed"] for r in combined["runs"]["jaxres"]] == [0, 1, 5]
+    assert [(r["seed"], r["threads"]) for r in combined["runs"]["reference"]] == [(0, 2), (1, 2)]
+    assert [r["source"] for r in combined["runs"]["jaxres"]] == [str(core0), str(core1), str(earlier)]
+    comparison = combined["comparison"]
+    np.testing.assert_allclose(comparison["jaxres"]["tta_accuracy_mean"], np.mean([0.905, 0.909, 0.907]))
+    np.testing.assert_allclose(comparison["reference"]["tta_accuracy_mean"], 0.915)
+    np.testing.assert_allclose(comparison["tta_accuracy_mean_difference_points"], 100 * (0.907 - 0.915))
+    assert "timed_seconds_ratio_jaxres_over_reference" not in comparison and "threads" in comparison["times_not_compared"]
+
+    # the same threads on the same CPU: the times are compared too
+    assert compare.main(["--combine", str(earlier), "--out", str(tmp_path / "one")]) == 0
+    (single,) = (tmp_path / "one").glob("*.json")
+    np.testing.assert_allclose(json.loads(single.read_text())["comparison"]["timed_seconds_ratio_jaxres_over_reference"], 45.0 / 100.5)
+
+    with pytest.raises(ValueError, match=f"jaxres seed 0 is in both {core0} and {core0}"):
+        compare.combine([core0, core0], tmp_path / "twice")
+    with pytest.raises(ValueError, match="is itself a combined file"):
+        compare.combine([path, core0], tmp_path / "nested")
