@@ -142,9 +142,12 @@ def compare(results: dict) -> dict:
     comparison = {"jaxres": ours, "reference": theirs}
     if ours and theirs:
         comparison["tta_accuracy_mean_difference_points"] = 100 * (ours["tta_accuracy_mean"] - theirs["tta_accuracy_mean"])
-        settings = {(r.get("threads", results.get("threads")), r.get("cpu_model")) for side in results["runs"].values() for r in side}
-        if len(settings) > 1:  # a combined file: seconds on other thread counts or CPUs are no ratio
-            comparison["times_not_compared"] = f"the runs differ in (threads, CPU): {sorted(settings, key=str)}"
+        sources = {r.get("source") for side in results["runs"].values() for r in side}
+        if len(sources) > 1:  # a combined file: other sessions' CPUs, threads and loads are no ratio
+            comparison["times_not_compared"] = (
+                f"the runs come from {len(sources)} results files (other sessions or cores: the CPU, threads or load "
+                "can differ); times are compared within one file"
+            )  # fmt: skip
             return comparison
         comparison["timed_seconds_ratio_jaxres_over_reference"] = ours["timed_seconds_median"] / theirs["timed_seconds_median"]
         comparison["wall_seconds_ratio_jaxres_over_reference"] = ours["wall_seconds_median"] / theirs["wall_seconds_median"]
@@ -154,9 +157,11 @@ def compare(results: dict) -> dict:
 def combine(paths: list[Path], out_dir: Path) -> Path:
     """One results file from several of this script's: seeds measured in other sessions, or
     side by side on separate cores (`taskset -c K python -m benchmarks.airbench --seeds S
-    --threads 1`, one per core). Each run keeps its file, thread count, CPU and commit; the
-    accuracies are compared over all of them, the times only where every run had the same
-    threads on the same CPU. A side's seed in two files is an error (which one counts?)."""
+    --threads 1`, one per core). Each run keeps its file, thread count, CPU and commit. The
+    accuracies are compared over all runs; the times only when all come from one file (one
+    session, the sides alternating on the same threads): a CPU's model name does not say
+    which vector extensions it has, nor a file what else shared the machine. A side's seed in
+    two files is an error (which one counts?)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     runs: dict[str, list[dict]] = {"jaxres": [], "reference": []}
     sources, seen = [], {}
@@ -180,6 +185,52 @@ def combine(paths: list[Path], out_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write(results, path)
     return path
+
+
+SIDE_COLOURS = {"jaxres": "tab:blue", "reference": "tab:orange"}
+
+
+def comparison_figure(results: dict):
+    """Test accuracy after each epoch (each seed thin, the side's mean thick) and the final
+    accuracy with TTA per seed (the side's mean a bar), one colour per side. Returns the
+    figure and the mean curves it drew ({side: float[epochs]}, in percent)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    curves_axes, final_axes = figure.subplots(1, 2, width_ratios=(2, 1))
+    means = {}
+    for position, side in enumerate(("jaxres", "reference")):
+        runs, colour = results["runs"][side], SIDE_COLOURS[side]
+        curves = [100 * np.asarray(r["test_accuracy_per_epoch"]) for r in runs if r.get("test_accuracy_per_epoch")]
+        if curves:
+            length = min(len(c) for c in curves)
+            epochs = np.arange(1, length + 1)
+            for curve in curves:
+                curves_axes.plot(epochs, curve[:length], color=colour, alpha=0.3, linewidth=0.8)
+            means[side] = np.mean([c[:length] for c in curves], axis=0)
+            curves_axes.plot(epochs, means[side], color=colour, linewidth=2, label=f"{side} (mean of {len(curves)})")
+        finals = [100 * r["tta_accuracy"] for r in runs]
+        if finals:
+            final_axes.scatter(np.full(len(finals), position), finals, color=colour, zorder=3)
+            for r, value in zip(runs, finals):
+                final_axes.annotate(f"seed {r['seed']}", (position, value), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
+            final_axes.hlines(np.mean(finals), position - 0.25, position + 0.25, color=colour, linewidth=2)
+    curves_axes.set(xlabel="epoch", ylabel="test accuracy (%, no TTA)", title="after each epoch")
+    curves_axes.grid(alpha=0.3)
+    if means:
+        curves_axes.legend(loc="lower right")
+    final_axes.set(xticks=[0, 1], xticklabels=["jaxres", "reference"], xlim=(-0.6, 1.9), ylabel="test accuracy with TTA (%)",
+                   title="final, per seed (bar: mean)")  # fmt: skip
+    final_axes.grid(alpha=0.3, axis="y")
+    return figure, means
+
+
+def save_comparison_figure(results: dict, path: Path) -> Path:
+    """`comparison_figure` as `path` (a .png beside the results file)."""
+    from jaxres import plots
+
+    figure, _ = comparison_figure(results)
+    return plots.save_figure(figure, path, dpi=120)
 
 
 def write(results: dict, path: Path) -> None:
@@ -221,8 +272,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.combine:
         path = combine([Path(f) for f in args.combine], Path(args.out))
-        print(json.dumps(json.loads(path.read_text())["comparison"], indent=1))
-        print(f"wrote {path}")
+        results = json.loads(path.read_text())
+        print(json.dumps(results["comparison"], indent=1))
+        print(f"wrote {path} and {save_comparison_figure(results, path.with_suffix('.png'))}")
         return 0
     if args.resume:
         path = Path(args.resume)
@@ -256,7 +308,7 @@ def main(argv=None) -> int:
               f"{run['timed_seconds']:.0f} s timed, {run['wall_seconds_this_process']:.0f} s wall", flush=True)  # fmt: skip
     write(results, path)
     print(json.dumps(results["comparison"], indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {path} and {save_comparison_figure(results, path.with_suffix('.png'))}")
     return 0
 
 

@@ -161,6 +161,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector extensions that decide a CPU's convolution speed (the model name alone does not:
+# "AMD EPYC" has named both an AVX2-only and an AVX-512 machine)
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """{family, model, features: those of CPU_FEATURES the first CPU lists} from /proc/cpuinfo
+    (or the text given); {} where there is none (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first CPU's block only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"family": fields.get("cpu family"), "model": fields.get("model"), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def gpu_info() -> list[dict]:
     """[{name, memory_total, driver}] from nvidia-smi, or [] without an NVIDIA GPU."""
     if shutil.which("nvidia-smi") is None:
@@ -215,6 +238,7 @@ def memory_total_gib() -> float | None:
 def machine_record() -> dict:
     return {
         "cpu_model": cpu_model(),
+        "cpu": cpu_features(),
         "cpu_cores": os.cpu_count(),
         "cores_available": available_cores(),
         "memory_gib": memory_total_gib(),

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 from PIL import Image
 
 from benchmarks import airbench as compare
@@ -140,9 +141,10 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     np.testing.assert_allclose(comparison["jaxres"]["tta_accuracy_mean"], np.mean([0.905, 0.909, 0.907]))
     np.testing.assert_allclose(comparison["reference"]["tta_accuracy_mean"], 0.915)
     np.testing.assert_allclose(comparison["tta_accuracy_mean_difference_points"], 100 * (0.907 - 0.915))
-    assert "timed_seconds_ratio_jaxres_over_reference" not in comparison and "threads" in comparison["times_not_compared"]
+    assert "timed_seconds_ratio_jaxres_over_reference" not in comparison and "3 results files" in comparison["times_not_compared"]
+    assert path.with_suffix(".png").stat().st_size > 0  # the figure beside it
 
-    # the same threads on the same CPU: the times are compared too
+    # one file's runs (one session, same threads): the times are compared too
     assert compare.main(["--combine", str(earlier), "--out", str(tmp_path / "one")]) == 0
     (single,) = (tmp_path / "one").glob("*.json")
     np.testing.assert_allclose(json.loads(single.read_text())["comparison"]["timed_seconds_ratio_jaxres_over_reference"], 45.0 / 100.5)
@@ -151,3 +153,16 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
         compare.combine([core0, core0], tmp_path / "twice")
     with pytest.raises(ValueError, match="is itself a combined file"):
         compare.combine([path, core0], tmp_path / "nested")
+
+
+def test_the_figure_draws_each_sides_mean_accuracy_after_each_epoch():
+    curves = {"jaxres": [[0.60, 0.80, 0.90], [0.64, 0.82, 0.91]], "reference": [[0.66, 0.81, 0.905]]}
+    results = {"runs": {side: [{**finished_run(seed, curve[-1] + 0.01), "test_accuracy_per_epoch": curve}
+                               for seed, curve in enumerate(runs)] for side, runs in curves.items()}}  # fmt: skip
+    figure, means = compare.comparison_figure(results)
+    np.testing.assert_allclose(means["jaxres"], [62.0, 81.0, 90.5])
+    np.testing.assert_allclose(means["reference"], [66.0, 81.0, 90.5])
+    curves_axes, final_axes = figure.axes
+    assert len(curves_axes.lines) == 2 + 1 + 2  # a thin line per seed and a mean per side
+    finals = [c.get_offsets()[:, 1] for c in final_axes.collections if isinstance(c, PathCollection)]  # the dots
+    np.testing.assert_allclose(np.concatenate(finals), [91.0, 92.0, 91.5])

@@ -306,6 +306,18 @@ def test_summary_and_pairwise_ratio_arithmetic():
         common.summarize([])
 
 
+def test_the_machine_record_names_the_cpus_vector_extensions():
+    """Two CPUs named "AMD EPYC" were an AVX2 and an AVX-512 machine: the record says which."""
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 avx512f avx512_bf16\n\n"
+        "processor\t: 1\ncpu family\t: 6\nflags\t\t: amx_tile avx2\n"
+    )
+    assert common.cpu_features(cpuinfo) == {"family": "25", "model": "1", "features": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    assert common.cpu_features("processor\t: 0\nflags\t\t: sse2\n")["features"] == []
+    assert "features" in common.machine_record()["cpu"] or common.machine_record()["cpu"] == {}
+
+
 def fake_raw() -> dict:
     def worker(seconds, first, memory):
         return {
