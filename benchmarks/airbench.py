@@ -42,6 +42,7 @@ import numpy as np
 
 from benchmarks import common
 
+DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 SHUFFLE_SEED = 0  # the permutation of the training split (= jaxres.airbench.WHITENING_SAMPLE_SEED)
 
 
@@ -53,7 +54,7 @@ def write_reference_data(data: str, path: Path, cache_dir: str | None = None) ->
     dataset = data_lib.load_dataset(data, cache_dir=cache_dir, progress=False)
     perm = np.random.default_rng(SHUFFLE_SEED).permutation(len(dataset.train.labels))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.npz")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # two processes may write it at once
     np.savez(
         temporary, train_images=dataset.train.images[perm], train_labels=dataset.train.labels[perm],
         test_images=dataset.test.images, test_labels=dataset.test.labels, perm=perm,
@@ -140,7 +141,10 @@ def summary(runs: list[dict]) -> dict:
 def compare(results: dict) -> dict:
     ours, theirs = summary(results["runs"]["jaxres"]), summary(results["runs"]["reference"])
     comparison = {"jaxres": ours, "reference": theirs}
-    if ours and theirs:
+    if not (ours and theirs):
+        missing = " and ".join(side for side, found in (("jaxres", ours), ("reference", theirs)) if not found)
+        comparison["not_compared"] = f"no {missing} runs (yet)"
+    else:
         comparison["tta_accuracy_mean_difference_points"] = 100 * (ours["tta_accuracy_mean"] - theirs["tta_accuracy_mean"])
         sources = {r.get("source") for side in results["runs"].values() for r in side}
         if len(sources) > 1:  # a combined file: other sessions' CPUs, threads and loads are no ratio
@@ -164,11 +168,18 @@ def combine(paths: list[Path], out_dir: Path) -> Path:
     two files is an error (which one counts?)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     runs: dict[str, list[dict]] = {"jaxres": [], "reference": []}
-    sources, seen = [], {}
+    sources, seen, settings = [], {}, {}
     for path in paths:
         found = json.loads(Path(path).read_text())
         if found.get("combined_from"):
             raise ValueError(f"{path} is itself a combined file: combine the files it names instead")
+        if not any(found["runs"].values()):
+            raise ValueError(f"{path} holds no finished run yet")
+        for key in ("data", "jaxres_flags"):  # what the runs measured must be the same
+            value = found.get(key, [] if key == "jaxres_flags" else None)
+            first = settings.setdefault(key, (value, path))
+            if first[0] != value:
+                raise ValueError(f"{path} has {key} {value!r}, {first[1]} has {first[0]!r}: not one measurement")
         cpu, commit = found["machine"]["cpu_model"], found["git"]["commit"]
         for side in ("jaxres", "reference"):
             for run in found["runs"][side]:
@@ -180,11 +191,25 @@ def combine(paths: list[Path], out_dir: Path) -> Path:
                         "runs": {side: [r["seed"] for r in found["runs"][side]] for side in ("jaxres", "reference")}})  # fmt: skip
     for side in runs:
         runs[side].sort(key=lambda r: r["seed"])
-    path = Path(out_dir) / f"airbench94-cpu-combined-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-    results = {"name": path.stem, "created": now.isoformat(timespec="seconds"), "combined_from": sources, "runs": runs}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = new_results_path(Path(out_dir), f"airbench94-combined-{now.strftime('%Y%m%dT%H%M%SZ')}")
+    results = {"name": path.stem, "created": now.isoformat(timespec="seconds"), "combined_from": sources,
+               "data": settings["data"][0], "jaxres_flags": settings["jaxres_flags"][0], "runs": runs}  # fmt: skip
     write(results, path)
     return path
+
+
+def new_results_path(out_dir: Path, name: str) -> Path:
+    """out_dir/name.json, created empty here, or name-2.json, ... where it exists: two
+    comparisons started in the same second (one per core) get a file each."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = out_dir / (f"{name}.json" if attempt == 1 else f"{name}-{attempt}.json")
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free results file name like {out_dir / name}.json")
 
 
 SIDE_COLOURS = {"jaxres": "tab:blue", "reference": "tab:orange"}
@@ -253,14 +278,14 @@ def plan_runs(seeds: list[int], reference_seeds: list[int]) -> list[tuple[str, i
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.airbench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz", help="the dataset (jaxres --data)")
+    p.add_argument("--data", help=f"the dataset (jaxres --data; default {DEFAULT_DATA}, or the resumed file's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="jaxres seeds (default: 0 1 2)")
     p.add_argument("--reference", help="the reference's command, with {seed}, {npz} and {json} (none: jaxres only)")
     p.add_argument("--reference-seeds", type=int, nargs="+", default=[0, 1], help="reference seeds (default: 0 1)")
     p.add_argument("--npz", default=str(common.RESULTS_DIR / "tmp" / "cifar10-shuffled.npz"),
                    help="where the reference's shuffled data is written (git-ignored; never commit it)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=common.available_cores())
-    p.add_argument("--jaxres-flag", action="append", default=[], help="an extra jaxres.train flag (repeatable)")
+    p.add_argument("--threads", type=int, help="threads of each side (default: the cores available, or the resumed file's)")
+    p.add_argument("--jaxres-flag", action="append", help="an extra jaxres.train flag (repeatable; default: the resumed file's)")
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--resume", help="a results file of an earlier run of this script: keep its runs, do the rest")
     p.add_argument("--combine", nargs="+", metavar="FILE",
@@ -269,8 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.combine:
+        if args.resume:
+            parser.error("--combine runs nothing; --resume runs: one or the other")
         path = combine([Path(f) for f in args.combine], Path(args.out))
         results = json.loads(path.read_text())
         print(json.dumps(results["comparison"], indent=1))
@@ -279,16 +307,26 @@ def main(argv=None) -> int:
     if args.resume:
         path = Path(args.resume)
         results = json.loads(path.read_text())
+        if results.get("combined_from"):
+            parser.error(f"{path} is a combined file (--combine); resume one of the files it names")
+        # a resumed comparison goes on as it began: the same threads, data and jaxres flags
+        for name, key in (("threads", "threads"), ("data", "data"), ("jaxres_flag", "jaxres_flags")):
+            recorded, given = results.get(key, [] if key == "jaxres_flags" else None), getattr(args, name)
+            if given is not None and given != recorded:
+                parser.error(f"{path} was measured with {key} {recorded!r}, not {given!r}; resume it as it began")
+            setattr(args, name, recorded)
         results.setdefault("resumed", []).append(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     else:
+        args.threads = common.available_cores() if args.threads is None else args.threads
+        args.data = DEFAULT_DATA if args.data is None else args.data
+        args.jaxres_flag = args.jaxres_flag or []
         now = datetime.datetime.now(datetime.timezone.utc)
-        path = Path(args.out) / f"airbench94-cpu-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+        path = new_results_path(Path(args.out), f"airbench94-cpu-{now.strftime('%Y%m%dT%H%M%SZ')}")
         results = {
             "name": path.stem, "created": now.isoformat(timespec="seconds"), "machine": common.machine_record(),
             "packages": common.package_versions(), "git": common.git_commit(), "threads": args.threads,
-            "data": args.data, "runs": {"jaxres": [], "reference": []},
+            "data": args.data, "jaxres_flags": args.jaxres_flag, "runs": {"jaxres": [], "reference": []},
         }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(args.out) / "tmp" / results["name"]  # workdirs and the reference's JSON (git-ignored)
     scratch.mkdir(parents=True, exist_ok=True)
     npz = Path(args.npz)

@@ -168,7 +168,7 @@ CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_til
 
 def cpu_features(cpuinfo: str | None = None) -> dict:
     """{family, model, features: those of CPU_FEATURES the first CPU lists} from /proc/cpuinfo
-    (or the text given); {} where there is none (not Linux)."""
+    (or the text given); {} where there is none (not Linux) or it lists no flags (not x86)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -180,7 +180,9 @@ def cpu_features(cpuinfo: str | None = None) -> dict:
             break  # the first CPU's block only
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
-    flags = set(fields.get("flags", "").split())
+    if "flags" not in fields:  # not an x86 CPU's cpuinfo: unknown, not "no AVX"
+        return {}
+    flags = set(fields["flags"].split())
     return {"family": fields.get("cpu family"), "model": fields.get("model"), "features": [f for f in CPU_FEATURES if f in flags]}
 
 

@@ -4,6 +4,7 @@ order and resumption of its runs, and what it reads from each side (a stand-in r
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -78,6 +79,7 @@ def test_runs_alternate_and_a_resumed_comparison_skips_what_it_has(tmp_path, mon
     assert ran == [0]
     assert compare.main(["--seeds", "0", "1", "--reference-seeds", "0", "1", "--resume", str(path), *common]) == 0
     assert ran == [0, 1]  # jaxres seed 0 and reference seed 0 were kept
+    assert path.with_suffix(".png").stat().st_size > 0  # the figure beside the results
     results = json.loads(path.read_text())
     assert [r["seed"] for r in results["runs"]["reference"]] == [0, 1] and len(results["resumed"]) == 1
     comparison = results["comparison"]
@@ -132,7 +134,7 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     core1 = measure("core1", "--seeds", "1", "--threads", "1")
     earlier = measure("earlier", "--seeds", "5", "--reference-seeds", "0", "1", "--threads", "2", *reference)
     assert compare.main(["--combine", str(core0), str(core1), str(earlier), "--out", str(tmp_path / "all")]) == 0
-    (path,) = (tmp_path / "all").glob("airbench94-cpu-combined-*.json")
+    (path,) = (tmp_path / "all").glob("airbench94-combined-*.json")
     combined = json.loads(path.read_text())
     assert [r["seed"] for r in combined["runs"]["jaxres"]] == [0, 1, 5]
     assert [(r["seed"], r["threads"]) for r in combined["runs"]["reference"]] == [(0, 2), (1, 2)]
@@ -144,15 +146,47 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     assert "timed_seconds_ratio_jaxres_over_reference" not in comparison and "3 results files" in comparison["times_not_compared"]
     assert path.with_suffix(".png").stat().st_size > 0  # the figure beside it
 
-    # one file's runs (one session, same threads): the times are compared too
-    assert compare.main(["--combine", str(earlier), "--out", str(tmp_path / "one")]) == 0
-    (single,) = (tmp_path / "one").glob("*.json")
+    # one file's runs (one session, same threads): the times are compared too; two files' are
+    # not, even with the same threads and CPU (other sessions, other loads)
+    single = compare.combine([earlier], tmp_path / "one")
     np.testing.assert_allclose(json.loads(single.read_text())["comparison"]["timed_seconds_ratio_jaxres_over_reference"], 45.0 / 100.5)
+    tta[6] = 0.9
+    later = measure("later", "--seeds", "6", "--reference-seeds", "2", "--threads", "2", *reference)
+    two = json.loads(compare.combine([earlier, later], tmp_path / "two").read_text())["comparison"]
+    assert "timed_seconds_ratio_jaxres_over_reference" not in two and "2 results files" in two["times_not_compared"]
 
-    with pytest.raises(ValueError, match=f"jaxres seed 0 is in both {core0} and {core0}"):
+    with pytest.raises(ValueError, match=re.escape(f"jaxres seed 0 is in both {core0} and {core0}")):
         compare.combine([core0, core0], tmp_path / "twice")
     with pytest.raises(ValueError, match="is itself a combined file"):
         compare.combine([path, core0], tmp_path / "nested")
+    with pytest.raises(SystemExit):  # a combined file is not resumed
+        compare.main(["--resume", str(path)])
+    flagged = json.loads(core1.read_text()) | {"jaxres_flags": ["--epochs", "2"]}
+    (tmp_path / "flagged.json").write_text(json.dumps(flagged))
+    with pytest.raises(ValueError, match="jaxres_flags"):
+        compare.combine([core0, tmp_path / "flagged.json"], tmp_path / "mixed")
+    (tmp_path / "unfinished.json").write_text(json.dumps(flagged | {"runs": {"jaxres": [], "reference": []}}))
+    with pytest.raises(ValueError, match="no finished run"):
+        compare.combine([tmp_path / "unfinished.json"], tmp_path / "empty")
+
+
+def test_two_comparisons_started_in_the_same_second_get_a_file_each(tmp_path):
+    first = compare.new_results_path(tmp_path, "airbench94-cpu-20261205T153132Z")
+    second = compare.new_results_path(tmp_path, "airbench94-cpu-20261205T153132Z")
+    assert (first.name, second.name) == ("airbench94-cpu-20261205T153132Z.json", "airbench94-cpu-20261205T153132Z-2.json")
+
+
+def test_a_resumed_comparison_keeps_its_threads_data_and_flags(tmp_path, monkeypatch):
+    used = []
+    monkeypatch.setattr(compare, "run_jaxres", lambda args, seed, out_dir: used.append((args.threads, args.data, args.jaxres_flag)) or finished_run(seed))
+    out = ["--out", str(tmp_path)]
+    assert compare.main(["--seeds", "0", "--threads", "1", "--data", "images", "--jaxres-flag=--epochs=2", *out]) == 0
+    (path,) = tmp_path.glob("airbench94-cpu-*.json")
+    assert compare.main(["--seeds", "0", "1", "--resume", str(path), *out]) == 0
+    assert used == [(1, "images", ["--epochs=2"])] * 2
+    with pytest.raises(SystemExit):
+        compare.main(["--seeds", "0", "1", "2", "--resume", str(path), "--threads", "2", *out])
+    assert json.loads(path.read_text())["comparison"]["not_compared"] == "no reference runs (yet)"
 
 
 def test_the_figure_draws_each_sides_mean_accuracy_after_each_epoch():
