@@ -158,10 +158,23 @@ def compare(results: dict) -> dict:
     return comparison
 
 
-def combine(paths: list[Path], out_dir: Path) -> Path:
+SIDES = ("jaxres", "reference")
+
+
+def split_side(argument: str) -> tuple[Path, tuple[str, ...]]:
+    """'FILE' -> (FILE, both sides); 'FILE:jaxres' or 'FILE:reference' -> that side only."""
+    name, _, side = argument.rpartition(":")
+    if name and side in SIDES:
+        return Path(name), (side,)
+    return Path(argument), SIDES
+
+
+def combine(paths: list, out_dir: Path) -> Path:
     """One results file from several of this script's: seeds measured in other sessions, or
     side by side on separate cores (`taskset -c K python -m benchmarks.airbench --seeds S
-    --threads 1`, one per core). Each run keeps its file, thread count, CPU and commit. The
+    --threads 1`, one per core). `FILE:jaxres` or `FILE:reference` takes one side's runs of a
+    file (e.g. the reference's, beside jaxres runs of a later commit; the others are left out
+    and the file's entry in `combined_from` says so). Each run keeps its file, thread count, CPU and commit. The
     accuracies are compared over all runs; the times only when all come from one file (one
     session, the sides alternating on the same threads): a CPU's model name does not say
     which vector extensions it has, nor a file what else shared the machine. A side's seed in
@@ -169,26 +182,28 @@ def combine(paths: list[Path], out_dir: Path) -> Path:
     now = datetime.datetime.now(datetime.timezone.utc)
     runs: dict[str, list[dict]] = {"jaxres": [], "reference": []}
     sources, seen, settings = [], {}, {}
-    for path in paths:
-        found = json.loads(Path(path).read_text())
+    for argument in paths:
+        path, sides = split_side(str(argument))
+        found = json.loads(path.read_text())
         if found.get("combined_from"):
             raise ValueError(f"{path} is itself a combined file: combine the files it names instead")
-        if not any(found["runs"].values()):
-            raise ValueError(f"{path} holds no finished run yet")
+        if not any(found["runs"][side] for side in sides):
+            raise ValueError(f"{path} holds no finished {' or '.join(sides)} run yet")
         for key in ("data", "jaxres_flags"):  # what the runs measured must be the same
             value = found.get(key, [] if key == "jaxres_flags" else None)
             first = settings.setdefault(key, (value, path))
             if first[0] != value:
                 raise ValueError(f"{path} has {key} {value!r}, {first[1]} has {first[0]!r}: not one measurement")
         cpu, commit = found["machine"]["cpu_model"], found["git"]["commit"]
-        for side in ("jaxres", "reference"):
+        for side in sides:
             for run in found["runs"][side]:
                 if (side, run["seed"]) in seen:
                     raise ValueError(f"{side} seed {run['seed']} is in both {seen[side, run['seed']]} and {path}")
                 seen[side, run["seed"]] = path
                 runs[side].append({**run, "source": str(path), "threads": found["threads"], "cpu_model": cpu, "commit": commit})
         sources.append({"file": str(path), "threads": found["threads"], "machine": found["machine"], "git": found["git"],
-                        "runs": {side: [r["seed"] for r in found["runs"][side]] for side in ("jaxres", "reference")}})  # fmt: skip
+                        "runs": {side: [r["seed"] for r in found["runs"][side]] for side in sides},
+                        "left_out": {side: [r["seed"] for r in found["runs"][side]] for side in SIDES if side not in sides}})  # fmt: skip
     for side in runs:
         runs[side].sort(key=lambda r: r["seed"])
     path = new_results_path(Path(out_dir), f"airbench94-combined-{now.strftime('%Y%m%dT%H%M%SZ')}")
@@ -288,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jaxres-flag", action="append", help="an extra jaxres.train flag (repeatable; default: the resumed file's)")
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--resume", help="a results file of an earlier run of this script: keep its runs, do the rest")
-    p.add_argument("--combine", nargs="+", metavar="FILE",
-                   help="run nothing: write one results file (in --out) from these results files, e.g. one per core")  # fmt: skip
+    p.add_argument("--combine", nargs="+", metavar="FILE[:SIDE]",
+                   help="run nothing: write one results file (in --out) from these results files, e.g. one per core; "
+                        "FILE:jaxres or FILE:reference takes one side's runs only")  # fmt: skip
     return p
 
 
@@ -299,7 +315,7 @@ def main(argv=None) -> int:
     if args.combine:
         if args.resume:
             parser.error("--combine runs nothing; --resume runs: one or the other")
-        path = combine([Path(f) for f in args.combine], Path(args.out))
+        path = combine(args.combine, Path(args.out))
         results = json.loads(path.read_text())
         print(json.dumps(results["comparison"], indent=1))
         print(f"wrote {path} and {save_comparison_figure(results, path.with_suffix('.png'))}")

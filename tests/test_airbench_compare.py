@@ -155,6 +155,14 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     two = json.loads(compare.combine([earlier, later], tmp_path / "two").read_text())["comparison"]
     assert "timed_seconds_ratio_jaxres_over_reference" not in two and "2 results files" in two["times_not_compared"]
 
+    # one side of a file: the reference's runs of `earlier` beside jaxres seeds of other files
+    picked = json.loads(compare.combine([core0, core1, f"{earlier}:reference"], tmp_path / "picked").read_text())
+    assert [r["seed"] for r in picked["runs"]["jaxres"]] == [0, 1] and len(picked["runs"]["reference"]) == 2
+    assert picked["combined_from"][2]["left_out"] == {"jaxres": [5]}
+    np.testing.assert_allclose(picked["comparison"]["tta_accuracy_mean_difference_points"], 100 * (0.907 - 0.915))
+    with pytest.raises(ValueError, match="no finished reference run"):
+        compare.combine([f"{core0}:reference"], tmp_path / "none")
+
     with pytest.raises(ValueError, match=re.escape(f"jaxres seed 0 is in both {core0} and {core0}")):
         compare.combine([core0, core0], tmp_path / "twice")
     with pytest.raises(ValueError, match="is itself a combined file"):
@@ -166,7 +174,7 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     with pytest.raises(ValueError, match="jaxres_flags"):
         compare.combine([core0, tmp_path / "flagged.json"], tmp_path / "mixed")
     (tmp_path / "unfinished.json").write_text(json.dumps(flagged | {"runs": {"jaxres": [], "reference": []}}))
-    with pytest.raises(ValueError, match="no finished run"):
+    with pytest.raises(ValueError, match="no finished jaxres or reference run"):
         compare.combine([tmp_path / "unfinished.json"], tmp_path / "empty")
 
 
