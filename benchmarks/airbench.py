@@ -43,6 +43,9 @@ import numpy as np
 from benchmarks import common
 
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
+SIDES = ("jaxres", "reference")
+# what a results file records of how its runs were made, and its value in files older than the record
+RECORDED_SETTINGS = {"threads": None, "data": None, "jaxres_flags": []}
 SHUFFLE_SEED = 0  # the permutation of the training split (= jaxres.airbench.WHITENING_SAMPLE_SEED)
 
 
@@ -158,9 +161,6 @@ def compare(results: dict) -> dict:
     return comparison
 
 
-SIDES = ("jaxres", "reference")
-
-
 def split_side(argument: str) -> tuple[Path, tuple[str, ...]]:
     """'FILE' -> (FILE, both sides); 'FILE:jaxres' or 'FILE:reference' -> that side only."""
     name, _, side = argument.rpartition(":")
@@ -180,7 +180,7 @@ def combine(paths: list, out_dir: Path) -> Path:
     which vector extensions it has, nor a file what else shared the machine. A side's seed in
     two files is an error (which one counts?)."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    runs: dict[str, list[dict]] = {"jaxres": [], "reference": []}
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     sources, seen, settings = [], {}, {}
     for argument in paths:
         path, sides = split_side(str(argument))
@@ -190,7 +190,7 @@ def combine(paths: list, out_dir: Path) -> Path:
         if not any(found["runs"][side] for side in sides):
             raise ValueError(f"{path} holds no finished {' or '.join(sides)} run yet")
         for key in ("data", "jaxres_flags"):  # what the runs measured must be the same
-            value = found.get(key, [] if key == "jaxres_flags" else None)
+            value = found.get(key, RECORDED_SETTINGS[key])
             first = settings.setdefault(key, (value, path))
             if first[0] != value:
                 raise ValueError(f"{path} has {key} {value!r}, {first[1]} has {first[0]!r}: not one measurement")
@@ -239,7 +239,7 @@ def comparison_figure(results: dict):
     figure = Figure(figsize=(10, 4), layout="constrained")
     curves_axes, final_axes = figure.subplots(1, 2, width_ratios=(2, 1))
     means = {}
-    for position, side in enumerate(("jaxres", "reference")):
+    for position, side in enumerate(SIDES):
         runs, colour = results["runs"][side], SIDE_COLOURS[side]
         curves = [100 * np.asarray(r["test_accuracy_per_epoch"]) for r in runs if r.get("test_accuracy_per_epoch")]
         if curves:
@@ -259,7 +259,7 @@ def comparison_figure(results: dict):
     curves_axes.grid(alpha=0.3)
     if means:
         curves_axes.legend(loc="lower right")
-    final_axes.set(xticks=[0, 1], xticklabels=["jaxres", "reference"], xlim=(-0.6, 1.9), ylabel="test accuracy with TTA (%)",
+    final_axes.set(xticks=[0, 1], xticklabels=SIDES, xlim=(-0.6, 1.9), ylabel="test accuracy with TTA (%)",
                    title="final, per seed (bar: mean)")  # fmt: skip
     final_axes.grid(alpha=0.3, axis="y")
     return figure, means
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
             parser.error(f"{path} is a combined file (--combine); resume one of the files it names")
         # a resumed comparison goes on as it began: the same threads, data and jaxres flags
         for name, key in (("threads", "threads"), ("data", "data"), ("jaxres_flag", "jaxres_flags")):
-            recorded, given = results.get(key, [] if key == "jaxres_flags" else None), getattr(args, name)
+            recorded, given = results.get(key, RECORDED_SETTINGS[key]), getattr(args, name)
             if given is not None and given != recorded:
                 parser.error(f"{path} was measured with {key} {recorded!r}, not {given!r}; resume it as it began")
             setattr(args, name, recorded)

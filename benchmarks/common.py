@@ -151,24 +151,9 @@ def available_cores() -> int:
 # --------------------------------------------------------------------------- machine record
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The vector extensions that decide a CPU's convolution speed (the model name alone does not:
-# "AMD EPYC" has named both an AVX2-only and an AVX-512 machine)
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def cpu_features(cpuinfo: str | None = None) -> dict:
-    """{family, model, features: those of CPU_FEATURES the first CPU lists} from /proc/cpuinfo
-    (or the text given); {} where there is none (not Linux) or it lists no flags (not x86)."""
+def first_cpu_fields(cpuinfo: str | None = None) -> dict:
+    """The first CPU's block of /proc/cpuinfo (or of the text given) as {lower-case key: value};
+    {} where there is none (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -180,6 +165,22 @@ def cpu_features(cpuinfo: str | None = None) -> dict:
             break  # the first CPU's block only
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    return first_cpu_fields().get("model name") or platform.processor() or platform.machine()
+
+
+# The vector extensions that decide a CPU's convolution speed (the model name alone does not:
+# "AMD EPYC" has named both an AVX2-only and an AVX-512 machine)
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """{family, model, features: those of CPU_FEATURES the first CPU lists} from /proc/cpuinfo
+    (or the text given); {} where there is none (not Linux) or it lists no flags (not x86)."""
+    fields = first_cpu_fields(cpuinfo)
     if "flags" not in fields:  # not an x86 CPU's cpuinfo: unknown, not "no AVX"
         return {}
     flags = set(fields["flags"].split())
