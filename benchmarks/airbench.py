@@ -16,7 +16,7 @@ the test split as stored.
 
 Runs alternate between the two sides, seed by seed, one process at a time with the same
 thread count. The results file is written before the first run and after each one; `--resume FILE`
-skips the runs it holds and continues an interrupted jaxres run from its checkpoint, so a
+runs FILE's planned seeds with its settings, skips the runs it holds and continues an interrupted jaxres run from its checkpoint, so a
 comparison longer than a session goes on in the next. On a machine of few cores, the seeds can
 also run side by side, one per core (`taskset -c K python -m benchmarks.airbench --seeds S
 --threads 1`), and `--combine FILE ...` makes one comparison of the files. Reported per side: final accuracy
@@ -46,6 +46,9 @@ DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 SIDES = ("jaxres", "reference")
 # what a results file records of how its runs were made, and its value in files older than the record
 RECORDED_SETTINGS = {"threads": None, "data": None, "jaxres_flags": []}
+# the runs a results file plans, with this script's defaults; files older than the record (before
+# 2026-12-05 evening) lack them, and resuming one of those without --seeds is refused, not guessed
+RUN_PLAN = {"seeds": [0, 1, 2], "reference": None, "reference_seeds": [0, 1]}
 SHUFFLE_SEED = 0  # the permutation of the training split (= jaxres.airbench.WHITENING_SAMPLE_SEED)
 
 
@@ -294,9 +297,10 @@ def plan_runs(seeds: list[int], reference_seeds: list[int]) -> list[tuple[str, i
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.airbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help=f"the dataset (jaxres --data; default {DEFAULT_DATA}, or the resumed file's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="jaxres seeds (default: 0 1 2)")
-    p.add_argument("--reference", help="the reference's command, with {seed}, {npz} and {json} (none: jaxres only)")
-    p.add_argument("--reference-seeds", type=int, nargs="+", default=[0, 1], help="reference seeds (default: 0 1)")
+    p.add_argument("--seeds", type=int, nargs="+", help="jaxres seeds (default: 0 1 2, or the resumed file's)")
+    p.add_argument("--reference", help="the reference's command, with {seed}, {npz} and {json} "
+                                       "(default: none, jaxres only, or the resumed file's)")  # fmt: skip
+    p.add_argument("--reference-seeds", type=int, nargs="+", help="reference seeds (default: 0 1, or the resumed file's)")
     p.add_argument("--npz", default=str(common.RESULTS_DIR / "tmp" / "cifar10-shuffled.npz"),
                    help="where the reference's shuffled data is written (git-ignored; never commit it)")  # fmt: skip
     p.add_argument("--threads", type=int, help="threads of each side (default: the cores available, or the resumed file's)")
@@ -331,11 +335,19 @@ def main(argv=None) -> int:
             if given is not None and given != recorded:
                 parser.error(f"{path} was measured with {key} {recorded!r}, not {given!r}; resume it as it began")
             setattr(args, name, recorded)
+        # and runs the seeds it planned, unless told other seeds (to add some, say)
+        if args.seeds is None and "seeds" not in results:
+            parser.error(f"{path} does not record its seeds (it predates that record): name them with --seeds")
+        for key in RUN_PLAN:
+            if getattr(args, key) is None:
+                setattr(args, key, results.get(key, RUN_PLAN[key]))
         results.setdefault("resumed", []).append(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     else:
         args.threads = common.available_cores() if args.threads is None else args.threads
         args.data = DEFAULT_DATA if args.data is None else args.data
         args.jaxres_flag = args.jaxres_flag or []
+        for key, default in RUN_PLAN.items():
+            setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
         now = datetime.datetime.now(datetime.timezone.utc)
         path = new_results_path(Path(args.out), f"airbench94-cpu-{now.strftime('%Y%m%dT%H%M%SZ')}")
         results = {
@@ -343,6 +355,7 @@ def main(argv=None) -> int:
             "packages": common.package_versions(), "git": common.git_commit(), "threads": args.threads,
             "data": args.data, "jaxres_flags": args.jaxres_flag, "runs": {"jaxres": [], "reference": []},
         }  # fmt: skip
+    results.update({key: getattr(args, key) for key in RUN_PLAN})  # what this process runs: the next resume's plan
     scratch = Path(args.out) / "tmp" / results["name"]  # workdirs and the reference's JSON (git-ignored)
     scratch.mkdir(parents=True, exist_ok=True)
     npz = Path(args.npz)

@@ -197,6 +197,36 @@ def test_a_resumed_comparison_keeps_its_threads_data_and_flags(tmp_path, monkeyp
     assert json.loads(path.read_text())["comparison"]["not_compared"] == "no reference runs (yet)"
 
 
+def test_a_resumed_comparison_runs_the_seeds_it_planned(tmp_path, monkeypatch):
+    """`--resume FILE` alone goes on with FILE's seeds: an interrupted `--seeds 2` run is seed 2
+    again, not the default seeds 0 1 2 (a file from before that record must name its seeds)."""
+    ran = []
+
+    def interrupted_after_seed_5(args, seed, out_dir):
+        ran.append(seed)
+        if ran == [5, 7]:  # the first try of seed 7
+            raise KeyboardInterrupt
+        return finished_run(seed)
+
+    monkeypatch.setattr(compare, "run_jaxres", interrupted_after_seed_5)
+    out = ["--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(["--seeds", "5", "7", *out])
+    (path,) = tmp_path.glob("airbench94-cpu-*.json")
+    assert compare.main(["--resume", str(path), *out]) == 0
+    assert ran == [5, 7, 7]
+    results = json.loads(path.read_text())
+    assert [r["seed"] for r in results["runs"]["jaxres"]] == [5, 7]
+    assert (results["seeds"], results["reference"]) == ([5, 7], None)
+    assert compare.main(["--resume", str(path), "--seeds", "5", "7", "8", *out]) == 0  # more seeds, when asked
+    assert ran == [5, 7, 7, 8] and json.loads(path.read_text())["seeds"] == [5, 7, 8]
+    del results["seeds"]  # as files written before the plan was recorded
+    path.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="2"):
+        compare.main(["--resume", str(path), *out])
+    assert ran == [5, 7, 7, 8]
+
+
 def test_the_figure_draws_each_sides_mean_accuracy_after_each_epoch():
     curves = {"jaxres": [[0.60, 0.80, 0.90], [0.64, 0.82, 0.91]], "reference": [[0.66, 0.81, 0.905]]}
     results = {"runs": {side: [{**finished_run(seed, curve[-1] + 0.01), "test_accuracy_per_epoch": curve}
