@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -294,6 +295,17 @@ def plan_runs(seeds: list[int], reference_seeds: list[int]) -> list[tuple[str, i
     return order
 
 
+def stop_runs_on_sigterm() -> None:
+    """A SIGTERM (`kill`, `pkill`) raises SystemExit, so `subprocess.run` kills the run in
+    progress before this process ends: without it the run went on, orphaned, in the scratch
+    folder, stealing the CPU from the next comparison (Ctrl-C reaches the run anyway)."""
+
+    def exit_on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.airbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help=f"the dataset (jaxres --data; default {DEFAULT_DATA}, or the resumed file's)")
@@ -324,6 +336,7 @@ def main(argv=None) -> int:
         print(json.dumps(results["comparison"], indent=1))
         print(f"wrote {path} and {save_comparison_figure(results, path.with_suffix('.png'))}")
         return 0
+    stop_runs_on_sigterm()
     if args.resume:
         path = Path(args.resume)
         results = json.loads(path.read_text())

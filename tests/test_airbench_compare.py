@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,38 @@ def test_the_figure_draws_each_sides_mean_accuracy_after_each_epoch():
     assert len(curves_axes.lines) == 2 + 1 + 2  # a thin line per seed and a mean per side
     finals = [c.get_offsets()[:, 1] for c in final_axes.collections if isinstance(c, PathCollection)]  # the dots
     np.testing.assert_allclose(np.concatenate(finals), [91.0, 92.0, 91.5])
+
+
+def test_a_terminated_comparison_stops_its_run(tmp_path):
+    """`kill` of the comparison (SIGTERM) ends the run it waits for too, not only itself."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    child_pid = tmp_path / "child.pid"
+    run = f"import os, time; open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    script = tmp_path / "comparison.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "from benchmarks import airbench\n"
+        "airbench.stop_runs_on_sigterm()\n"
+        f"subprocess.run([sys.executable, '-c', {run!r}])\n"
+    )
+    root = str(Path(__file__).parents[1])
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    deadline = time.monotonic() + 60
+    while not (child_pid.exists() and child_pid.read_text()) and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):  # the child is killed and reaped by subprocess.run before the parent exits
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the run outlived the comparison")
