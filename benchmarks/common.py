@@ -249,7 +249,18 @@ def machine_record() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "malloc": malloc_record(),
     }
+
+
+def malloc_record() -> dict:
+    """How glibc's malloc is set in the processes this one starts (they inherit its environment):
+    "jaxres": "kept" where importing jaxres sets it to keep freed memory (jaxres/runtime.py, the
+    benchmarks' PyTorch workers import jaxres too), else why not; "GLIBC_TUNABLES": the
+    environment's, for processes that do not import jaxres (the published airbench94)."""
+    from jaxres import runtime
+
+    return {"jaxres": runtime.malloc_left_alone_because(os.environ) or "kept", "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}
 
 
 def random_variables(model, seed: int) -> dict:

@@ -602,3 +602,14 @@ def test_cam_gallery_figure_has_one_column_per_method_and_deprocess_stays_in_ran
     assert columns["Guided Grad-CAM"].min() >= 0 and columns["Guided Grad-CAM"].max() <= 1
     figure = cam_gallery.plot_gallery(images, columns, ["a", "b"], np.array([0, 1]), "title")
     assert len(figure.axes) == 2 * 3
+
+
+def test_the_machine_record_says_how_malloc_is_set_in_the_runs(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("JAXRES_MALLOC", "system")
+    assert common.malloc_record() == {"jaxres": "JAXRES_MALLOC=system", "GLIBC_TUNABLES": None}
+    monkeypatch.delenv("JAXRES_MALLOC")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    assert common.malloc_record() == {
+        "jaxres": "the user's own malloc settings (GLIBC_TUNABLES)", "GLIBC_TUNABLES": "glibc.malloc.arena_max=1"
+    }  # fmt: skip

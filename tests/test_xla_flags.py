@@ -1,11 +1,13 @@
-"""The XLA/JAX defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions and the new
-fusion emitters off on CPU, and the persistent compilation cache on; a user's own setting
-wins; JAXRES_XLA_DEFAULTS=0 turns them all off."""
+"""The XLA/JAX/malloc defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions and the
+new fusion emitters off on CPU, the persistent compilation cache on, glibc's malloc keeping freed
+memory; a user's own setting wins; JAXRES_XLA_DEFAULTS=0 turns them all off."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from jaxres import runtime
 
@@ -14,7 +16,8 @@ SHOW = (
     "print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''), 'cache': jax.config.jax_compilation_cache_dir}))"
 )
 OWN_VARIABLES = (
-    "XLA_FLAGS", "JAXRES_XLA_DEFAULTS", "JAXRES_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", runtime.OWN_CACHE_VARIABLE
+    "XLA_FLAGS", "JAXRES_XLA_DEFAULTS", "JAXRES_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", runtime.OWN_CACHE_VARIABLE,
+    runtime.MALLOC_VARIABLE, "GLIBC_TUNABLES", *runtime.GLIBC_MALLOC_VARIABLES,
 )
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
@@ -91,3 +94,55 @@ def test_a_child_of_a_jaxres_process_decides_its_cache_by_its_own_settings(tmp_p
     assert after_import(tmp_path, code, JAXRES_COMPILATION_CACHE="0", **inherited)["cache"] is None
     # a user's own JAX_COMPILATION_CACHE_DIR (not the one jaxres recorded) still wins
     assert after_import(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))["cache"] == str(tmp_path / "mine")
+
+
+# A 64 MiB block allocated, freed, and allocated again after importing jaxres: the page faults
+# of the second allocation (numpy's MADV_HUGEPAGE off, so that the count is in 4 KiB pages
+# wherever the kernel's transparent huge pages are "madvise"; with "always" it is in 2 MiB ones).
+PAGE_FAULTS = (
+    "import json, resource, numpy as np, jaxres\n"
+    "from jaxres import runtime\n"
+    "getattr(np._core.multiarray, '_set_madvise_hugepage', lambda on: None)(False)\n"
+    "def faults():\n"
+    "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "    block = np.ones(16 << 20, np.float32)\n"
+    "    del block\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+    "faults()\n"
+    "print(json.dumps({'setting': runtime.malloc_setting, 'faults': faults()}))\n"
+)
+
+
+@pytest.mark.skipif(runtime.malloc_left_alone_because({}) == "not glibc's malloc", reason="malloc is not glibc's here")
+def test_freed_memory_is_reused_without_page_faults_unless_the_user_says_system(tmp_path):
+    kept = after_import(tmp_path, PAGE_FAULTS)
+    system = after_import(tmp_path, PAGE_FAULTS, JAXRES_MALLOC="system")
+    assert kept["setting"] == "kept" and system["setting"] == "JAXRES_MALLOC=system"
+    assert system["faults"] >= 32  # the block comes back from the kernel: at least one fault per 2 MiB
+    assert kept["faults"] < system["faults"] / 4  # the heap's pages, reused
+
+
+def test_the_glibc_tunables_say_what_mallopt_sets():
+    """The reference of the airbench comparison gets jaxres's malloc settings as tunables."""
+    names = {-8: "glibc.malloc.arena_max", -4: "glibc.malloc.mmap_max", -1: "glibc.malloc.trim_threshold"}
+    tunables = dict(item.split("=") for item in runtime.GLIBC_TUNABLES_KEEPING_FREED_MEMORY.split(":"))
+    assert tunables == {names[p]: str(v % 2**64 if v < 0 else v) for p, v in runtime.KEEP_FREED_MEMORY}
+
+
+def test_a_users_own_malloc_settings_are_left_alone():
+    calls = []
+    fake = lambda parameter, value: calls.append((parameter, value)) or 1  # noqa: E731
+    for environ, reason in (
+        ({"JAXRES_MALLOC": "system"}, "JAXRES_MALLOC=system"),
+        ({"JAXRES_XLA_DEFAULTS": "0"}, "JAXRES_XLA_DEFAULTS is off"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "the user's own malloc settings (GLIBC_TUNABLES)"),
+        ({"MALLOC_ARENA_MAX": "2", "MALLOC_TOP_PAD_": "0"}, "the user's own malloc settings (MALLOC_ARENA_MAX, MALLOC_TOP_PAD_)"),
+    ):
+        assert runtime.keep_freed_memory(environ, mallopt=fake) == reason
+    assert calls == []
+    if runtime.malloc_left_alone_because({}) is None:  # glibc: a tunable of another kind is no reason
+        assert runtime.keep_freed_memory({"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=off"}, mallopt=fake) == "kept"
+        assert calls == [(-8, 1), (-4, 0), (-1, -1)]  # M_ARENA_MAX 1, M_MMAP_MAX 0, M_TRIM_THRESHOLD -1
+        assert runtime.keep_freed_memory({}, mallopt=lambda parameter, value: int(parameter != -4)) == (
+            "mallopt refused parameters [-4]"
+        )
