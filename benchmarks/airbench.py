@@ -46,7 +46,13 @@ from benchmarks import common
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 SIDES = ("jaxres", "reference")
 # what a results file records of how its runs were made, and its value in files older than the record
-RECORDED_SETTINGS = {"threads": None, "data": None, "jaxres_flags": []}
+RECORDED_SETTINGS = {"threads": None, "data": None, "jaxres_flags": [], "malloc": "system"}
+# --malloc: how glibc's malloc is set in each side's process (files older than the setting: "system")
+MALLOCS = {
+    "each-own": "jaxres keeps freed memory (its default at import, jaxres/runtime.py); the reference has glibc's defaults, as published",
+    "kept": "both keep freed memory (the reference through GLIBC_TUNABLES, the same settings)",
+    "system": "both with glibc's defaults (jaxres through JAXRES_MALLOC=system)",
+}
 # the runs a results file plans, with this script's defaults; files older than the record (before
 # 2026-12-05 evening) lack them, and resuming one of those without --seeds is refused, not guessed
 RUN_PLAN = {"seeds": [0, 1, 2], "reference": None, "reference_seeds": [0, 1]}
@@ -120,8 +126,16 @@ def run_reference(args, seed: int, out_dir: Path, npz: Path) -> dict:
 
 
 def common_environment(args) -> dict:
-    """Both sides on `--threads` threads: OpenMP/MKL's variables here, the cores in `pinned`."""
-    return common.thread_environment(args.threads)
+    """Both sides on `--threads` threads (OpenMP/MKL's variables here, the cores in `pinned`),
+    with glibc's malloc set as `--malloc` says (`MALLOCS`)."""
+    from jaxres import runtime
+
+    env = common.thread_environment(args.threads)
+    if args.malloc == "kept":
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), runtime.GLIBC_TUNABLES_KEEPING_FREED_MEMORY)))
+    elif args.malloc == "system":
+        env[runtime.MALLOC_VARIABLE] = "system"
+    return env
 
 
 def pinned(args):
@@ -204,7 +218,8 @@ def combine(paths: list, out_dir: Path) -> Path:
                 if (side, run["seed"]) in seen:
                     raise ValueError(f"{side} seed {run['seed']} is in both {seen[side, run['seed']]} and {path}")
                 seen[side, run["seed"]] = path
-                runs[side].append({**run, "source": str(path), "threads": found["threads"], "cpu_model": cpu, "commit": commit})
+                runs[side].append({**run, "source": str(path), "threads": found["threads"], "cpu_model": cpu, "commit": commit,
+                                   "malloc": found.get("malloc", RECORDED_SETTINGS["malloc"])})  # fmt: skip
         sources.append({"file": str(path), "threads": found["threads"], "machine": found["machine"], "git": found["git"],
                         "runs": {side: [r["seed"] for r in found["runs"][side]] for side in sides},
                         "left_out": {side: [r["seed"] for r in found["runs"][side]] for side in SIDES if side not in sides}})  # fmt: skip
@@ -316,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", default=str(common.RESULTS_DIR / "tmp" / "cifar10-shuffled.npz"),
                    help="where the reference's shuffled data is written (git-ignored; never commit it)")  # fmt: skip
     p.add_argument("--threads", type=int, help="threads of each side (default: the cores available, or the resumed file's)")
+    p.add_argument("--malloc", choices=tuple(MALLOCS), help="glibc's malloc in each side's process: "
+                   + "; ".join(f"{k}: {v}" for k, v in MALLOCS.items()) + " (default: each-own, or the resumed file's)")  # fmt: skip
     p.add_argument("--jaxres-flag", action="append", help="an extra jaxres.train flag (repeatable; default: the resumed file's)")
     p.add_argument("--out", default=str(common.RESULTS_DIR))
     p.add_argument("--resume", help="a results file of an earlier run of this script: keep its runs, do the rest")
@@ -342,8 +359,8 @@ def main(argv=None) -> int:
         results = json.loads(path.read_text())
         if results.get("combined_from"):
             parser.error(f"{path} is a combined file (--combine); resume one of the files it names")
-        # a resumed comparison goes on as it began: the same threads, data and jaxres flags
-        for name, key in (("threads", "threads"), ("data", "data"), ("jaxres_flag", "jaxres_flags")):
+        # a resumed comparison goes on as it began: the same threads, data, jaxres flags and malloc
+        for name, key in (("threads", "threads"), ("data", "data"), ("jaxres_flag", "jaxres_flags"), ("malloc", "malloc")):
             recorded, given = results.get(key, RECORDED_SETTINGS[key]), getattr(args, name)
             if given is not None and given != recorded:
                 parser.error(f"{path} was measured with {key} {recorded!r}, not {given!r}; resume it as it began")
@@ -359,6 +376,7 @@ def main(argv=None) -> int:
         args.threads = common.available_cores() if args.threads is None else args.threads
         args.data = DEFAULT_DATA if args.data is None else args.data
         args.jaxres_flag = args.jaxres_flag or []
+        args.malloc = args.malloc or "each-own"
         for key, default in RUN_PLAN.items():
             setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -366,9 +384,10 @@ def main(argv=None) -> int:
         results = {
             "name": path.stem, "created": now.isoformat(timespec="seconds"), "machine": common.machine_record(),
             "packages": common.package_versions(), "git": common.git_commit(), "threads": args.threads,
-            "data": args.data, "jaxres_flags": args.jaxres_flag, "runs": {"jaxres": [], "reference": []},
+            "data": args.data, "jaxres_flags": args.jaxres_flag, "malloc": args.malloc, "runs": {"jaxres": [], "reference": []},
         }  # fmt: skip
     results.update({key: getattr(args, key) for key in RUN_PLAN})  # what this process runs: the next resume's plan
+    results["malloc"] = args.malloc
     scratch = Path(args.out) / "tmp" / results["name"]  # workdirs and the reference's JSON (git-ignored)
     scratch.mkdir(parents=True, exist_ok=True)
     npz = Path(args.npz)

@@ -187,12 +187,12 @@ def test_two_comparisons_started_in_the_same_second_get_a_file_each(tmp_path):
 
 def test_a_resumed_comparison_keeps_its_threads_data_and_flags(tmp_path, monkeypatch):
     used = []
-    monkeypatch.setattr(compare, "run_jaxres", lambda args, seed, out_dir: used.append((args.threads, args.data, args.jaxres_flag)) or finished_run(seed))
+    monkeypatch.setattr(compare, "run_jaxres", lambda args, seed, out_dir: used.append((args.threads, args.data, args.jaxres_flag, args.malloc)) or finished_run(seed))
     out = ["--out", str(tmp_path)]
-    assert compare.main(["--seeds", "0", "--threads", "1", "--data", "images", "--jaxres-flag=--epochs=2", *out]) == 0
+    assert compare.main(["--seeds", "0", "--threads", "1", "--data", "images", "--jaxres-flag=--epochs=2", "--malloc", "kept", *out]) == 0
     (path,) = tmp_path.glob("airbench94-cpu-*.json")
     assert compare.main(["--seeds", "0", "1", "--resume", str(path), *out]) == 0
-    assert used == [(1, "images", ["--epochs=2"])] * 2
+    assert used == [(1, "images", ["--epochs=2"], "kept")] * 2
     with pytest.raises(SystemExit):
         compare.main(["--seeds", "0", "1", "2", "--resume", str(path), "--threads", "2", *out])
     assert json.loads(path.read_text())["comparison"]["not_compared"] == "no reference runs (yet)"
@@ -274,3 +274,23 @@ def test_a_terminated_comparison_stops_its_run(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the run outlived the comparison")
+
+
+def test_malloc_is_set_alike_on_both_sides_unless_each_keeps_its_own(monkeypatch):
+    """--malloc: the environment both sides' processes get (threads aside)."""
+    from argparse import Namespace
+
+    from jaxres import runtime
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("JAXRES_MALLOC", raising=False)
+    environments = {malloc: compare.common_environment(Namespace(threads=1, malloc=malloc)) for malloc in compare.MALLOCS}
+    assert "GLIBC_TUNABLES" not in environments["each-own"] and "JAXRES_MALLOC" not in environments["each-own"]
+    assert environments["kept"]["GLIBC_TUNABLES"] == runtime.GLIBC_TUNABLES_KEEPING_FREED_MEMORY
+    assert environments["system"]["JAXRES_MALLOC"] == "system" and "GLIBC_TUNABLES" not in environments["system"]
+    # jaxres, told "kept" through the tunables, leaves malloc to them; told "system", leaves it alone
+    assert runtime.malloc_left_alone_because(environments["kept"]).startswith("the user's own malloc settings")
+    assert runtime.malloc_left_alone_because(environments["system"]) == "JAXRES_MALLOC=system"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.x86_ibt=off")  # a user's own tunables stay
+    kept = compare.common_environment(Namespace(threads=1, malloc="kept"))["GLIBC_TUNABLES"]
+    assert kept == "glibc.cpu.x86_ibt=off:" + runtime.GLIBC_TUNABLES_KEEPING_FREED_MEMORY
