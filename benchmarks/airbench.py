@@ -49,7 +49,7 @@ SIDES = ("jaxres", "reference")
 RECORDED_SETTINGS = {"threads": None, "data": None, "jaxres_flags": [], "malloc": "system"}
 # --malloc: how glibc's malloc is set in each side's process (files older than the setting: "system")
 MALLOCS = {
-    "each-own": "jaxres keeps freed memory (its default at import, jaxres/runtime.py); the reference has glibc's defaults, as published",
+    "each-own": "jaxres keeps freed memory (the train command's default, jaxres/runtime.py); the reference has glibc's defaults, as published",
     "kept": "both keep freed memory (the reference through GLIBC_TUNABLES, the same settings)",
     "system": "both with glibc's defaults (jaxres through JAXRES_MALLOC=system)",
 }

@@ -255,9 +255,9 @@ def machine_record() -> dict:
 
 def malloc_record() -> dict:
     """How glibc's malloc is set in the processes this one starts (they inherit its environment):
-    "jaxres": "kept" where importing jaxres sets it to keep freed memory (jaxres/runtime.py, the
-    benchmarks' PyTorch workers import jaxres too), else why not; "GLIBC_TUNABLES": the
-    environment's, for processes that do not import jaxres (the published airbench94)."""
+    "jaxres": "kept" where `python -m jaxres.train` sets it to keep freed memory
+    (jaxres/runtime.py; the workers of benchmarks.run, both sides, keep glibc's defaults), else
+    why not; "GLIBC_TUNABLES": the environment's, which every process reads when it starts."""
     from jaxres import runtime
 
     return {"jaxres": runtime.malloc_left_alone_because(os.environ) or "kept", "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}

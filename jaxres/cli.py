@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from jaxres import cam_meta, data, evaluate, gradcam, guided, lr_find, parallel, plots, rundir, train
+from jaxres import cam_meta, data, evaluate, gradcam, guided, lr_find, parallel, plots, rundir, runtime, train
 from jaxres import config as config_lib
 from jaxres.config import TTA_MODES, TrainConfig
 from jaxres.errors import JaxresError, command_line, figure_output_path
@@ -199,6 +199,8 @@ def find_peak_lr(config: TrainConfig, dataset, log: Callable[[str], None] = prin
 @command_line
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m jaxres.train`: 0 when the run finished, 2 on an error, 130 when interrupted."""
+    # before any JAX computation starts XLA's threads: a training process keeps freed memory
+    runtime.malloc_setting = runtime.keep_freed_memory()
     args = train_parser().parse_args(argv)
     workdir = args.workdir or TrainConfig.workdir  # until the config (a preset's workdir, say) is known
     try:

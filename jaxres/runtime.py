@@ -16,14 +16,17 @@
    compiling them again (the train step takes seconds to compile on a CPU: README.md's
    Results, the compile table).
 
-3. glibc's malloc keeps the memory the process frees for its next allocations (on Linux
-   with glibc: one arena, no mmap, no trimming, set with `mallopt`). XLA:CPU allocates each
+3. The train command (`python -m jaxres.train`, not the import) has glibc's malloc keep the
+   memory the process frees for its next allocations (on Linux with glibc: one arena, no
+   mmap, no trimming, set with `mallopt`, `keep_freed_memory`). XLA:CPU allocates each
    call's temporaries as one block (463 MiB for airbench94's train step at batch 256) and
    frees it at the end; glibc hands a block that large back to the kernel (munmap) and the
    next call faults every page in again, zero-filled by the kernel: 118,000 page faults and
    about 10 % of the step's CPU time in the kernel. Kept, the next step reuses the pages.
-   The process's resident memory then stays at its peak instead of shrinking between calls.
-   The PyTorch side of the benchmarks imports jaxres too, so it runs with the same setting.
+   The process's resident memory then stays at its peak instead of shrinking between calls,
+   and compiling is slower (airbench94's step at batch 256: 3.2 -> 4.6-5.1 s, single runs on
+   a 2-core AMD EPYC): worth it in a training process, whose steps dominate, not at import,
+   where notebooks and Grad-CAM mostly compile.
 
 A user's own setting always wins: an ``XLA_FLAGS`` that already names either option, or a
 ``JAX_COMPILATION_CACHE_DIR`` (or ``jax.config``'s ``jax_compilation_cache_dir``) already
@@ -78,8 +81,8 @@ GLIBC_MALLOC_VARIABLES = (
     "MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_TOP_PAD_",
 )  # fmt: skip
-# what apply_defaults did about malloc in this process: "kept" or why it left malloc alone
-malloc_setting = "not yet decided (jaxres.runtime.apply_defaults has not run)"
+# what this process did about malloc: "kept" (the train command) or why it left malloc alone
+malloc_setting = "glibc's defaults (only the train command keeps freed memory)"
 
 
 def cache_root(environ: MutableMapping[str, str] = os.environ) -> pathlib.Path:
@@ -178,9 +181,6 @@ def apply_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
     jax = sys.modules.get("jax") if environ is os.environ else None  # jax read its environment already
     if jax is not None and inherited is not None and jax.config.jax_compilation_cache_dir == inherited:
         jax.config.update("jax_compilation_cache_dir", None)
-    if environ is os.environ:  # malloc's setting is the process's: only for its own environment
-        global malloc_setting
-        malloc_setting = keep_freed_memory(environ)
     if not defaults_enabled(environ):
         return
     environ["XLA_FLAGS"] = with_cpu_flags(environ.get("XLA_FLAGS", ""))

@@ -1,6 +1,6 @@
-"""The XLA/JAX/malloc defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions and the
-new fusion emitters off on CPU, the persistent compilation cache on, glibc's malloc keeping freed
-memory; a user's own setting wins; JAXRES_XLA_DEFAULTS=0 turns them all off."""
+"""The XLA/JAX defaults jaxres sets at import (jaxres/runtime.py): YNNPACK fusions and the new
+fusion emitters off on CPU, the persistent compilation cache on; and glibc's malloc keeping freed
+memory in the train command; a user's own setting wins; JAXRES_XLA_DEFAULTS=0 turns them all off."""
 
 import json
 import os
@@ -100,8 +100,10 @@ def test_a_child_of_a_jaxres_process_decides_its_cache_by_its_own_settings(tmp_p
 # of the second allocation (numpy's MADV_HUGEPAGE off, so that the count is in 4 KiB pages
 # wherever the kernel's transparent huge pages are "madvise"; with "always" it is in 2 MiB ones).
 PAGE_FAULTS = (
-    "import json, resource, numpy as np, jaxres\n"
+    "import json, os, resource, numpy as np, jaxres\n"
     "from jaxres import runtime\n"
+    "if os.environ.get('AS_THE_TRAIN_COMMAND'):\n"
+    "    runtime.malloc_setting = runtime.keep_freed_memory()\n"
     "getattr(np._core.multiarray, '_set_madvise_hugepage', lambda on: None)(False)\n"
     "def faults():\n"
     "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -115,11 +117,24 @@ PAGE_FAULTS = (
 
 @pytest.mark.skipif(runtime.malloc_left_alone_because({}) == "not glibc's malloc", reason="malloc is not glibc's here")
 def test_freed_memory_is_reused_without_page_faults_unless_the_user_says_system(tmp_path):
-    kept = after_import(tmp_path, PAGE_FAULTS)
-    system = after_import(tmp_path, PAGE_FAULTS, JAXRES_MALLOC="system")
+    kept = after_import(tmp_path, PAGE_FAULTS, AS_THE_TRAIN_COMMAND="1")
+    system = after_import(tmp_path, PAGE_FAULTS, AS_THE_TRAIN_COMMAND="1", JAXRES_MALLOC="system")
+    imported = after_import(tmp_path, PAGE_FAULTS)  # importing jaxres alone leaves malloc as it is
     assert kept["setting"] == "kept" and system["setting"] == "JAXRES_MALLOC=system"
-    assert system["faults"] >= 32  # the block comes back from the kernel: at least one fault per 2 MiB
-    assert kept["faults"] < system["faults"] / 4  # the heap's pages, reused
+    assert imported["setting"].startswith("glibc's defaults")
+    for other in (system, imported):
+        assert other["faults"] >= 32  # the block comes back from the kernel: at least one fault per 2 MiB
+        assert kept["faults"] < other["faults"] / 4  # the heap's pages, reused
+
+
+def test_the_train_command_keeps_freed_memory_before_anything_else(monkeypatch):
+    from jaxres import cli
+
+    monkeypatch.setattr(runtime, "malloc_setting", runtime.malloc_setting)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: "kept (fake)")
+    with pytest.raises(SystemExit):
+        cli.train_main(["--help"])
+    assert runtime.malloc_setting == "kept (fake)"
 
 
 def test_the_glibc_tunables_say_what_mallopt_sets():
