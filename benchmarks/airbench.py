@@ -16,8 +16,8 @@ the test split as stored.
 
 Runs alternate between the two sides, seed by seed, one process at a time with the same
 thread count. The results file is written before the first run and after each one; `--resume FILE`
-runs FILE's planned seeds with its settings, skips the runs it holds and continues an interrupted jaxres run from its checkpoint, so a
-comparison longer than a session goes on in the next. On a machine of few cores, the seeds can
+runs FILE's planned seeds with its settings, skips the runs it holds and continues an interrupted
+jaxres run from its checkpoint, so a comparison longer than a session goes on in the next. On a machine of few cores, the seeds can
 also run side by side, one per core (`taskset -c K python -m benchmarks.airbench --seeds S
 --threads 1`), and `--combine FILE ...` makes one comparison of the files. Reported per side: final accuracy
 with and without TTA (level 2), the time airbench itself counts (whitening, the training
@@ -384,10 +384,10 @@ def main(argv=None) -> int:
         results = {
             "name": path.stem, "created": now.isoformat(timespec="seconds"), "machine": common.machine_record(),
             "packages": common.package_versions(), "git": common.git_commit(), "threads": args.threads,
-            "data": args.data, "jaxres_flags": args.jaxres_flag, "malloc": args.malloc, "runs": {"jaxres": [], "reference": []},
+            "data": args.data, "jaxres_flags": args.jaxres_flag, "runs": {side: [] for side in SIDES},
         }  # fmt: skip
-    results.update({key: getattr(args, key) for key in RUN_PLAN})  # what this process runs: the next resume's plan
-    results["malloc"] = args.malloc
+    # what this process runs, new or resumed: the next resume's plan and malloc
+    results.update({key: getattr(args, key) for key in (*RUN_PLAN, "malloc")})
     scratch = Path(args.out) / "tmp" / results["name"]  # workdirs and the reference's JSON (git-ignored)
     scratch.mkdir(parents=True, exist_ok=True)
     npz = Path(args.npz)

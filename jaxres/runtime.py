@@ -1,4 +1,5 @@
-"""The XLA, JAX and malloc settings jaxres makes by default, applied once when `jaxres` is imported.
+"""The settings jaxres makes by default: XLA's and JAX's once when `jaxres` is imported (1, 2),
+glibc malloc's when the train command starts (3).
 
 1. XLA:CPU's experimental YNNPACK fusions are switched off
    (``--xla_cpu_experimental_ynn_fusion_type=`` added to ``XLA_FLAGS``). With them this
