@@ -1,10 +1,11 @@
-"""oneDNN's convolutions (`jaxres.onednn`, the conv_backend "onednn") against XLA's own, in
-one process: `python -m benchmarks.onednn_conv`.
+"""oneDNN's convolutions (`jaxres.onednn`, the conv_backend "onednn") and Winograd's
+(`jaxres.winograd`, the conv_algorithm "winograd") against XLA's own, in one process:
+`python -m benchmarks.onednn_conv`.
 
 1. times forward, input gradient and weight gradient of every convolution shape of the
-   custom ResNet or airbench94 (`--model`, `--width`, `--batch`), XLA against oneDNN (medians; oneDNN's own kernels,
-   also for the wide layers jaxres leaves to XLA), with their relative
-   difference and oneDNN's kernel names;
+   custom ResNet or airbench94 (`--model`, `--width`, `--batch`), XLA against oneDNN and
+   Winograd's F(4x4, 3x3) (medians; oneDNN's own kernels, also for the wide layers jaxres
+   leaves to XLA), with their relative differences from XLA's and oneDNN's kernel names;
 2. times the jitted train epoch (`jaxres.train.make_train_epoch`) in the `STEP_VARIANTS`
    (XLA's or oneDNN's convolutions, host loop or scan), alternating calls, and reports the
    median of the pairwise speedups over XLA's host loop.
@@ -26,7 +27,7 @@ import time
 import numpy as np
 
 from benchmarks import common
-from jaxres import onednn
+from jaxres import onednn, winograd
 
 
 # The train-epoch variants compared, (conv_backend, epoch_loop): XLA's convolutions (a host
@@ -95,6 +96,11 @@ def measure_layers(width: float, batch: int, repeats: int, model: str = "custom_
                 "input_grad": jax.jit(lambda x, k, g: library.input_gradient(g, k)),
                 "weight_grad": jax.jit(lambda x, k, g: library.weight_gradient(x, g)),
             },
+            "winograd": {  # F(4x4, 3x3); its input gradient is the same algorithm again
+                "forward": jax.jit(winograd.conv3x3),
+                "input_grad": jax.jit(lambda x, k, g: jax.vjp(lambda x: winograd.conv3x3(x, k), x)[1](g)[0]),
+                "weight_grad": jax.jit(lambda x, k, g: jax.vjp(lambda k: winograd.conv3x3(x, k), k)[1](g)[0]),
+            },
         }
         for name, ops in implementations.items():
             args = {"forward": (x, k), "input_grad": (x, k, g), "weight_grad": (x, k, g)}
@@ -102,9 +108,11 @@ def measure_layers(width: float, batch: int, repeats: int, model: str = "custom_
             row["ms"][name] = {
                 op: _median_ms(lambda f=f, a=args[op]: jax.block_until_ready(f(*a)), repeats) for op, f in ops.items()
             }
-        for op in outputs["xla"]:
-            a, b = np.asarray(outputs["xla"][op], np.float64), np.asarray(outputs["onednn"][op], np.float64)
-            row["relative_difference"][op] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+        for name in ("onednn", "winograd"):  # max |difference from XLA's| / max |XLA's|
+            row["relative_difference"][name] = {}
+            for op in outputs["xla"]:
+                a, b = np.asarray(outputs["xla"][op], np.float64), np.asarray(outputs[name][op], np.float64)
+                row["relative_difference"][name][op] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
         row["onednn_kernels"] = library.implementations(n, h, w, ci, co)
         rows.append(row)
     return rows
@@ -153,21 +161,24 @@ def measure_step(width: float, batch: int, steps: int, calls: int) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"oneDNN vs XLA convolutions, {result.get('model', 'custom_resnet')}, width {result['width']:g}, batch {result['batch']}, {result['machine']['cpu_model']}, "
+        f"oneDNN and Winograd vs XLA convolutions, {result.get('model', 'custom_resnet')}, width {result['width']:g}, batch {result['batch']}, {result['machine']['cpu_model']}, "
         f"{result['threads']} threads",
         "",
-        "| shape (N,H,W,in,out) | x | XLA fwd / in-grad / w-grad ms | oneDNN fwd / in-grad / w-grad ms | rel. difference | oneDNN kernels |",
-        "|---|---|---|---|---|---|",
+        "| shape (N,H,W,in,out) | x | XLA fwd / in-grad / w-grad ms | oneDNN fwd / in-grad / w-grad ms "
+        "| Winograd fwd / in-grad / w-grad ms | rel. difference oneDNN; Winograd | oneDNN kernels |",
+        "|---|---|---|---|---|---|---|",
     ]
+    names = [name for name in ("xla", "onednn", "winograd") if name in result["layers"][0]["ms"]]
     for row in result["layers"]:
-        ms = row["ms"]
+        ms, differences = row["ms"], row["relative_difference"]
         lines.append(
-            f"| {tuple(row['shape'])} | {row['count']} | " + " / ".join(f"{v:.2f}" for v in ms["xla"].values()) + " | "
-            + " / ".join(f"{v:.2f}" for v in ms["onednn"].values()) + " | "
-            + " / ".join(f"{v:.0e}" for v in row["relative_difference"].values()) + f" | {row['onednn_kernels']} |"
+            f"| {tuple(row['shape'])} | {row['count']} | "
+            + " | ".join(" / ".join(f"{v:.2f}" for v in ms[name].values()) for name in names) + " | "
+            + "; ".join(" / ".join(f"{v:.0e}" for v in differences[name].values()) for name in names[1:])
+            + f" | {row['onednn_kernels']} |"
         )
-    total = {name: sum(row["count"] * sum(row["ms"][name].values()) for row in result["layers"]) for name in ("xla", "onednn")}
-    lines.append(f"| all convolutions of one step | | {total['xla']:.1f} | {total['onednn']:.1f} | | |")
+    total = {name: sum(row["count"] * sum(row["ms"][name].values()) for row in result["layers"]) for name in names}
+    lines.append("| all convolutions of one step | | " + " | ".join(f"{total[name]:.1f}" for name in names) + " | | |")
     limit = result.get("max_channel_product")
     lines.append("\nconv_backend onednn takes " + ("every one of them (AVX-512 kernels)" if limit is None else
                  f"those of at most {limit} channels in x out (AVX2 kernels), XLA the others"))

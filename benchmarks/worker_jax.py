@@ -64,7 +64,7 @@ def device_memory() -> dict:
 def describe_common(config: TrainConfig, epoch_loop: str | None = None) -> dict:
     """What every jax row records; epoch_loop: the loop an epoch or evaluation ran in (its
     `loops.EpochProgram.loop`), by default what `config.epoch_loop` resolves to untraced."""
-    backend = backends.resolve(config.conv_backend)
+    backend = backends.for_config(config)
     record = {
         "device_name": str(jax.local_devices()[0].device_kind),
         "precision": config.precision,

@@ -3,7 +3,8 @@
 `TrainConfig.conv_backend` is a choice ("auto", "xla", "onednn"); `resolve` turns it into a
 `ConvBackend`, whose `conv` is the flax convolution factory the models take
 (`models.create_model(..., conv=backend.conv)`), and `model_from_config` builds a run's model
-with it. The choice is made here rather than in jaxres.models because making it may build
+with it. `TrainConfig.conv_algorithm` "winograd" puts Winograd's 3x3 convolutions
+(`jaxres.winograd`) over it (`with_algorithm`); `for_config` does both. The choice is made here rather than in jaxres.models because making it may build
 oneDNN's library (g++), reads the devices and may print why oneDNN could not be had: the
 models stay plain modules, and building one has no side effects.
 """
@@ -18,8 +19,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from jaxres import models, onednn, precision
-from jaxres.config import CONV_BACKENDS, check_choice
+from jaxres import models, onednn, precision, winograd
+from jaxres.config import CONV_ALGORITHMS, CONV_BACKENDS, check_choice
 from jaxres.errors import JaxresError
 from jaxres.models import ModuleDef
 
@@ -37,8 +38,9 @@ def conv_factory(conv_general_dilated: Callable) -> ModuleDef:
 
 @dataclasses.dataclass(frozen=True)
 class ConvBackend:
-    """A resolved convolution backend: its `name` ("xla" or "onednn", what a run records) and
-    the `conv_general_dilated` that computes its convolutions."""
+    """A resolved convolution backend: its `name` ("xla" or "onednn", with "+winograd" under
+    `with_algorithm`: what a run records) and the `conv_general_dilated` that computes its
+    convolutions."""
 
     name: str
     conv_general_dilated: Callable
@@ -87,11 +89,27 @@ def resolve(choice: str, library: onednn.Onednn | None = None) -> ConvBackend:
     return XLA
 
 
+def with_algorithm(backend: ConvBackend, algorithm: str) -> ConvBackend:
+    """`backend` computing its convolutions by `algorithm` (one of `CONV_ALGORITHMS`): "direct"
+    is `backend` itself; "winograd" takes the float32 3x3 stride-1 convolutions
+    (`winograd.handles`) by Winograd's F(4x4, 3x3) and leaves the rest to `backend`."""
+    check_choice("conv_algorithm", algorithm, CONV_ALGORITHMS)
+    if algorithm == "direct":
+        return backend
+    return ConvBackend(f"{backend.name}+winograd", winograd.conv_general_dilated_with(backend.conv_general_dilated))
+
+
+def for_config(config, library: onednn.Onednn | None = None) -> ConvBackend:
+    """The backend a run's config names: `resolve(config.conv_backend)` by
+    `config.conv_algorithm` (`with_algorithm`)."""
+    return with_algorithm(resolve(config.conv_backend, library), config.conv_algorithm)
+
+
 def model_from_config(config, num_classes: int, backend: ConvBackend | None = None) -> nn.Module:
     """The model a run's `jaxres.config.TrainConfig` describes (model, width, norm, the compute
     dtype of its precision), with `num_classes` outputs, computing its convolutions with
-    `backend` (by default `resolve(config.conv_backend)`)."""
-    backend = resolve(config.conv_backend) if backend is None else backend
+    `backend` (by default `for_config(config)`)."""
+    backend = for_config(config) if backend is None else backend
     return models.create_model(
         config.model,
         num_classes=num_classes,

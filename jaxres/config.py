@@ -39,6 +39,7 @@ from jaxres.errors import JaxresError
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
 CONV_BACKENDS = ("auto", "xla", "onednn")
+CONV_ALGORITHMS = ("direct", "winograd")
 TTA_MODES = ("none", "flip", "flip_translate", "flip_translate_reflect")
 CROP_PADDING_MODES = ("zeros", "reflect")
 MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
@@ -184,6 +185,13 @@ class TrainConfig:
         "auto",
         "who computes the 3x3 float32 (and, on CPUs with bf16 instructions, bf16) convolutions: `xla`, `onednn` (oneDNN through JAX's FFI, CPU, one "
         "device) or `auto` (onednn on a one-device CPU when it builds, else xla; see jaxres/onednn.py)",
+        run_option=True,
+    )
+    conv_algorithm: str = knob(
+        "direct",
+        "how the 3x3 float32 convolutions (stride 1, padding 1) are computed: `direct` (by the "
+        "conv_backend) or `winograd` (Winograd's F(4x4, 3x3) in XLA: 4x fewer multiplications, "
+        "faster on CPUs; the others still by the conv_backend; see jaxres/winograd.py)",
         run_option=True,
     )
     seed: int = knob(0, "random seed (same seed, same result on CPU)")
@@ -388,6 +396,7 @@ def validate(config: TrainConfig) -> None:
         ("precision", config.precision, PRECISIONS),
         ("epoch_loop", config.epoch_loop, EPOCH_LOOPS),
         ("conv_backend", config.conv_backend, CONV_BACKENDS),
+        ("conv_algorithm", config.conv_algorithm, CONV_ALGORITHMS),
         ("model", config.model, MODEL_NAMES),
         ("norm", config.norm, NORMS),
         ("mix", config.mix, MIX_METHODS),

@@ -278,7 +278,7 @@ class RunSetup:
     """What `train_epochs` needs, built once per run by `prepare_run` (arrays on the mesh)."""
 
     config: TrainConfig
-    backend: backends.ConvBackend  # `config.conv_backend` resolved (`backends.resolve`)
+    backend: backends.ConvBackend  # `config.conv_backend` and `conv_algorithm` resolved (`backends.for_config`)
     model: Any  # built with that backend's convolutions
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
@@ -317,7 +317,7 @@ def prepare_run(config: TrainConfig, dataset: data.Dataset, mesh: Mesh | None = 
     if steps_per_epoch == 0:
         raise JaxresError(f"the training set has {len(train_indices)} images, fewer than one batch of {config.batch_size}")
     optimizer, schedule = optim.make_optimizer(config, steps_per_epoch)
-    backend = backends.resolve(config.conv_backend)  # once, before any model is built
+    backend = backends.for_config(config)  # once, before any model is built
     model = backends.model_from_config(config, len(dataset.class_names), backend)
     models.check_image_size(model, dataset.train.images.shape[1:])
     loop = loops.choose_loop(config.epoch_loop, model, dataset.train.images.shape[1:])
