@@ -89,11 +89,15 @@ def resolve(choice: str, library: onednn.Onednn | None = None) -> ConvBackend:
     return XLA
 
 
-def with_algorithm(backend: ConvBackend, algorithm: str) -> ConvBackend:
+def with_algorithm(backend: ConvBackend, algorithm: str, platform: str | None = None) -> ConvBackend:
     """`backend` computing its convolutions by `algorithm` (one of `CONV_ALGORITHMS`): "direct"
     is `backend` itself; "winograd" takes the float32 3x3 stride-1 convolutions
-    (`winograd.handles`) by Winograd's F(4x4, 3x3) and leaves the rest to `backend`."""
+    (`winograd.handles`) by Winograd's F(4x4, 3x3) and leaves the rest to `backend`; "auto"
+    is "winograd" on the CPU and "direct" elsewhere (`platform`, by default JAX's: a GPU's
+    cuDNN picks its own algorithms, Winograd's among them)."""
     check_choice("conv_algorithm", algorithm, CONV_ALGORITHMS)
+    if algorithm == "auto":
+        algorithm = "winograd" if (platform or jax.default_backend()) == "cpu" else "direct"
     if algorithm == "direct":
         return backend
     return ConvBackend(f"{backend.name}+winograd", winograd.conv_general_dilated_with(backend.conv_general_dilated))

@@ -39,7 +39,7 @@ from jaxres.errors import JaxresError
 PRECISIONS = ("fp32", "bf16", "fp16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
 CONV_BACKENDS = ("auto", "xla", "onednn")
-CONV_ALGORITHMS = ("direct", "winograd")
+CONV_ALGORITHMS = ("direct", "winograd", "auto")
 TTA_MODES = ("none", "flip", "flip_translate", "flip_translate_reflect")
 CROP_PADDING_MODES = ("zeros", "reflect")
 MIX_METHODS = ("none", "ricap", "mixup", "cutmix")
@@ -190,8 +190,9 @@ class TrainConfig:
     conv_algorithm: str = knob(
         "direct",
         "how the 3x3 float32 convolutions (stride 1, padding 1) are computed: `direct` (by the "
-        "conv_backend) or `winograd` (Winograd's F(4x4, 3x3) in XLA: 4x fewer multiplications, "
-        "faster on CPUs; the others still by the conv_backend; see jaxres/winograd.py)",
+        "conv_backend), `winograd` (Winograd's F(4x4, 3x3) in XLA: 4x fewer multiplications, "
+        "faster on CPUs; the others still by the conv_backend; see jaxres/winograd.py) or `auto` "
+        "(winograd on a CPU, direct elsewhere)",
         run_option=True,
     )
     seed: int = knob(0, "random seed (same seed, same result on CPU)")

@@ -64,7 +64,7 @@ def test_quick_preset_is_the_quick_start_and_flags_override_it():
 
 def test_run_options_are_where_and_how_not_what():
     assert RUN_OPTIONS == {
-        "data", "cache_dir", "workdir", "epoch_loop", "conv_backend", "eval_batch_size", "misclassified_to_plot"
+        "data", "cache_dir", "workdir", "epoch_loop", "conv_backend", "conv_algorithm", "eval_batch_size", "misclassified_to_plot"
     }
     config = TrainConfig()
     assert config.recipe_differences(dataclasses.replace(config, data="elsewhere", epoch_loop="scan")) == []

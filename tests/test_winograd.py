@@ -129,6 +129,8 @@ def test_it_takes_the_float32_3x3_stride_1_convolutions_and_leaves_the_rest():
 def test_the_config_names_the_algorithm_and_refuses_an_unknown_one():
     assert backends.with_algorithm(backends.XLA, "direct") is backends.XLA
     assert backends.with_algorithm(backends.XLA, "winograd").name == "xla+winograd"
+    assert backends.with_algorithm(backends.XLA, "auto", platform="cpu").name == "xla+winograd"
+    assert backends.with_algorithm(backends.XLA, "auto", platform="gpu") is backends.XLA
     config = config_lib.TrainConfig(conv_backend="xla", conv_algorithm="winograd")
     assert backends.for_config(config).name == "xla+winograd"
     with pytest.raises(JaxresError, match="conv_algorithm 'fft'"):
