@@ -175,7 +175,7 @@ def markdown(result: dict) -> str:
             f"| {tuple(row['shape'])} | {row['count']} | "
             + " | ".join(" / ".join(f"{v:.2f}" for v in ms[name].values()) for name in names) + " | "
             + "; ".join(" / ".join(f"{v:.0e}" for v in differences[name].values()) for name in names[1:])
-            + f" | {row['onednn_kernels']} |"
+            + f" | {str(row['onednn_kernels']).replace(' | ', ', ')} |"  # its names are joined by ' | '
         )
     total = {name: sum(row["count"] * sum(row["ms"][name].values()) for row in result["layers"]) for name in names}
     lines.append("| all convolutions of one step | | " + " | ".join(f"{total[name]:.1f}" for name in names) + " | | |")

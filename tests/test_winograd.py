@@ -160,3 +160,26 @@ def test_airbench94_with_winograd_matches_the_direct_model_and_scans():
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads_fast), jax.tree.leaves(grads_fast), jax.tree.leaves(grads_direct)):
         scale = float(jnp.abs(b).max())
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-3 * scale + 1e-7, jax.tree_util.keystr(path[0])
+
+
+def test_a_second_derivative_is_winograd_s_too_and_within_the_composed_bound():
+    """conv3x3's backward pass is differentiable again: the Hessian-vector product of
+    f(x) = |conv(x, w)|^2 / 2 along v is conv^T(conv(v, w)), two convolutions in a row, each
+    within its bound; the first one's error then passes through the second at most as
+    absolute_winograd(first bound, |w^T|)."""
+    rng = np.random.default_rng(2)
+    x, v = (rng.standard_normal((2, 7, 9, 4)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+
+    def gradient(x):
+        return jax.grad(lambda x: 0.5 * jnp.sum(winograd.conv3x3(x, jnp.asarray(w)) ** 2))(x)
+
+    hvp = jax.grad(lambda x: jnp.vdot(gradient(x), jnp.asarray(v)))(jnp.asarray(x))  # H v: H is symmetric
+    v64, w64 = v.astype(np.float64), w.astype(np.float64)
+    flipped = w64[::-1, ::-1].transpose(0, 1, 3, 2)
+    inner = conv_reference(v64, w64)
+    inner_bound = gamma(FORWARD_CHAIN + 4) * absolute_winograd(v64, w64)
+    exact = conv_reference(inner, flipped)
+    bound = gamma(FORWARD_CHAIN + 6) * absolute_winograd(np.abs(inner) + inner_bound, flipped) + absolute_winograd(inner_bound, flipped)
+    assert np.all(np.abs(np.asarray(hvp, np.float64) - exact) <= bound)
+    assert not np.all(np.abs(np.asarray(hvp, np.float64) - conv_reference(inner, np.roll(flipped, 1, axis=1))) <= bound)
