@@ -207,7 +207,8 @@ def combine(paths: list, out_dir: Path) -> Path:
             raise ValueError(f"{path} is itself a combined file: combine the files it names instead")
         if not any(found["runs"][side] for side in sides):
             raise ValueError(f"{path} holds no finished {' or '.join(sides)} run yet")
-        for key in ("data", "jaxres_flags"):  # what the runs measured must be the same
+        # what the runs measured must be the same: the data, and jaxres's flags where the file gives jaxres runs
+        for key in ("data", "jaxres_flags") if "jaxres" in sides else ("data",):
             value = found.get(key, RECORDED_SETTINGS[key])
             first = settings.setdefault(key, (value, path))
             if first[0] != value:
@@ -227,7 +228,7 @@ def combine(paths: list, out_dir: Path) -> Path:
         runs[side].sort(key=lambda r: r["seed"])
     path = new_results_path(Path(out_dir), f"airbench94-combined-{now.strftime('%Y%m%dT%H%M%SZ')}")
     results = {"name": path.stem, "created": now.isoformat(timespec="seconds"), "combined_from": sources,
-               "data": settings["data"][0], "jaxres_flags": settings["jaxres_flags"][0], "runs": runs}  # fmt: skip
+               "data": settings["data"][0], "jaxres_flags": settings.get("jaxres_flags", ([],))[0], "runs": runs}  # fmt: skip
     write(results, path)
     return path
 

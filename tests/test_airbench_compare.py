@@ -174,6 +174,11 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     (tmp_path / "flagged.json").write_text(json.dumps(flagged))
     with pytest.raises(ValueError, match="jaxres_flags"):
         compare.combine([core0, tmp_path / "flagged.json"], tmp_path / "mixed")
+    # a file that gives only its reference runs brings no jaxres flags to compare: jaxres runs
+    # with other flags (e.g. --conv-algorithm=winograd) beside the reference of an older file
+    (tmp_path / "flagged-earlier.json").write_text(json.dumps(json.loads(earlier.read_text()) | {"jaxres_flags": ["--epochs", "2"]}))
+    beside = json.loads(compare.combine([core0, f"{tmp_path / 'flagged-earlier.json'}:reference"], tmp_path / "beside").read_text())
+    assert beside["jaxres_flags"] == [] and len(beside["runs"]["reference"]) == 2
     (tmp_path / "unfinished.json").write_text(json.dumps(flagged | {"runs": {"jaxres": [], "reference": []}}))
     with pytest.raises(ValueError, match="no finished jaxres or reference run"):
         compare.combine([tmp_path / "unfinished.json"], tmp_path / "empty")
