@@ -196,6 +196,21 @@ def build(include: pathlib.Path, lib: pathlib.Path, folder: pathlib.Path | None 
     return target
 
 
+def is_conv3x3_call(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                    feature_group_count=1, batch_group_count=1, **_) -> bool:
+    """Whether a `lax.conv_general_dilated` call (as flax's nn.Conv makes it) is the convolution
+    every jaxres `conv3x3` computes: NHWC x HWIO, a 3x3 kernel, stride 1, padding 1, no
+    dilation or groups (oneDNN's here, Winograd's in `jaxres.winograd`; each adds its dtypes)."""
+    specs = (getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None))
+    return (
+        not isinstance(padding, str)
+        and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
+        and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+        and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and feature_group_count == 1 and batch_group_count == 1
+    )  # fmt: skip
+
+
 class Onednn:
     """oneDNN's 3x3 convolutions in this process, and everything jaxres keeps about them.
 
@@ -284,18 +299,13 @@ class Onednn:
         dtype = jnp.dtype(dtype)
         return dtype == jnp.float32 or (dtype == jnp.bfloat16 and self.native_bf16)
 
-    def handles(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                feature_group_count=1, batch_group_count=1, **_) -> bool:
-        """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes it)."""
-        specs = (getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None))
+    def handles(self, lhs, rhs, window_strides, padding, *args, **kwargs) -> bool:
+        """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv makes
+        it): a `is_conv3x3_call` in a dtype and of channels this CPU's oneDNN takes."""
         return (
-            not isinstance(padding, str)
-            and specs == ((0, 3, 1, 2), (3, 2, 0, 1)) and rhs.shape[:2] == (3, 3)
+            is_conv3x3_call(lhs, rhs, window_strides, padding, *args, **kwargs)
             and lhs.dtype == rhs.dtype and self.takes_dtype(lhs.dtype)
             and self.within_channel_limit(rhs.shape[2], rhs.shape[3])
-            and tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-            and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
-            and feature_group_count == 1 and batch_group_count == 1
         )
 
     def conv_general_dilated(self, lhs, rhs, window_strides, padding, *args, **kwargs):

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxres import onednn
+
 OUTPUT_TILE = 4  # m in F(m x m, 3 x 3)
 INPUT_TILE = OUTPUT_TILE + 2  # each 4x4 output block reads a 6x6 input block
 
@@ -80,23 +82,14 @@ OUTPUT_TRANSFORM = np.array(
 )
 
 
-def handles(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-            feature_group_count=1, batch_group_count=1, **_) -> bool:  # fmt: skip
+def handles(lhs, rhs, window_strides, padding, *args, **kwargs) -> bool:
     """Whether `conv3x3` computes this `lax.conv_general_dilated` call (as flax's nn.Conv
-    makes it): float32 NHWC x HWIO 3x3 kernels, stride 1, padding 1, no dilation or groups."""
-    specs = (getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None))
+    makes it): a 3x3 stride-1 padding-1 convolution (`onednn.is_conv3x3_call`) of float32
+    operands."""
     return (
-        not isinstance(padding, str)
-        and specs == ((0, 3, 1, 2), (3, 2, 0, 1))
-        and rhs.shape[:2] == (3, 3)
+        onednn.is_conv3x3_call(lhs, rhs, window_strides, padding, *args, **kwargs)
         and jnp.dtype(lhs.dtype) == jnp.float32
         and jnp.dtype(rhs.dtype) == jnp.float32
-        and tuple(window_strides) == (1, 1)
-        and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-        and tuple(lhs_dilation or (1, 1)) == (1, 1)
-        and tuple(rhs_dilation or (1, 1)) == (1, 1)
-        and feature_group_count == 1
-        and batch_group_count == 1
     )
 
 
