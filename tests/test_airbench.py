@@ -243,10 +243,10 @@ def test_still_groups_take_no_gradient_and_the_updates_stay_the_same():
     A run whose steps stop those gradients makes the same parameters as one that does not,
     and its traced step has no backward pass for them: the kernel's patch product goes, and
     after the freeze block1.conv1's input gradient too (XLA convolutions, so the counts are
-    the jaxpr's on every CPU)."""
+    the jaxpr's on every CPU; direct ones, whose gradients autodiff writes, not Winograd's)."""
     import functools
 
-    config = small_airbench(whiten_bias_epochs=1, conv_backend="xla")
+    config = small_airbench(whiten_bias_epochs=1, conv_backend="xla", conv_algorithm="direct")
     assert optim.still_groups(TrainConfig(), 5) == frozenset()
     assert optim.still_groups(config, 0) == {"frozen"}
     assert optim.still_groups(config, 1) == optim.still_groups(config, 7) == {"frozen", "whiten_bias"}
