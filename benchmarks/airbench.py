@@ -187,7 +187,7 @@ def split_side(argument: str) -> tuple[Path, tuple[str, ...]]:
     return Path(argument), SIDES
 
 
-def combine(paths: list, out_dir: Path) -> Path:
+def combine(paths: list, out_dir: Path, ignored_flags: tuple = ()) -> Path:
     """One results file from several of this script's: seeds measured in other sessions, or
     side by side on separate cores (`taskset -c K python -m benchmarks.airbench --seeds S
     --threads 1`, one per core). `FILE:jaxres` or `FILE:reference` takes one side's runs of a
@@ -196,7 +196,10 @@ def combine(paths: list, out_dir: Path) -> Path:
     accuracies are compared over all runs; the times only when all come from one file (one
     session, the sides alternating on the same threads): a CPU's model name does not say
     which vector extensions it has, nor a file what else shared the machine. A side's seed in
-    two files is an error (which one counts?)."""
+    two files is an error (which one counts?). A jaxres flag in `ignored_flags` is left out
+    when the files' flags are compared: one that some files give and the others' commit does
+    by default (e.g. `--conv-algorithm=winograd`, the airbench94 preset's own choice on a CPU
+    since its `conv_algorithm` became `auto`); each jaxres run keeps its file's flags."""
     now = datetime.datetime.now(datetime.timezone.utc)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     sources, seen, settings = [], {}, {}
@@ -210,6 +213,8 @@ def combine(paths: list, out_dir: Path) -> Path:
         # what the runs measured must be the same: the data, and jaxres's flags where the file gives jaxres runs
         for key in ("data", "jaxres_flags") if "jaxres" in sides else ("data",):
             value = found.get(key, RECORDED_SETTINGS[key])
+            if key == "jaxres_flags":
+                value = [flag for flag in value if flag not in ignored_flags]
             first = settings.setdefault(key, (value, path))
             if first[0] != value:
                 raise ValueError(f"{path} has {key} {value!r}, {first[1]} has {first[0]!r}: not one measurement")
@@ -220,7 +225,8 @@ def combine(paths: list, out_dir: Path) -> Path:
                     raise ValueError(f"{side} seed {run['seed']} is in both {seen[side, run['seed']]} and {path}")
                 seen[side, run["seed"]] = path
                 runs[side].append({**run, "source": str(path), "threads": found["threads"], "cpu_model": cpu, "commit": commit,
-                                   "malloc": found.get("malloc", RECORDED_SETTINGS["malloc"])})  # fmt: skip
+                                   "malloc": found.get("malloc", RECORDED_SETTINGS["malloc"]),
+                                   **({"jaxres_flags": found.get("jaxres_flags", [])} if side == "jaxres" else {})})  # fmt: skip
         sources.append({"file": str(path), "threads": found["threads"], "machine": found["machine"], "git": found["git"],
                         "runs": {side: [r["seed"] for r in found["runs"][side]] for side in sides},
                         "left_out": {side: [r["seed"] for r in found["runs"][side]] for side in SIDES if side not in sides}})  # fmt: skip
@@ -228,7 +234,8 @@ def combine(paths: list, out_dir: Path) -> Path:
         runs[side].sort(key=lambda r: r["seed"])
     path = new_results_path(Path(out_dir), f"airbench94-combined-{now.strftime('%Y%m%dT%H%M%SZ')}")
     results = {"name": path.stem, "created": now.isoformat(timespec="seconds"), "combined_from": sources,
-               "data": settings["data"][0], "jaxres_flags": settings.get("jaxres_flags", ([],))[0], "runs": runs}  # fmt: skip
+               "data": settings["data"][0], "jaxres_flags": settings.get("jaxres_flags", ([],))[0],
+               **({"ignored_flags": list(ignored_flags)} if ignored_flags else {}), "runs": runs}  # fmt: skip
     write(results, path)
     return path
 
@@ -340,16 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine", nargs="+", metavar="FILE[:SIDE]",
                    help="run nothing: write one results file (in --out) from these results files, e.g. one per core; "
                         "FILE:jaxres or FILE:reference takes one side's runs only")  # fmt: skip
+    p.add_argument("--ignore-flag", action="append", default=[], metavar="FLAG",
+                   help="with --combine: a jaxres flag left out when the files' flags are compared, one that some "
+                        "files give and the others' commit does by default (e.g. --conv-algorithm=winograd, the "
+                        "airbench94 preset's own choice on a CPU since a0ddd89); each run keeps its file's flags")  # fmt: skip
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.ignore_flag and not args.combine:
+        parser.error("--ignore-flag applies to --combine only")
     if args.combine:
         if args.resume:
             parser.error("--combine runs nothing; --resume runs: one or the other")
-        path = combine(args.combine, Path(args.out))
+        path = combine(args.combine, Path(args.out), tuple(args.ignore_flag))
         results = json.loads(path.read_text())
         print(json.dumps(results["comparison"], indent=1))
         print(f"wrote {path} and {save_comparison_figure(results, path.with_suffix('.png'))}")

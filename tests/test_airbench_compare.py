@@ -174,6 +174,18 @@ def test_results_files_combine_into_one_comparison_of_every_seed(tmp_path, monke
     (tmp_path / "flagged.json").write_text(json.dumps(flagged))
     with pytest.raises(ValueError, match="jaxres_flags"):
         compare.combine([core0, tmp_path / "flagged.json"], tmp_path / "mixed")
+    # a flag named as ignored (one a later commit's preset does by default) is left out of the
+    # comparison, and each run keeps its own flags; the other flags are still compared
+    assert compare.main(["--combine", str(core0), str(tmp_path / "flagged.json"), "--ignore-flag=--epochs",
+                         "--ignore-flag", "2", "--out", str(tmp_path / "ignored")]) == 0  # fmt: skip
+    (ignored,) = (tmp_path / "ignored").glob("airbench94-combined-*.json")
+    ignored = json.loads(ignored.read_text())
+    assert ignored["jaxres_flags"] == [] and ignored["ignored_flags"] == ["--epochs", "2"]
+    assert [r["jaxres_flags"] for r in ignored["runs"]["jaxres"]] == [[], ["--epochs", "2"]]
+    with pytest.raises(ValueError, match="jaxres_flags"):
+        compare.combine([core0, tmp_path / "flagged.json"], tmp_path / "half", ignored_flags=("--epochs",))
+    with pytest.raises(SystemExit):
+        compare.main(["--ignore-flag=--epochs", "--seeds", "0"])
     # a file that gives only its reference runs brings no jaxres flags to compare: jaxres runs
     # with other flags (e.g. --conv-algorithm=winograd) beside the reference of an older file
     (tmp_path / "flagged-earlier.json").write_text(json.dumps(json.loads(earlier.read_text()) | {"jaxres_flags": ["--epochs", "2"]}))
