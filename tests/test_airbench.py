@@ -187,6 +187,10 @@ def test_the_lr_peaks_where_airbench_ends_its_warmup_at_any_step_count():
     given = cli.config_from_args(parser.parse_args(["--preset", "airbench94", "--peak-epoch", "2"]))[0]
     assert (given.peak_epoch, given.peak_fraction) == (2.0, None)
     assert cli.config_from_args(parser.parse_args(["--preset", "airbench94"]))[0].peak_fraction == 0.23
+    # its convolutions: Winograd's on a CPU, direct on a GPU (`auto`), and direct when asked
+    assert cli.config_from_args(parser.parse_args(["--preset", "airbench94"]))[0].conv_algorithm == "auto"
+    direct = cli.config_from_args(parser.parse_args(["--preset", "airbench94", "--conv-algorithm", "direct"]))[0]
+    assert direct.conv_algorithm == "direct" and backends.for_config(direct).name == backends.resolve(direct.conv_backend).name
 
 
 def test_fractional_epochs_count_steps_as_airbench():
