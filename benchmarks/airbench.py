@@ -226,7 +226,7 @@ def combine(paths: list, out_dir: Path, ignored_flags: tuple = ()) -> Path:
                 seen[side, run["seed"]] = path
                 runs[side].append({**run, "source": str(path), "threads": found["threads"], "cpu_model": cpu, "commit": commit,
                                    "malloc": found.get("malloc", RECORDED_SETTINGS["malloc"]),
-                                   **({"jaxres_flags": found.get("jaxres_flags", [])} if side == "jaxres" else {})})  # fmt: skip
+                                   **({"jaxres_flags": found.get("jaxres_flags", RECORDED_SETTINGS["jaxres_flags"])} if side == "jaxres" else {})})  # fmt: skip
         sources.append({"file": str(path), "threads": found["threads"], "machine": found["machine"], "git": found["git"],
                         "runs": {side: [r["seed"] for r in found["runs"][side]] for side in sides},
                         "left_out": {side: [r["seed"] for r in found["runs"][side]] for side in SIDES if side not in sides}})  # fmt: skip
